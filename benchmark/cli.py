@@ -1,0 +1,178 @@
+"""The ``privseg`` command line: train, privacy calculator, models, data checks.
+
+Further command groups register themselves on :data:`app` from their own modules (listed in
+:func:`_register_commands`), so each feature keeps its CLI next to its code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from privseg.config import ConfigError, builtin_configs, load_config
+
+app = typer.Typer(
+    name="privseg",
+    help="Train and benchmark medical image segmentation models under differential privacy.\n\n"
+    "Start with:  privseg train phantom2d   (built-in phantom data, CPU is fine)",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect and validate data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print an error for a person (no traceback) and exit non-zero."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Argument(help="YAML run config, or a built-in name "
+                                               "(see `privseg configs`)")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config key, e.g. --set training.epochs=5 "
+                            "--set privacy.target_epsilon=1")] = None,
+    force: Annotated[bool, typer.Option(help="Rerun even if a complete record exists")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Train one model as the config says; write a checkpoint and a run record.
+
+    The record lands in OUTPUT_DIR/RUN_ID/record.json, where RUN_ID is the hash of the config;
+    rerunning a finished config does nothing unless --force.
+    """
+    from privseg.engine import run_training
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        fail(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", module="opacus")
+    try:
+        record = run_training(cfg, progress=progress, force=force)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(f"{cfg.name or config}: {e}", code=1)
+    _print_summary(record, Path(cfg.output.dir) / record["run_id"])
+
+
+def _print_summary(record: dict, out: Path) -> None:
+    test = record["test"]
+    p = record["privacy"]
+    console.print(f"[bold]run[/] {record['run_id']}  ->  {out / 'record.json'}")
+    console.print(f"test mean Dice {test['mean_dice']:.4f}   mean HD95 {test['mean_hd95']:.2f}")
+    per_class = "  ".join(f"{k} {v:.3f}" for k, v in test["dice"].items())
+    console.print(f"per class: {per_class}", highlight=False)
+    if p["enabled"]:
+        console.print(f"privacy: ε = {p['epsilon']:.3f} at δ = {p['delta']:.3g} per subject "
+                      f"(σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.4f}, "
+                      f"{p['steps']} steps, {p['accountant']})")
+    else:
+        console.print("privacy: none (non-private run)")
+
+
+@app.command()
+def privacy(
+    subjects: Annotated[int, typer.Option(help="Number of training subjects n")],
+    batch: Annotated[int, typer.Option(help="Expected subjects per step")],
+    epochs: Annotated[int, typer.Option(help="Epochs (each = int(n/batch) Poisson steps)")],
+    epsilon: Annotated[float | None, typer.Option(help="Target ε -> σ")] = None,
+    sigma: Annotated[float | None, typer.Option(help="Noise multiplier σ -> ε")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ (default 1/n^1.1)")] = None,
+    accountant: Annotated[str, typer.Option(help="prv or rdp")] = "prv",
+) -> None:
+    """Privacy calculator: σ for a target ε, or ε spent for a given σ (per subject)."""
+    from privseg.privacy import epsilon_for, plan_privacy
+
+    if (epsilon is None) == (sigma is None):
+        fail("give exactly one of --epsilon and --sigma")
+    if accountant not in ("prv", "rdp"):
+        fail("--accountant must be prv or rdp")
+    warnings.filterwarnings("ignore")
+    try:
+        plan = plan_privacy(subjects, batch, epochs, target_epsilon=epsilon, noise_multiplier=sigma,
+                            delta=delta, accountant=accountant)
+    except ValueError as e:
+        fail(str(e))
+    eps = epsilon_for(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta, accountant)
+    typer.echo(f"subjects n        {plan.n_subjects}")
+    typer.echo(f"sample rate q     {plan.sample_rate:.6f}  (expected batch {batch})")
+    typer.echo(f"steps             {plan.steps}  ({plan.steps_per_epoch} per epoch × {epochs})")
+    typer.echo(f"delta             {plan.delta:.4g}")
+    typer.echo(f"noise multiplier  {plan.noise_multiplier:.6f}")
+    typer.echo(f"epsilon           {eps:.4f}  ({accountant})" if math.isfinite(eps)
+               else "epsilon           inf")
+
+
+@app.command()
+def configs() -> None:
+    """List the built-in run configs."""
+    for name, path in sorted(builtin_configs().items()):
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        typer.echo(f"{name:24s} {first.lstrip('# ')}")
+
+
+@app.command()
+def models(
+    format: Annotated[str, typer.Option("--format", help="markdown or csv")] = "markdown",
+) -> None:
+    """Table of registered architectures: dims, parameters, MACs, DP modes, paper."""
+    from privseg.architectures.table import models_table
+
+    if format not in ("markdown", "csv"):
+        fail("--format must be markdown or csv")
+    typer.echo(models_table(format))
+
+
+@data_app.command("check")
+def data_check(
+    target: Annotated[str, typer.Argument(help="A run config (or built-in name), or a data "
+                                               "folder together with --dataset")],
+    dataset: Annotated[str | None, typer.Option(help="Data set name when TARGET is a folder "
+                                                     "(feta, msd, brats, pets)")] = None,
+) -> None:
+    """Validate every subject (files, decoding, shapes, affines, labels, NaN); write nothing."""
+    from privseg.datasets.check import data_check_report
+
+    if dataset is not None:
+        name, options, root = dataset, {}, target
+    else:
+        try:
+            cfg = load_config(target)
+        except ConfigError as e:
+            fail(str(e))
+        name, options, root = cfg.dataset.name, cfg.dataset.options, cfg.dataset.root
+    try:
+        text, ok = data_check_report(name, options, root)
+    except (KeyError, ValueError) as e:
+        fail(str(e.args[0]) if e.args else str(e))
+    typer.echo(text)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _register_commands() -> None:
+    for module in ():  # feature modules that add commands to `app`, e.g. "privseg.x.cli"
+        importlib.import_module(module)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_commands()
+    app(prog_name="privseg")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Typed run configuration: one YAML file fully determines a run.
+
+Validated on load: an unknown key or a bad value is a :class:`ConfigError` naming the key and
+what is allowed. The run id is a hash of the canonical config (key order does not matter;
+``tracking`` and ``output`` do not change what is computed and are left out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Strict):
+    """Which data, in which mode, split how."""
+
+    name: str = "phantom"
+    root: str | None = Field(None, description="downloaded data folder (not for the phantom)")
+    dims: Literal[2, 3] = 2
+    options: dict[str, Any] = Field(default_factory=dict)
+    patch_size: list[int] | None = Field(
+        None, description="crop size; 2D: [H, W], 3D: [D, H, W]; default: the full slice/volume"
+    )
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    cache_dir: str | None = Field(None, description="default: ~/.cache/privseg")
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave >= 10% for training")
+        if self.patch_size is not None and len(self.patch_size) != self.dims:
+            raise ValueError(f"patch_size needs {self.dims} entries for dims={self.dims}")
+        return self
+
+
+class ModelConfig(_Strict):
+    """A registry model name and its knobs (see ``privseg models``)."""
+
+    name: str = "unet"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingConfig(_Strict):
+    """Optimisation. Batch sizes count subjects, the privacy unit."""
+
+    epochs: int = Field(10, ge=1)
+    expected_batch_size: int = Field(16, ge=1, description="expected subjects per logical step")
+    physical_batch_size: int = Field(16, ge=1, description="subjects per forward/backward")
+    crops_per_subject: int = Field(1, ge=1, description="k slices/patches per sampled subject")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(False, description="bf16 autocast (CUDA only)")
+    eval_every: int = Field(1, ge=0, description="validate every n epochs (0: only at the end)")
+    num_workers: int = Field(0, ge=0)
+    foreground_fraction: float = Field(
+        0.9, ge=0.0, le=1.0, description="chance a crop is centred in the brain/foreground"
+    )
+
+
+class PrivacyConfig(_Strict):
+    """DP-SGD (Abadi et al. 2016) through Opacus, with the subject as the privacy unit."""
+
+    enabled: bool = True
+    target_epsilon: float | None = Field(8.0, gt=0.0)
+    noise_multiplier: float | None = Field(
+        None, ge=0.0, description="fixed sigma instead of a target epsilon"
+    )
+    delta: float | None = Field(None, gt=0.0, lt=1.0, description="default 1/n^1.1")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    grad_sample_mode: GradSampleMode = "hooks"
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "set exactly one of privacy.target_epsilon and privacy.noise_multiplier"
+            )
+        return self
+
+
+class SettingConfig(_Strict):
+    """Central (pooled data) or federated (sites keep their data)."""
+
+    kind: Literal["central", "federated"] = "central"
+
+
+class TrackingConfig(_Strict):
+    """Weights & Biases. Images are never sent unless ``log_images`` is true."""
+
+    wandb: Literal["auto", "online", "offline", "off"] = "auto"
+    project: str = "privseg"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    log_images: bool = False
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: object) -> object:
+        # YAML 1.1 reads a bare `off` as False.
+        return "off" if v is False else v
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs"
+    save_checkpoint: bool = True
+
+
+class RunConfig(_Strict):
+    """One run, fully determined."""
+
+    name: str | None = None
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    setting: SettingConfig = Field(default_factory=SettingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.privacy.enabled and self.privacy.grad_sample_mode == "ghost" and (
+            self.training.crops_per_subject > 1
+        ):
+            raise ValueError(
+                "privacy.grad_sample_mode=ghost needs training.crops_per_subject=1: ghost "
+                "clipping computes norms per forward sample and cannot group k crops"
+            )
+        if self.setting.kind != "central":
+            raise ValueError("setting.kind=federated is not implemented yet (issue 5)")
+        _check_registries(self)
+        return self
+
+    def run_id(self) -> str:
+        """Canonical hash of everything that determines the result."""
+        data = self.model_dump(mode="json", exclude={"tracking", "output", "name"})
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _check_registries(cfg: RunConfig) -> None:
+    from privseg.architectures import get_entry, validate_knobs
+    from privseg.datasets import get_dataset_entry
+
+    try:
+        ds = get_dataset_entry(cfg.dataset.name)
+    except KeyError as e:
+        raise ValueError(f"dataset.name: {e.args[0]}") from None
+    try:
+        ds.options(**cfg.dataset.options)
+    except ValidationError as e:
+        raise ValueError(f"dataset.options: {_format_errors(e, 'dataset.options')}") from None
+    if cfg.dataset.dims not in ds.dims:
+        raise ValueError(f"dataset.dims: {ds.name} supports {ds.dims}")
+    try:
+        entry = get_entry(cfg.model.name)
+        validate_knobs(cfg.model.name, cfg.model.options)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"model: {e.args[0]}") from None
+    if cfg.dataset.dims not in entry.spatial_dims:
+        raise ValueError(f"model.name: {entry.name} supports dims {entry.spatial_dims}")
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names the offending keys."""
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(e["loc"][:-1]) if not prefix else None
+            allowed = ", ".join(parent.model_fields) if parent is not None else "see docs"
+            msg = f"unknown key; allowed keys here: {allowed}"
+        lines.append(f"{loc or '(top level)'}: {msg}")
+    return "; ".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def parse_config(data: dict, source: str = "config") -> RunConfig:
+    """Validate a config mapping; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_errors(e)}") from None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a config mapping."""
+    data = json.loads(json.dumps(data or {}))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def builtin_configs() -> dict[str, Path]:
+    """Built-in configs shipped inside the package, by name."""
+    root = resources.files("privseg") / "configs"
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config file path, or the path of the built-in config of that name."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    builtin = builtin_configs()
+    key = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+    if key in builtin:
+        return builtin[key]
+    raise ConfigError(
+        f"{name_or_path}: no such file and no built-in config of that name; "
+        f"built-in: {', '.join(sorted(builtin))}"
+    )
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config from a YAML file or built-in name."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return parse_config(apply_overrides(data, overrides or []), source=str(path))
