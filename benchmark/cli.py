@@ -136,6 +136,38 @@ def models(
     typer.echo(models_table(format))
 
 
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Registry model name")] = "unet",
+    dims: Annotated[int, typer.Option(help="2 (slices) or 3 (patches)")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    batch: Annotated[int, typer.Option(help="Subjects per step (one crop each)")] = 32,
+    size: Annotated[int | None, typer.Option(help="Crop edge (default 256 in 2D, 96 in 3D)")]
+    = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated: nonprivate,hooks,functorch,ew,"
+                                            "ghost")] = "nonprivate,hooks,functorch,ew,ghost",
+    steps: Annotated[int, typer.Option(help="Timed steps per mode")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per mode first")] = 2,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA)")] = False,
+    out: Annotated[Path, typer.Option(help="Directory for the JSON report")] = Path("runs/bench"),
+) -> None:
+    """Time non-private vs each DP mode step by step, alternating, in one process."""
+    from privseg.bench import ALL_MODES, format_bench, run_bench, write_bench
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if bad := [m for m in chosen if m not in ALL_MODES]:
+        fail(f"unknown mode(s) {', '.join(bad)}; allowed: {', '.join(ALL_MODES)}")
+    if dims not in (2, 3):
+        fail("--dims must be 2 or 3")
+    warnings.filterwarnings("ignore")
+    try:
+        report = run_bench(model, dims, device, batch, size, chosen, steps, warmup, amp)
+    except (KeyError, ValueError, RuntimeError) as e:
+        fail(str(e.args[0]) if e.args else str(e))
+    typer.echo(format_bench(report))
+    typer.echo(f"wrote {write_bench(report, out)}")
+
+
 @data_app.command("check")
 def data_check(
     target: Annotated[str, typer.Argument(help="A run config (or built-in name), or a data "
@@ -164,7 +196,8 @@ def data_check(
 
 
 def _register_commands() -> None:
-    for module in ():  # feature modules that add commands to `app`, e.g. "privseg.x.cli"
+    # modules adding commands
+    for module in ("privseg.sweeps.cli", "privseg.results.cli", "privseg.federated.cli"):
         importlib.import_module(module)
 
 

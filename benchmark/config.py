@@ -102,10 +102,62 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class FederatedConfig(_Strict):
+    """Federated training on Flower (``setting.kind: federated``; see privseg.federated).
+
+    ``dp_mode``: ``sample`` = DP-SGD inside each site (unit: subject; ``privacy.*`` as in a
+    central run, calibrated per site over all its local steps); ``site`` = DP-FedAvg (unit: a
+    whole site; ``privacy.target_epsilon``/``noise_multiplier``/``delta`` then refer to sites,
+    ``site_clip_norm`` clips each site's update); ``none`` needs ``privacy.enabled: false``.
+    """
+
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    rounds: int = Field(5, ge=1)
+    local_epochs: int | None = Field(1, ge=1, description="local epochs per round")
+    local_steps: int | None = Field(None, ge=1, description="local steps per round instead")
+    fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="fraction of sites per round")
+    dp_mode: Literal["none", "sample", "site"] = "sample"
+    partition: Literal["natural", "dirichlet", "size"] = "natural"
+    n_sites: int | None = Field(None, ge=1, description="dirichlet/size partitions only")
+    partition_alpha: float = Field(0.5, gt=0.0)
+    partition_attribute: str | None = None
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx mu")
+    server_lr: float = Field(0.01, gt=0.0, description="FedAdam eta")
+    server_tau: float = Field(1e-3, gt=0.0, description="FedAdam tau")
+    site_clip_norm: float = Field(1.0, gt=0.0, description="DP-FedAvg update clipping norm")
+    secure_aggregation: bool = Field(False, description="Flower SecAgg+ (not implemented)")
+    local_baseline: bool = Field(False, description="also train each site alone (simulation)")
+    eval_every: int = Field(1, ge=0, description="validate at the sites every n rounds")
+
+    @model_validator(mode="after")
+    def _check(self) -> FederatedConfig:
+        if (self.local_epochs is None) == (self.local_steps is None):
+            raise ValueError("set exactly one of local_epochs and local_steps")
+        if self.secure_aggregation:
+            raise ValueError("secure_aggregation (Flower SecAgg+) is not implemented yet")
+        return self
+
+
 class SettingConfig(_Strict):
     """Central (pooled data) or federated (sites keep their data)."""
 
     kind: Literal["central", "federated"] = "central"
+    federated: FederatedConfig | None = Field(None, description="kind=federated only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_federated(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "federated" and (
+            data.get("federated") is None
+        ):
+            data = {**data, "federated": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> SettingConfig:
+        if self.kind == "central" and self.federated is not None:
+            raise ValueError("setting.federated is only for setting.kind=federated")
+        return self
 
 
 class TrackingConfig(_Strict):
@@ -152,14 +204,21 @@ class RunConfig(_Strict):
                 "privacy.grad_sample_mode=ghost needs training.crops_per_subject=1: ghost "
                 "clipping computes norms per forward sample and cannot group k crops"
             )
-        if self.setting.kind != "central":
-            raise ValueError("setting.kind=federated is not implemented yet (issue 5)")
+        if (fed := self.setting.federated) is not None:
+            if (fed.dp_mode == "none") == self.privacy.enabled:
+                raise ValueError("setting.federated.dp_mode=none goes with privacy.enabled=false"
+                                 " and sample/site with privacy.enabled=true")
+            if fed.dp_mode == "site" and fed.strategy == "fedadam":
+                raise ValueError("setting.federated.dp_mode=site needs fedavg or fedprox: the "
+                                 "noise is added to the aggregate, which FedAdam rescales")
         _check_registries(self)
         return self
 
     def run_id(self) -> str:
         """Canonical hash of everything that determines the result."""
         data = self.model_dump(mode="json", exclude={"tracking", "output", "name"})
+        if data["setting"].get("federated") is None:  # central run ids predate the field
+            data["setting"].pop("federated", None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -2,15 +2,16 @@
 
 Indexing items by subject makes Opacus' Poisson sampler (which samples dataset indices) sample
 subjects, the privacy unit. 2D slices are 3D crops of depth 1, so one MONAI crop transform
-(``RandCropByPosNegLabel``) serves both modes.
+(``RandCropByLabelClasses``) serves both modes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import RandCropByPosNegLabel, SpatialPad
-from monai.transforms.utils import map_binary_to_indices
+from monai.transforms import RandCropByLabelClasses, SpatialPad
+from monai.transforms.utils import map_classes_to_indices
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
 from privseg.datasets.base import Subject
@@ -28,12 +29,15 @@ class SubjectCrops(Dataset):
     """Item ``i`` = ``k`` random crops of subject ``i``: (images [k,C,*S], labels [k,*S]).
 
     ``S`` is ``(H, W)`` in 2D and ``(D, H, W)`` in 3D. Crops are centred on foreground with
-    probability ``foreground_fraction``. Randomness comes from torch's RNG, so a seeded run is
+    probability ``foreground_fraction``, split evenly over the foreground classes the subject
+    has (class-balanced sampling, as nnU-Net oversamples foreground), so small structures are
+    seen as often as large ones. Randomness comes from torch's RNG, so a seeded run is
     reproducible (also in DataLoader workers, which torch seeds from the loader's generator).
     """
 
     def __init__(self, subjects: list[Subject], dims: int, patch_size: list[int] | None,
-                 crops_per_subject: int, foreground_fraction: float = 0.9):
+                 crops_per_subject: int, foreground_fraction: float = 0.9,
+                 num_classes: int | None = None):
         if not subjects:
             raise ValueError("no subjects to train on")
         self.subjects = subjects
@@ -41,13 +45,19 @@ class SubjectCrops(Dataset):
         self.k = crops_per_subject
         self.size = crop_size(dims, patch_size, subjects[0].label.shape)
         self.pad = SpatialPad(self.size)
-        self.pos = foreground_fraction
-        self._indices = [self._fg_bg(s) for s in subjects]
+        self.fg_fraction = foreground_fraction
+        self.num_classes = num_classes or int(max(s.label.max() for s in subjects)) + 1
+        self._indices = [self._class_indices(s) for s in subjects]
 
-    def _fg_bg(self, s: Subject) -> tuple[np.ndarray, np.ndarray]:
-        label = np.asarray(self.pad(s.label[None]))  # [1, D, H, W]: MONAI reduces over dim 0
-        fg, bg = map_binary_to_indices(label > 0)
-        return np.asarray(fg), np.asarray(bg)
+    def _class_indices(self, s: Subject) -> tuple[list[np.ndarray], list[float]]:
+        label = np.asarray(self.pad(s.label[None]))  # [1, D, H, W]
+        indices = [np.asarray(i) for i in map_classes_to_indices(label, self.num_classes)]
+        present = [c for c in range(1, self.num_classes) if len(indices[c])]
+        ratios = [0.0] * self.num_classes
+        ratios[0] = 1.0 - self.fg_fraction if present else 1.0
+        for c in present:
+            ratios[c] = self.fg_fraction / len(present)
+        return indices, ratios
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -55,17 +65,17 @@ class SubjectCrops(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.subjects[i]
         image = self.pad(torch.as_tensor(s.image))
-        label = self.pad(torch.as_tensor(s.label[None].astype(np.int64)))
-        fg, bg = self._indices[i]
-        pos = self.pos if len(fg) else 0.0
-        cropper = RandCropByPosNegLabel(
-            spatial_size=self.size, pos=pos, neg=1.0 - pos if len(bg) else 0.0,
-            num_samples=self.k, fg_indices=fg, bg_indices=bg, allow_smaller=False,
+        label = self.pad(torch.as_tensor(s.label[None].astype(np.int64)))  # [1, D, H, W]
+        indices, ratios = self._indices[i]
+        cropper = RandCropByLabelClasses(
+            spatial_size=self.size, ratios=ratios, num_classes=self.num_classes,
+            num_samples=self.k, indices=indices, warn=False,
         )
         cropper.set_random_state(int(torch.randint(0, 2**31 - 1, (1,))))
         both = torch.cat([image, label.to(image.dtype)], dim=0)
         crops = cropper(both, label=label)
-        stack = torch.stack([torch.as_tensor(c) for c in crops])  # [k, C+1, D, H, W]
+        # Plain tensors: MONAI's MetaTensor would slow every op of the training step.
+        stack = torch.stack([convert_to_tensor(c, track_meta=False) for c in crops])
         x, y = stack[:, :-1].float(), stack[:, -1].long()
         if self.dims == 2:
             x, y = x[:, :, 0], y[:, 0]

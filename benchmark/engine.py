@@ -114,13 +114,14 @@ def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
 
 
 def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
-                     device: torch.device) -> TrainState:
+                     device: torch.device, plan: PrivacyPlan | None = None) -> TrainState:
     """Model, optimizer, loader and loss; wrapped by Opacus when privacy is enabled.
 
     The DP pieces are Opacus' own (grad-sample module, DP optimizer, Poisson ``DPDataLoader``,
     accountant hook), assembled here rather than by ``PrivacyEngine.make_private``, which
     derives q as 1/ceil(n/B) from a plain loader's length; we sample at exactly q = B/n and
-    hand the accountant that same q.
+    hand the accountant that same q. A given ``plan`` (a federated site's, over all its rounds)
+    replaces the central one.
     """
     t, p = cfg.training, cfg.privacy
     optimizer = make_optimizer(cfg, model.parameters())
@@ -134,7 +135,7 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model {cfg.model.name} is not DP-compatible: {errors}")
-    plan = plan_privacy(
+    plan = plan or plan_privacy(
         len(train_set), t.expected_batch_size, t.epochs, target_epsilon=p.target_epsilon
         if p.noise_multiplier is None else None, noise_multiplier=p.noise_multiplier,
         delta=p.delta, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
@@ -227,6 +228,10 @@ def run_training(cfg: RunConfig, *, progress: bool = True, force: bool = False,
 
     A finished run (same run id, complete record) is not rerun unless ``force``.
     """
+    if cfg.setting.kind == "federated":
+        from privseg.federated.simulation import run_federated
+
+        return run_federated(cfg, progress=progress, force=force, subject_set=subject_set)
     run_id = cfg.run_id()
     out = run_dir(cfg.output.dir, run_id)
     if not force and (existing := read_record(out)) is not None:
@@ -245,7 +250,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     if not train_ids:
         raise ValueError(f"the split leaves no training subjects out of {len(by_id)}")
     train_set = SubjectCrops([by_id[i] for i in train_ids], d.dims, d.patch_size,
-                             cfg.training.crops_per_subject, cfg.training.foreground_fraction)
+                             cfg.training.crops_per_subject, cfg.training.foreground_fraction,
+                             subject_set.num_classes)
     roi = crop_size(d.dims, d.patch_size, subject_set.subjects[0].label.shape)
     model = build(cfg.model.name, d.dims, subject_set.in_channels, subject_set.num_classes,
                   **cfg.model.options).to(device)

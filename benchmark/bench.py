@@ -1,0 +1,179 @@
+"""``privseg bench``: the price of DP-SGD in step time and memory, per grad-sample mode.
+
+In one process, the modes take turns step by step (non-private, hooks, functorch, ew, ghost,
+then again), so that machine noise (clock boost, other processes) hits all of them alike; the
+median step time of each mode and its ratio to the non-private step are reported. Steps are
+the engine's own ``train_step`` on a fixed synthetic batch of subjects (k = 1), so what is
+measured is what training runs. Peak memory is measured per mode in a separate pass:
+``torch.cuda.max_memory_allocated`` on CUDA, the process' resident-set growth on CPU (sampled,
+so approximate).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from privseg.architectures import build, get_entry
+from privseg.config import RunConfig, parse_config
+from privseg.engine import prepare_training, resolve_device, seed_everything, train_step
+from privseg.record import atomic_write_text, environment
+
+ALL_MODES = ("nonprivate", "hooks", "functorch", "ew", "ghost")
+
+
+@dataclass
+class _Runner:
+    mode: str
+    cfg: RunConfig
+    state: object
+
+
+class _FixedBatch(torch.utils.data.Dataset):
+    """``n`` synthetic subjects with one crop each: x ``[n, 1, 1, *S]``, y ``[n, 1, *S]``."""
+
+    def __init__(self, n: int, shape: tuple[int, ...], num_classes: int):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 1, *shape, generator=g)
+        self.y = torch.randint(0, num_classes, (n, 1, *shape), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _config(mode: str, batch: int, device: str, amp: bool) -> RunConfig:
+    dp = mode != "nonprivate"
+    return parse_config({
+        "training": {"expected_batch_size": batch, "physical_batch_size": batch,
+                     "device": device, "amp": amp, "crops_per_subject": 1},
+        "privacy": {"enabled": dp, "target_epsilon": None, "noise_multiplier": 1.0,
+                    "grad_sample_mode": mode if dp else "hooks", "delta": 1e-5},
+        "tracking": {"wandb": "off"},
+    })
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def _peak_memory(run, device: torch.device) -> float:
+    """Peak memory (MiB) of one step beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    base, peak, stop = _rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    run()
+    stop.set()
+    t.join()
+    return max(0.0, max(peak[0], _rss_mb()) - base)
+
+
+def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: int = 8,
+              size: int | None = None, modes: tuple[str, ...] = ALL_MODES, steps: int = 10,
+              warmup: int = 2, amp: bool = False, num_classes: int = 8,
+              model_options: dict | None = None) -> dict:
+    """Measure every mode's median step time, throughput and peak memory, and ratios."""
+    dev = resolve_device(device)
+    size = size or (256 if dims == 2 else 96)
+    shape = (size,) * dims
+    entry = get_entry(model)
+    seed_everything(0)
+    base_model = build(model, dims, 1, num_classes, **(model_options or {}))
+    data = _FixedBatch(batch, shape, num_classes)
+    x, y = data.x, data.y
+    runners, skipped = [], {}
+    for mode in modes:
+        if mode != "nonprivate" and mode not in entry.dp_modes:
+            skipped[mode] = f"{model} does not claim this mode"
+            continue
+        cfg = _config(mode, batch, dev.type, amp)
+        m = copy.deepcopy(base_model).to(dev)
+        if dev.type == "cuda" and dims == 2:
+            m = m.to(memory_format=torch.channels_last)
+        try:
+            state = prepare_training(cfg, m, data, dev)
+            train_step(state, x, y, cfg, dev)
+        except Exception as e:  # a mode that cannot run this model is reported, not fatal
+            skipped[mode] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        runners.append(_Runner(mode, cfg, state))
+
+    def step(r: _Runner) -> None:
+        train_step(r.state, x, y, r.cfg, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    memory = {r.mode: _peak_memory(lambda r=r: step(r), dev) for r in runners}
+    times: dict[str, list[float]] = {r.mode: [] for r in runners}
+    for i in range(warmup + steps):
+        for r in runners:
+            t0 = time.perf_counter()
+            step(r)
+            if i >= warmup:
+                times[r.mode].append(time.perf_counter() - t0)
+    results = {}
+    for r in runners:
+        med = statistics.median(times[r.mode])
+        results[r.mode] = {"median_step_s": med, "subjects_per_s": batch / med,
+                           "peak_memory_mb": memory[r.mode], "step_times_s": times[r.mode]}
+    ref = results.get("nonprivate")
+    if ref:
+        for res in results.values():
+            res["time_ratio"] = res["median_step_s"] / ref["median_step_s"]
+            res["memory_ratio"] = (res["peak_memory_mb"] / ref["peak_memory_mb"]
+                                   if ref["peak_memory_mb"] > 0 else None)
+    env = environment(str(dev))
+    env["cpu"] = platform.processor() or platform.machine()
+    return {"model": model, "dims": dims, "input_shape": [batch, 1, *shape], "batch": batch,
+            "amp": amp, "steps": steps, "warmup": warmup, "results": results,
+            "skipped": skipped, "environment": env}
+
+
+def format_bench(report: dict) -> str:
+    """A plain-text table of a bench report."""
+    lines = [f"{report['model']} {report['dims']}D input {report['input_shape']} on "
+             f"{report['environment'].get('gpu') or report['environment']['device']}",
+             f"{'mode':12s} {'step ms':>9s} {'subj/s':>8s} {'mem MiB':>9s} {'t ratio':>8s} "
+             f"{'mem ratio':>9s}"]
+    for mode, r in report["results"].items():
+        mem_ratio = r.get("memory_ratio")
+        lines.append(f"{mode:12s} {r['median_step_s'] * 1e3:9.1f} {r['subjects_per_s']:8.1f} "
+                     f"{r['peak_memory_mb']:9.1f} {r.get('time_ratio', float('nan')):8.2f} "
+                     f"{mem_ratio if mem_ratio is not None else float('nan'):9.2f}")
+    for mode, why in report["skipped"].items():
+        lines.append(f"{mode:12s} skipped: {why}")
+    return "\n".join(lines)
+
+
+def write_bench(report: dict, out_dir: str | Path) -> Path:
+    """Write the report as JSON under ``out_dir`` (atomically); return the path."""
+    env = report["environment"]
+    device = (env.get("gpu") or env["device"]).replace(" ", "-")
+    name = f"bench-{report['model']}-{report['dims']}d-{device}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(out_dir) / f"{name}.json"
+    atomic_write_text(path, json.dumps(report, indent=2))
+    return path

@@ -1,0 +1,77 @@
+"""Deployment: one server process, one process per clinic, over Flower's gRPC transport.
+
+The server runs :class:`~privseg.federated.server.FederatedServer` (the object the simulation
+runs) through ``flwr.server.start_server``; each site runs its
+:class:`~privseg.federated.client.SiteClient` (the object the simulation runs) through
+``flwr.client.start_client``. These are Flower's direct gRPC entry points (deprecated in favour
+of SuperLink/SuperNode deployments since flwr 1.13, still shipped and working in 1.41): they
+keep the strategy and the sites in long-lived processes, so a site's DP optimizer and
+accountant persist across rounds exactly as in the simulation. TLS: the server takes
+``(CA certificate, server certificate, server key)`` and the sites the CA certificate. Node
+authentication is a SuperLink feature that this transport does not offer (see the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from privseg.config import RunConfig
+from privseg.datasets import load_dataset
+from privseg.engine import default_cache_dir, seed_everything
+from privseg.federated.client import SiteClient
+from privseg.federated.server import make_server
+from privseg.federated.sites import build_site
+from privseg.record import environment, run_dir, write_record
+
+log = logging.getLogger("privseg")
+
+
+def run_server(cfg: RunConfig, address: str, n_sites: int,
+               certificates: tuple[bytes, bytes, bytes] | None = None,
+               round_timeout: float | None = None, output_dir: str | None = None) -> dict:
+    """Serve the federation on ``address`` until all rounds and the final test are done."""
+    import flwr
+    from flwr.server import ServerConfig
+
+    seed_everything(cfg.seed)
+    server = make_server(cfg, n_sites)
+    t0 = time.perf_counter()
+    flwr.server.start_server(
+        server_address=address, server=server,
+        config=ServerConfig(num_rounds=cfg.setting.federated.rounds, round_timeout=round_timeout),
+        certificates=certificates)
+    record = server.record()
+    run_id = cfg.run_id()
+    record["timing"] = {"total_s": time.perf_counter() - t0,
+                        "site_compute_s": server.recorder.compute_s,
+                        "mode": "deployment (gRPC, one process per site)"}
+    record["federated"]["transport"] = {"address": address, "tls": certificates is not None}
+    record.update(run_id=run_id, name=cfg.name, config=cfg.model_dump(mode="json"),
+                  environment=environment("server"))
+    out = run_dir(output_dir or cfg.output.dir, run_id)
+    write_record(out, record)
+    log.info("record: %s", out / "record.json")
+    return record
+
+
+def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | None = None,
+             root_certificates: bytes | None = None, max_wait_time: float | None = None) -> None:
+    """Serve one site's data to the federation: train and evaluate locally when asked."""
+    import flwr
+
+    d = cfg.dataset
+    root = data_root if data_root is not None else d.root
+    subject_set = load_dataset(d.name, d.options, root,
+                               Path(d.cache_dir) if d.cache_dir else default_cache_dir())
+    data = build_site(cfg, subject_set, site)
+    client = SiteClient(cfg, data, subject_set)
+    log.info("site %s: %s subjects (train/val/test), connecting to %s", site, data.counts(),
+             server_address)
+    flwr.client.start_client(server_address=server_address, client=client.to_client(),
+                             insecure=root_certificates is None,
+                             root_certificates=root_certificates,
+                             max_wait_time=max_wait_time)
+    eps = client.epsilon()
+    log.info("site %s done: %d local steps, ε = %s", site, client.steps_done, eps)

@@ -1,0 +1,449 @@
+"""The server's side: Flower strategies (FedAvg / FedProx / FedAdam), DP-FedAvg, the round loop.
+
+One :func:`make_server` builds what both the simulation and the deployed server run: Flower's
+own ``Server`` (its round loop: configure_fit -> clients' fit -> aggregate_fit -> configure /
+aggregate evaluate), with
+
+- :class:`SiteClientManager`: Flower's ``SimpleClientManager`` that samples sites in the order
+  of their names with a seeded RNG (Flower's samples by random connection ids, which would make
+  a deployment choose differently from a simulation);
+- the inner strategy, Flower's ``FedAvg``, ``FedProx`` or ``FedAdam``; in ``site`` DP mode
+  wrapped in Flower's ``DifferentialPrivacyServerSideFixedClipping`` over equal site weights;
+- :class:`RecordingStrategy` outermost: it builds the initial model (server-side, from the
+  seed, once the sites have said their channel and class counts), orders the sites' results
+  by site name before aggregation (float sums do not depend on arrival order), counts the
+  bytes of parameters sent and received, checks what crossed the wire, and keeps the metrics
+  for the run record.
+
+After the rounds, :class:`FederatedServer` asks every site to evaluate the final global model
+on its held-out test subjects. No data reaches the server: it sees parameters, counts and the
+sites' aggregate scalar metrics only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.common import (
+    EvaluateIns,
+    FitRes,
+    GetPropertiesIns,
+    Parameters,
+    ndarrays_to_parameters,
+)
+from flwr.server import Server, SimpleClientManager
+from flwr.server.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+
+from privseg.architectures import build
+from privseg.config import RunConfig
+from privseg.federated.privacy import site_level_epsilon, site_level_plan, sites_per_round
+
+try:  # flwr's logger
+    from flwr.common.logger import log as flwr_log
+except ImportError:  # pragma: no cover
+    flwr_log = None
+
+
+def payload_bytes(parameters: Parameters) -> int:
+    """Bytes of a Flower ``Parameters`` payload (the serialised arrays)."""
+    return sum(len(t) for t in parameters.tensors)
+
+
+class SiteClientManager(SimpleClientManager):
+    """Flower's client manager, sampling by site name with its own seeded RNG."""
+
+    def __init__(self, n_sites: int, seed: int):
+        super().__init__()
+        self.n_sites = n_sites
+        self.rng = random.Random(seed)
+        self.site_of: dict[str, str] = {}
+        self.props: dict[str, dict] = {}
+
+    def site_name(self, cid: str) -> str:
+        if cid not in self.site_of:
+            res = self.clients[cid].get_properties(GetPropertiesIns({}), timeout=None,
+                                                   group_id=0)
+            self.props[cid] = dict(res.properties)
+            self.site_of[cid] = str(res.properties["site"])
+        return self.site_of[cid]
+
+    def sites(self) -> dict[str, str]:
+        """site name -> cid of every connected site (waits for all of them)."""
+        self.wait_for(self.n_sites)
+        by_site = {self.site_name(cid): cid for cid in list(self.clients)}
+        if len(by_site) != len(self.clients):
+            raise RuntimeError(f"two connected clients claim the same site: {self.site_of}")
+        return dict(sorted(by_site.items()))
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        self.wait_for(max(min_num_clients or num_clients, self.n_sites))
+        by_site = self.sites()
+        names = list(by_site)
+        chosen = names if num_clients >= len(names) else sorted(
+            self.rng.sample(names, num_clients))
+        return [self.clients[by_site[n]] for n in chosen]
+
+
+class UniformWeights(Strategy):
+    """Give every site weight 1 in the inner average (DP-FedAvg's sensitivity needs it)."""
+
+    def __init__(self, strategy: Strategy):
+        super().__init__()
+        self.strategy = strategy
+
+    def initialize_parameters(self, client_manager):
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round, results, failures):
+        equal = [(c, FitRes(r.status, r.parameters, 1, r.metrics)) for c, r in results]
+        return self.strategy.aggregate_fit(server_round, equal, failures)
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round, parameters):
+        return self.strategy.evaluate(server_round, parameters)
+
+
+def initial_model_weights(cfg: RunConfig, in_channels: int, num_classes: int) -> list:
+    """The global model's initial weights: built on the server from the run seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build(cfg.model.name, cfg.dataset.dims, in_channels, num_classes,
+                      **cfg.model.options)
+    return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
+
+
+def inner_strategy(cfg: RunConfig, n_sites: int, initial: Parameters) -> Strategy:
+    """Flower's FedAvg / FedProx / FedAdam, configured from the run config."""
+    fed = cfg.setting.federated
+    common = dict(
+        fraction_fit=fed.fraction_fit, min_fit_clients=1, min_available_clients=n_sites,
+        fraction_evaluate=1.0, min_evaluate_clients=n_sites, initial_parameters=initial,
+        on_evaluate_config_fn=lambda rnd: {"split": "val", "round": rnd},
+        on_fit_config_fn=lambda rnd: {"round": rnd},
+        fit_metrics_aggregation_fn=lambda m: {}, evaluate_metrics_aggregation_fn=lambda m: {},
+    )
+    if fed.strategy == "fedavg":
+        return FedAvg(**common)
+    if fed.strategy == "fedprox":
+        return FedProx(proximal_mu=fed.proximal_mu, **common)
+    return FedAdam(eta=fed.server_lr, eta_l=cfg.training.lr, tau=fed.server_tau, **common)
+
+
+class RecordingStrategy(Strategy):
+    """Outermost strategy: initial model, site order, byte counts, wire audit, metrics."""
+
+    def __init__(self, cfg: RunConfig, n_sites: int):
+        super().__init__()
+        self.cfg = cfg
+        self.fed = cfg.setting.federated
+        self.n_sites = n_sites
+        self.strategy: Strategy | None = None
+        self.dp_site: dict | None = None
+        self.properties: dict[str, dict] = {}
+        self.rounds: list[dict] = []
+        self.audit = {"fit_results": 0, "evaluate_results": 0, "violations": [],
+                      "fitres_fields": None, "metric_types": set()}
+        self.param_shapes: list[tuple] | None = None
+        self.site_fit_metrics: dict[str, dict] = {}
+        self.final_test: dict[str, dict] = {}
+        self.compute_s = 0.0
+
+    # -- setup ----------------------------------------------------------------------------
+    def initialize_parameters(self, client_manager: SiteClientManager):
+        by_site = client_manager.sites()
+        props = {s: client_manager.props[cid] for s, cid in by_site.items()}
+        keys = ("in_channels", "num_classes", "class_names", "dims")
+        if len({tuple(p[k] for k in keys) for p in props.values()}) != 1:
+            raise RuntimeError(f"sites disagree on channels/classes/dims: {props}")
+        self.properties = props
+        first = next(iter(props.values()))
+        weights = initial_model_weights(self.cfg, int(first["in_channels"]),
+                                        int(first["num_classes"]))
+        self.param_shapes = [tuple(w.shape) for w in weights]
+        initial = ndarrays_to_parameters(weights)
+        strategy = inner_strategy(self.cfg, self.n_sites, initial)
+        if self.fed.dp_mode == "site":
+            self.dp_site = site_level_plan(self.cfg, self.n_sites)
+            strategy = DifferentialPrivacyServerSideFixedClipping(
+                UniformWeights(strategy), self.dp_site["noise_multiplier"],
+                self.dp_site["clipping_norm"], self.dp_site["sites_per_round"])
+        self.strategy = strategy
+        return initial
+
+    # -- rounds ---------------------------------------------------------------------------
+    def _round(self, server_round: int) -> dict:
+        while len(self.rounds) < server_round:
+            self.rounds.append({"round": len(self.rounds) + 1, "bytes_down": 0, "bytes_up": 0,
+                                "eval_bytes_down": 0, "sites": []})
+        return self.rounds[server_round - 1]
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        ins = self.strategy.configure_fit(server_round, parameters, client_manager)
+        row = self._round(server_round)
+        row["t_start"] = time.perf_counter()
+        row["bytes_down"] += sum(payload_bytes(fi.parameters) for _, fi in ins)
+        return ins
+
+    def _check_fitres(self, res: FitRes) -> None:
+        self.audit["fit_results"] += 1
+        fields = sorted(vars(res))
+        self.audit["fitres_fields"] = fields
+        if fields != ["metrics", "num_examples", "parameters", "status"]:
+            self.audit["violations"].append(f"FitRes fields {fields}")
+        shapes = None
+        try:
+            from flwr.common import parameters_to_ndarrays
+
+            shapes = [tuple(a.shape) for a in parameters_to_ndarrays(res.parameters)]
+        except Exception as e:  # noqa: BLE001
+            self.audit["violations"].append(f"parameters not decodable: {e}")
+        if shapes != self.param_shapes:
+            self.audit["violations"].append("parameters are not the model's arrays")
+        if not isinstance(res.num_examples, int):
+            self.audit["violations"].append("num_examples is not an int")
+        self._check_metrics(res.metrics)
+
+    def _check_metrics(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.audit["metric_types"].add(type(v).__name__)
+            if not isinstance(v, (bool, int, float, str)):
+                self.audit["violations"].append(f"metric {k} is a {type(v).__name__}")
+
+    def aggregate_fit(self, server_round, results, failures):
+        if failures:
+            raise RuntimeError(f"round {server_round}: {len(failures)} site(s) failed: "
+                               f"{[repr(f) for f in failures][:3]}")
+        results = sorted(results, key=lambda cr: str(cr[1].metrics.get("site")))
+        row = self._round(server_round)
+        for _, res in results:
+            self._check_fitres(res)
+            row["bytes_up"] += payload_bytes(res.parameters)
+            site = str(res.metrics["site"])
+            row["sites"].append(site)
+            self.site_fit_metrics[site] = dict(res.metrics)
+            self.compute_s += float(res.metrics.get("fit_s", 0.0))
+        row["site_metrics"] = {str(r.metrics["site"]): {k: v for k, v in r.metrics.items()
+                                                        if k != "site"} for _, r in results}
+        losses = [(r.metrics["train_loss"], r.num_examples) for _, r in results
+                  if "train_loss" in r.metrics and math.isfinite(r.metrics["train_loss"])]
+        if losses:
+            row["train_loss"] = sum(v * n for v, n in losses) / sum(n for _, n in losses)
+        params, _ = self.strategy.aggregate_fit(server_round, results, failures)
+        row["fit_s"] = time.perf_counter() - row.pop("t_start")
+        return params, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        every = self.fed.eval_every
+        if not every or (server_round % every and server_round != self.fed.rounds):
+            return []
+        ins = self.strategy.configure_evaluate(server_round, parameters, client_manager)
+        self._round(server_round)["eval_bytes_down"] += sum(payload_bytes(e.parameters)
+                                                            for _, e in ins)
+        return ins
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        if failures:
+            raise RuntimeError(f"round {server_round}: evaluation failed at {len(failures)} "
+                               "site(s)")
+        row = self._round(server_round)
+        per_site = self._collect_eval(results)
+        row["val_mean_dice"] = pooled(per_site, ["dice"])["mean_dice"]
+        row["val_per_site"] = {s: m["mean_dice"] for s, m in per_site.items()}
+        return None, {}
+
+    def _collect_eval(self, results) -> dict[str, dict]:
+        per_site = {}
+        for _, res in sorted(results, key=lambda cr: str(cr[1].metrics.get("site"))):
+            self.audit["evaluate_results"] += 1
+            self._check_metrics(res.metrics)
+            self.compute_s += float(res.metrics.get("eval_s", 0.0))
+            per_site[str(res.metrics["site"])] = dict(res.metrics)
+        return per_site
+
+    def evaluate(self, server_round, parameters):
+        return None  # no data on the server: evaluation happens at the sites
+
+    # -- results --------------------------------------------------------------------------
+    def privacy(self) -> dict:
+        """The privacy block of the run record, with the guarantee in words."""
+        mode = self.fed.dp_mode
+        if mode == "none":
+            return {"enabled": False, "mode": "none", "epsilon": math.inf, "unit": "subject",
+                    "guarantee": "none (non-private federated training; only model parameters "
+                                 "and aggregate metrics leave the sites)"}
+        if mode == "sample":
+            m = self.site_fit_metrics
+            eps = {s: float(v["epsilon"]) for s, v in m.items()}
+            worst = max(eps.values()) if eps else math.inf
+            return {
+                "enabled": True, "mode": "sample", "unit": "subject",
+                "epsilon": worst, "epsilon_per_site": eps,
+                "delta_per_site": {s: v["delta"] for s, v in m.items()},
+                "noise_multiplier_per_site": {s: v["noise_multiplier"] for s, v in m.items()},
+                "sample_rate_per_site": {s: v["sample_rate"] for s, v in m.items()},
+                "steps_per_site": {s: v["steps"] for s, v in m.items()},
+                "planned_steps_per_site": {s: v["planned_steps"] for s, v in m.items()},
+                "target_epsilon": self.cfg.privacy.target_epsilon,
+                "accountant": self.cfg.privacy.accountant,
+                "max_grad_norm": self.cfg.privacy.max_grad_norm,
+                "crops_per_subject": self.cfg.training.crops_per_subject,
+                "guarantee": (
+                    f"sample-level: each site's training is ({worst:.4g}, δ_site)-DP or better "
+                    "per subject of that site (DP-SGD inside the site, Poisson sampling of its "
+                    "subjects, its accountant composing all its local steps over all rounds; "
+                    "max over sites reported). Holds against the server and other sites for "
+                    "the model updates; the sites' numbers of training subjects (FedAvg "
+                    "weights) and held-out evaluation metrics are disclosed un-noised."),
+            }
+        d = self.dp_site
+        rounds_done = len([r for r in self.rounds if r["sites"]])
+        eps = site_level_epsilon(d["noise_multiplier"], d["sample_rate"], rounds_done,
+                                 d["delta"], d["accountant"])
+        return {
+            "enabled": True, "mode": "site", **d, "rounds_done": rounds_done, "epsilon": eps,
+            "guarantee": (
+                f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to adding or "
+                "removing one whole site's data (DP-FedAvg, McMahan et al. 2018): each site's "
+                f"update clipped to L2 norm {d['clipping_norm']:g}, equal-weight average of "
+                f"{d['sites_per_round']} of {d['n_sites']} sites per round, Gaussian noise "
+                f"σ·C/m (σ = {d['noise_multiplier']:.4g}) added by the server (Flower "
+                "DifferentialPrivacyServerSideFixedClipping); the server is trusted with raw "
+                "updates; the guarantee covers the released global models; site sampling "
+                f"(m of N without replacement) is accounted as Poisson with q = "
+                f"{d['sample_rate']:.3g} ({d['accountant']}). Evaluation metrics are not "
+                "covered."),
+        }
+
+    def bytes_per_round(self) -> list[dict]:
+        return [{"round": r["round"], "down": r["bytes_down"], "up": r["bytes_up"],
+                 "eval_down": r["eval_bytes_down"], "sites": len(r["sites"])}
+                for r in self.rounds]
+
+
+def pooled(per_site: dict[str, dict], metrics=("dice", "hd95")) -> dict:
+    """Pool sites' per-class sums/counts into the mean over all their subjects."""
+    out: dict = {"n_subjects": sum(int(m.get("n_subjects", 0)) for m in per_site.values())}
+    for metric in metrics:
+        classes = sorted({k.split("/", 1)[1] for m in per_site.values() for k in m
+                          if k.startswith(f"{metric}_sum/")})
+        if not classes:
+            continue
+        per_class = {}
+        for c in classes:
+            s = sum(float(m.get(f"{metric}_sum/{c}", 0.0)) for m in per_site.values())
+            n = sum(int(m.get(f"{metric}_n/{c}", 0)) for m in per_site.values())
+            per_class[c] = s / n if n else float("nan")
+        out[metric] = per_class
+        finite = [v for v in per_class.values() if math.isfinite(v)]
+        out[f"mean_{metric}"] = float(np.mean(finite)) if finite else float("nan")
+    return out
+
+
+def site_summary(m: dict) -> dict:
+    """A site's aggregate test metrics in the central record's shape."""
+    out: dict = {"n_subjects": m.get("n_subjects", 0)}
+    for metric in ("dice", "hd95"):
+        per = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{metric}/")}
+        if per:
+            out[metric] = per
+            out[f"mean_{metric}"] = m.get(f"mean_{metric}")
+    return out
+
+
+class FederatedServer(Server):
+    """Flower's ``Server``; after the rounds, every site evaluates the model on its test set."""
+
+    def __init__(self, cfg: RunConfig, n_sites: int):
+        self.recorder = RecordingStrategy(cfg, n_sites)
+        super().__init__(client_manager=SiteClientManager(n_sites, cfg.seed),
+                         strategy=self.recorder)
+        self.cfg = cfg
+        self.n_sites = n_sites
+        self.test_metrics: dict[str, dict] = {}
+        self.wall_s = 0.0
+
+    def fit(self, num_rounds, timeout):
+        t0 = time.perf_counter()
+        np.random.seed(self.cfg.seed)  # Flower's DP wrapper draws its noise from NumPy
+        history, elapsed = super().fit(num_rounds, timeout)
+        by_site = self._client_manager.sites()
+        ins = EvaluateIns(self.parameters, {"split": "test", "round": num_rounds})
+        results = []
+        for cid in by_site.values():
+            proxy = self._client_manager.clients[cid]
+            results.append((proxy, proxy.evaluate(ins, timeout=timeout, group_id=num_rounds)))
+        self.recorder.final_test_bytes_down = payload_bytes(self.parameters) * len(results)
+        self.test_metrics = self.recorder._collect_eval(results)
+        self.wall_s = time.perf_counter() - t0
+        if flwr_log is not None:
+            flwr_log(INFO, "privseg: final test evaluation at %d sites done", len(results))
+        return history, elapsed
+
+    def record(self) -> dict:
+        """The run record (minus run id/config/environment, added by the caller)."""
+        rec = self.recorder
+        fed = self.cfg.setting.federated
+        props = next(iter(rec.properties.values()))
+        test = pooled(self.test_metrics)
+        test["per_site"] = {s: site_summary(m) for s, m in self.test_metrics.items()}
+        history = []
+        for r in rec.rounds:
+            row = {"round": r["round"], "sites": r["sites"], "fit_s": r.get("fit_s")}
+            for k in ("train_loss", "val_mean_dice", "val_per_site"):
+                if k in r:
+                    row[k] = r[k]
+            eps = {s: m["epsilon"] for s, m in r.get("site_metrics", {}).items()
+                   if "epsilon" in m}
+            if eps:
+                row["epsilon_per_site"] = eps
+            history.append(row)
+        bpr = rec.bytes_per_round()
+        audit = dict(rec.audit, metric_types=sorted(rec.audit["metric_types"]))
+        return {
+            "setting": "federated",
+            "dataset": {"name": self.cfg.dataset.name,
+                        "class_names": str(props["class_names"]).split(","),
+                        "sites": sorted(rec.properties)},
+            "federated": {
+                "strategy": fed.strategy, "dp_mode": fed.dp_mode, "rounds": fed.rounds,
+                "local_epochs": fed.local_epochs, "local_steps": fed.local_steps,
+                "fraction_fit": fed.fraction_fit,
+                "sites_per_round": sites_per_round(self.n_sites, fed.fraction_fit),
+                "n_sites": self.n_sites, "partition": fed.partition,
+                "parameter_payload_bytes": payload_bytes(self.parameters),
+                "bytes_per_round": bpr,
+                "mean_bytes_per_round": statistics.fmean(b["down"] + b["up"] for b in bpr)
+                if bpr else 0,
+                "final_test_bytes_down": getattr(rec, "final_test_bytes_down", 0),
+                "wire_audit": audit,
+                "secure_aggregation": False,
+            },
+            "history": history,
+            "test": test,
+            "privacy": rec.privacy(),
+        }
+
+
+def make_server(cfg: RunConfig, n_sites: int) -> FederatedServer:
+    """The server both simulation and deployment run."""
+    return FederatedServer(cfg, n_sites)

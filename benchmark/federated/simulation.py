@@ -1,0 +1,161 @@
+"""Federated simulation for sweeps: Flower's own server loop, sites called in-process.
+
+Flower's simulation engine (``flwr.simulation``) needs Ray, which is heavy and does not suit
+two CPU cores. The simulation here runs the *same* objects a deployment runs: the server is
+:class:`privseg.federated.server.FederatedServer` (Flower's ``Server`` round loop, our client
+manager and Flower's strategies / DP wrapper), and each site is a
+:class:`privseg.federated.client.SiteClient` (a Flower ``NumPyClient``, turned into a Flower
+``Client`` by ``to_client()``). Only the transport differs: :class:`InProcessClientProxy` takes
+the place of Flower's gRPC client proxy, and passes every instruction and reply through Flower's
+protobuf serialisation (``flwr.common.serde``, the messages the gRPC transport sends), so a site
+receives and returns exactly what it would over the wire. Sites run one at a time
+(``max_workers=1``), which with the sites' own RNG streams makes a run deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from flwr.common import serde
+from flwr.common.typing import (
+    DisconnectRes,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    ReconnectIns,
+)
+from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
+from flwr.server.client_proxy import ClientProxy
+
+from privseg.config import RunConfig
+from privseg.datasets import SubjectSet, load_dataset
+from privseg.engine import default_cache_dir, seed_everything
+from privseg.federated.client import SiteClient
+from privseg.federated.server import FederatedServer, make_server
+from privseg.federated.sites import build_sites
+from privseg.record import environment, read_record, run_dir, write_record
+
+log = logging.getLogger("privseg")
+
+
+class InProcessClientProxy(ClientProxy):
+    """A Flower ``ClientProxy`` calling a site's ``Client`` in this process, via protobuf."""
+
+    def __init__(self, cid: str, client: SiteClient):
+        super().__init__(cid)
+        self.site = client
+        self.client = client.to_client()
+        self.wire = {"server_to_site": 0, "site_to_server": 0}
+
+    def _down(self, msg: ServerMessage):
+        self.wire["server_to_site"] += msg.ByteSize()
+        return ServerMessage.FromString(msg.SerializeToString())
+
+    def _up(self, msg: ClientMessage):
+        self.wire["site_to_server"] += msg.ByteSize()
+        return ClientMessage.FromString(msg.SerializeToString())
+
+    def get_properties(self, ins: GetPropertiesIns, timeout, group_id) -> GetPropertiesRes:
+        m = self._down(ServerMessage(get_properties_ins=serde.get_properties_ins_to_proto(ins)))
+        res = self.client.get_properties(
+            serde.get_properties_ins_from_proto(m.get_properties_ins))
+        r = self._up(ClientMessage(get_properties_res=serde.get_properties_res_to_proto(res)))
+        return serde.get_properties_res_from_proto(r.get_properties_res)
+
+    def get_parameters(self, ins: GetParametersIns, timeout, group_id) -> GetParametersRes:
+        raise RuntimeError("the server builds the initial model itself; it never asks a site")
+
+    def fit(self, ins: FitIns, timeout, group_id) -> FitRes:
+        m = self._down(ServerMessage(fit_ins=serde.fit_ins_to_proto(ins)))
+        res = self.client.fit(serde.fit_ins_from_proto(m.fit_ins))
+        r = self._up(ClientMessage(fit_res=serde.fit_res_to_proto(res)))
+        return serde.fit_res_from_proto(r.fit_res)
+
+    def evaluate(self, ins: EvaluateIns, timeout, group_id) -> EvaluateRes:
+        m = self._down(ServerMessage(evaluate_ins=serde.evaluate_ins_to_proto(ins)))
+        res = self.client.evaluate(serde.evaluate_ins_from_proto(m.evaluate_ins))
+        r = self._up(ClientMessage(evaluate_res=serde.evaluate_res_to_proto(res)))
+        return serde.evaluate_res_from_proto(r.evaluate_res)
+
+    def reconnect(self, ins: ReconnectIns, timeout, group_id) -> DisconnectRes:
+        return DisconnectRes(reason="simulation")
+
+
+def simulate(cfg: RunConfig, subject_set: SubjectSet, sites: dict | None = None
+             ) -> tuple[FederatedServer, dict[str, InProcessClientProxy], dict]:
+    """Run the federation in-process; return the server, the site proxies and the partition."""
+    if sites is None:
+        sites, desc = build_sites(cfg, subject_set)
+    else:
+        desc = {}
+    clients = {name: SiteClient(cfg, data, subject_set) for name, data in sites.items()}
+    server = make_server(cfg, len(clients))
+    server.set_max_workers(1)  # sites one at a time: deterministic, and fair to 2 cores
+    proxies = {}
+    for name, client in clients.items():
+        proxies[name] = InProcessClientProxy(name, client)
+        server.client_manager().register(proxies[name])
+    server.fit(cfg.setting.federated.rounds, timeout=None)
+    return server, proxies, desc
+
+
+def local_baseline(cfg: RunConfig, subject_set: SubjectSet, sites: dict) -> dict:
+    """Each site trained alone for the same rounds (a one-site federation), tested at home."""
+    out = {}
+    for name, data in sites.items():
+        server, _, _ = simulate(cfg, subject_set, {name: data})
+        rec = server.record()
+        out[name] = {"test": rec["test"]["per_site"][name], "privacy": {
+            k: rec["privacy"].get(k) for k in ("mode", "epsilon", "unit")}}
+    return out
+
+
+def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
+                  subject_set: SubjectSet | None = None) -> dict:
+    """Simulate one federated run; write and return its record (same writer as central)."""
+    run_id = cfg.run_id()
+    out = run_dir(cfg.output.dir, run_id)
+    if not force and (existing := read_record(out)) is not None:
+        log.info("run %s already complete: %s", run_id, out)
+        return existing
+    seed_everything(cfg.seed)
+    d = cfg.dataset
+    if subject_set is None:
+        subject_set = load_dataset(d.name, d.options, d.root,
+                                   Path(d.cache_dir) if d.cache_dir else default_cache_dir())
+    t0 = time.perf_counter()
+    sites, desc = build_sites(cfg, subject_set)
+    server, proxies, _ = simulate(cfg, subject_set, sites)
+    wall = time.perf_counter() - t0
+    record = server.record()
+    site_compute = sum(p.site.compute_s for p in proxies.values())
+    record["dataset"]["n_subjects"] = len(subject_set.subjects)
+    record["splits"] = {name: s.counts() for name, s in sites.items()}
+    record["federated"]["partition_description"] = desc
+    record["federated"]["wire_bytes"] = {n: p.wire for n, p in proxies.items()}
+    record["timing"] = {
+        "total_s": wall, "site_compute_s": site_compute,
+        "simulation_overhead": (wall - site_compute) / site_compute if site_compute else None,
+        "mode": "simulation (in-process, sites sequential)",
+    }
+    if cfg.setting.federated.local_baseline:
+        tb = time.perf_counter()
+        record["local_baseline"] = local_baseline(cfg, subject_set, sites)
+        record["timing"]["local_baseline_s"] = time.perf_counter() - tb
+    record.update(run_id=run_id, name=cfg.name, config=cfg.model_dump(mode="json"),
+                  environment=environment(str(sites and next(iter(proxies.values())).site.device)))
+    write_record(out, record)
+    if progress:
+        eps = record["privacy"]["epsilon"]
+        log.info("federated run %s: test mean Dice %.4f, ε %s, %.1fs (%.1f%% overhead)", run_id,
+                 record["test"].get("mean_dice", math.nan), eps, wall,
+                 100 * (record["timing"]["simulation_overhead"] or 0))
+    return record

@@ -1,0 +1,166 @@
+"""Results commands: ``privseg table``, ``privseg plot``, ``privseg reproduce``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+
+from privseg.cli import app, console, fail
+from privseg.config import ConfigError
+
+
+def load_target(target: str, output: str | None = None) -> tuple[pd.DataFrame, str]:
+    """A results directory, ``wandb:ENTITY/PROJECT``, or a sweep (file or built-in name):
+    for a sweep, exactly its runs from its output directory."""
+    from privseg.results.store import load
+    from privseg.sweeps.spec import SweepError, expand, load_sweep
+
+    if target.startswith("wandb:") or Path(target).is_dir():
+        return load(target), Path(target).name
+    try:
+        sw = load_sweep(target, {"output.dir": output} if output else None)
+    except SweepError as e:
+        raise FileNotFoundError(f"{target}: not a results directory, and {e}") from None
+    runs = [r for r in expand(sw) if r.config is not None]
+    if not runs:
+        raise FileNotFoundError(f"{target}: no valid run in the sweep")
+    out_dir = Path(runs[0].config.output.dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir}: no results yet; run `privseg sweep {target}`")
+    return load(out_dir, run_ids=[r.run_id for r in runs]), sw.name
+
+
+@app.command()
+def table(
+    target: Annotated[str, typer.Argument(help="A sweep (file or built-in name), a results "
+                                               "directory, or wandb:ENTITY/PROJECT")],
+    format: Annotated[str, typer.Option("--format", "-f", help="markdown, latex or csv")
+                      ] = "markdown",
+    per_class: Annotated[bool, typer.Option("--per-class", help="One column per class")
+                         ] = False,
+    metric: Annotated[str, typer.Option(help="Column to tabulate, e.g. test.mean_hd95")
+                      ] = "test.mean_dice",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Sweep output dir "
+                                               "(when TARGET is a sweep)")] = None,
+) -> None:
+    """Mean ± std over seeds per architecture × ε (non-private first) of the test Dice."""
+    from privseg.results.tables import render
+
+    if format not in ("markdown", "latex", "csv"):
+        fail("--format must be markdown, latex or csv")
+    try:
+        df, name = load_target(target, output)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        fail(str(e))
+    if df.empty:
+        fail(f"{target}: no complete runs found", code=1)
+    if metric not in df:
+        fail(f"--metric {metric}: not a column; e.g. test.mean_dice, test.mean_hd95")
+    typer.echo(render(df, format, per_class, metric,
+                      caption=f"{name}: test {metric.split('.')[-1]} (mean ± std over seeds)"))
+
+
+@app.command()
+def plot(
+    target: Annotated[str, typer.Argument(help="A sweep (file or built-in name), a results "
+                                               "directory, or wandb:ENTITY/PROJECT")],
+    out: Annotated[str | None, typer.Option("--out", help="Folder for the PNG and PDF files "
+                                            "(default: OUTPUT_DIR/figures)")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Sweep output dir "
+                                               "(when TARGET is a sweep)")] = None,
+) -> None:
+    """Figures: Dice vs ε, Dice vs width, central vs federated, per site (as data allows)."""
+    from privseg.results.figures import make_figures
+
+    try:
+        df, name = load_target(target, output)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        fail(str(e))
+    if df.empty:
+        fail(f"{target}: no complete runs found", code=1)
+    folder = Path(out) if out else (Path(target) if Path(target).is_dir() else Path(
+        df["config.output.dir"].iloc[0])) / "figures"
+    paths = make_figures(df, folder, prefix=f"{name}_")
+    if not paths:
+        fail("the data supports no figure (need ≥2 ε, widths, settings or sites)", code=1)
+    for p in paths:
+        typer.echo(str(p))
+
+
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help="Table name (see results/reference/index.json), "
+                                             "e.g. table1")],
+    quick: Annotated[bool, typer.Option("--quick", help="The quick variant (built-in phantom, "
+                                                        "CPU) instead of the full one")] = False,
+    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1)] = 1,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Output directory")
+                      ] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config key in every run (e.g. dataset.root=...)")
+                    ] = None,
+    write_reference: Annotated[bool, typer.Option(
+        "--write-reference", help="Maintainers: store the new numbers as the committed "
+                                  "reference")] = False,
+) -> None:
+    """Rerun the sweep behind a paper table; print the committed numbers beside the new ones."""
+    from privseg.results.reference import (
+        compare,
+        per_run_agreement,
+        read_reference,
+        reference_dir,
+        table_entry,
+    )
+    from privseg.results.reference import write_reference as write_ref
+    from privseg.results.store import load
+    from privseg.results.tables import to_markdown
+    from privseg.sweeps.cli import _load, _report
+    from privseg.sweeps.runner import run_sweep
+
+    try:
+        entry = table_entry(name, quick)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    out_dir = output or f"runs/reproduce-{name}-{entry['variant']}"
+    sw = _load(entry["sweep"], set_, out_dir)
+    console.print(f"[bold]{entry['title']}[/] ({entry['variant']}): sweep {sw.name}",
+                  highlight=False)
+    warnings.filterwarnings("ignore")
+    result = run_sweep(sw, parallel=parallel, console=console)
+    _report(result)
+    ids = [o.run_id for o in result.outcomes if o.run_id and o.status != "failed"]
+    new = load(result.output_dir, run_ids=ids)
+    ref_name = entry.get("reference")
+    ref_path = reference_dir() / ref_name if ref_name else None
+    if write_reference:
+        if ref_path is None:
+            fail(f"{name} {entry['variant']}: index.json names no reference file")
+        cmd = "privseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        write_ref(new, ref_path, command=cmd, sweep_file=sw.path)
+        typer.echo(f"wrote {ref_path}")
+    if ref_path is None or not ref_path.exists():
+        typer.echo(f"no committed reference numbers for {name} ({entry['variant']}); new:")
+        from privseg.results.tables import render
+
+        typer.echo(render(new, "markdown"))
+    else:
+        ref, meta = read_reference(ref_path)
+        typer.echo(f"\nreference: {ref_path.name}")
+        for k in ("command", "date", "machine", "sweep"):
+            if k in meta:
+                typer.echo(f"  {k}: {meta[k]}")
+        typer.echo("\nTest Dice (mean over classes), mean ± std over seeds:\n")
+        typer.echo(to_markdown(compare(ref, new)))
+        same, n, worst = per_run_agreement(ref, new)
+        if n:
+            typer.echo(f"\nsame run id in both: {n} runs; {same} equal to 1e-6 "
+                       f"(largest |Δ| {worst:.2e}). Differences come from hardware and "
+                       "library versions; the same machine and versions reproduce exactly.")
+    if not result.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,213 @@
+"""Paper figures from the results DataFrame: each drawn only when the data has what it needs.
+
+- Dice vs ε per architecture (ε = ∞ drawn as 'non-private', apart from the finite ε)
+- Dice vs model width at fixed ε
+- central vs federated per architecture and ε
+- per-site Dice per architecture (at the most private ε and non-private)
+
+Every function returns a matplotlib Figure (or None when the data cannot support it);
+:func:`make_figures` saves each as PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from privseg.results.tables import METRIC, aggregate, eps_label  # noqa: E402
+
+DICE_LABEL = "Test Dice, mean over classes (0–1)"
+
+
+def _title_suffix(df: pd.DataFrame) -> str:
+    parts = []
+    if "dataset" in df and df["dataset"].nunique() == 1:
+        parts.append(str(df["dataset"].iloc[0]))
+    if "config.dataset.dims" in df and df["config.dataset.dims"].nunique() == 1:
+        parts.append(f"{int(df['config.dataset.dims'].iloc[0])}D")
+    if "setting" in df and df["setting"].nunique() == 1:
+        parts.append(str(df["setting"].iloc[0]))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _seeds_note(agg: pd.DataFrame) -> str:
+    n = sorted(set(int(x) for x in agg["n_seeds"]))
+    if n == [1]:
+        return "one seed per point"
+    return f"mean ± std over {'/'.join(map(str, n))} seeds"
+
+
+def _eps_positions(eps: list[float]) -> dict[float, float]:
+    finite = sorted(e for e in eps if math.isfinite(e))
+    pos = {e: math.log10(e) for e in finite}
+    if any(math.isinf(e) for e in eps):
+        if finite:
+            span = math.log10(finite[-1]) - math.log10(finite[0]) if len(finite) > 1 else 1.0
+            pos[math.inf] = math.log10(finite[-1]) + max(0.35 * span, 0.3)
+        else:
+            pos[math.inf] = 0.0
+    return pos
+
+
+def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
+    """Utility vs privacy: one line per architecture, x = ε (log), non-private at the right."""
+    if df.empty or df["epsilon"].nunique() < 2:
+        return None
+    keys = ["model"] + (["setting"] if df["setting"].nunique() > 1 else [])
+    agg = aggregate(df, [metric], keys)
+    pos = _eps_positions(list(agg["epsilon"].unique()))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for vals, g in agg.groupby(keys, sort=True):
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        g = g.sort_values("epsilon")
+        x = [pos[e] for e in g["epsilon"]]
+        finite = np.isfinite(g["epsilon"].to_numpy(dtype=float))
+        label = " / ".join(str(v) for v in vals)
+        line = ax.errorbar(np.array(x)[finite], g[f"{metric}.mean"].to_numpy()[finite],
+                           yerr=np.nan_to_num(g[f"{metric}.std"].to_numpy()[finite]),
+                           marker="o", capsize=3, label=label)
+        if (~finite).any():
+            ax.errorbar(np.array(x)[~finite], g[f"{metric}.mean"].to_numpy()[~finite],
+                        yerr=np.nan_to_num(g[f"{metric}.std"].to_numpy()[~finite]),
+                        marker="s", capsize=3, color=line[0].get_color(), linestyle="none")
+    if math.inf in pos and len(pos) > 1:
+        finite_max = max(v for e, v in pos.items() if math.isfinite(e))
+        ax.axvline((finite_max + pos[math.inf]) / 2, color="grey", linestyle=":", linewidth=1)
+    ticks = sorted(pos.items(), key=lambda kv: kv[1])
+    ax.set_xticks([p for _, p in ticks])
+    ax.set_xticklabels(["non-private\n(ε = ∞)" if math.isinf(e) else f"{e:g}" for e, _ in ticks])
+    ax.set_xlabel("privacy budget ε per subject (log scale; smaller = more private)")
+    ax.set_ylabel(DICE_LABEL)
+    ax.set_title(f"Segmentation quality vs privacy budget{_title_suffix(df)}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="architecture", fontsize="small")
+    ax.text(0.01, 0.01, _seeds_note(agg), transform=ax.transAxes, fontsize="x-small",
+            color="grey", va="bottom")
+    return fig
+
+
+def dice_vs_width(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
+    """Width scaling: x = width multiplier (log2), one line per ε (and model family)."""
+    if df.empty or "width" not in df or df["width"].nunique(dropna=True) < 2:
+        return None
+    d = df.dropna(subset=["width"]).copy()
+    d["family"] = d["model"].str.replace(r"-(narrow|wide|xwide)$", "", regex=True)
+    keys = ["family", "width"]
+    agg = aggregate(d, [metric], keys)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    families = sorted(agg["family"].unique())
+    for (fam, eps), g in agg.groupby(["family", "epsilon"], sort=False):
+        g = g.sort_values("width")
+        label = eps_label(eps) + (f" ({fam})" if len(families) > 1 else "")
+        ax.errorbar(g["width"], g[f"{metric}.mean"], yerr=np.nan_to_num(g[f"{metric}.std"]),
+                    marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    widths = sorted(agg["width"].unique())
+    ax.set_xticks(widths)
+    ax.set_xticklabels([f"{w:g}×" for w in widths])
+    ax.set_xlabel("model width (channel multiplier, log scale)")
+    ax.set_ylabel(DICE_LABEL)
+    fam = families[0] if len(families) == 1 else "models"
+    ax.set_title(f"Width scaling of {fam}{_title_suffix(df)}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="privacy", fontsize="small")
+    ax.text(0.01, 0.01, _seeds_note(agg), transform=ax.transAxes, fontsize="x-small",
+            color="grey", va="bottom")
+    return fig
+
+
+def _grouped_bars(ax, agg: pd.DataFrame, group: str, hue: str, metric: str,
+                  hue_label=str, group_label=str) -> None:
+    groups = list(dict.fromkeys(agg[group]))
+    hues = list(dict.fromkeys(agg[hue]))
+    width = 0.8 / max(len(hues), 1)
+    for i, h in enumerate(hues):
+        g = agg[agg[hue] == h].set_index(group)
+        means = [g[f"{metric}.mean"].get(x, np.nan) for x in groups]
+        stds = [g[f"{metric}.std"].get(x, np.nan) for x in groups]
+        ax.bar(np.arange(len(groups)) + (i - (len(hues) - 1) / 2) * width, means, width,
+               yerr=np.nan_to_num(stds), capsize=3, label=hue_label(h))
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels([group_label(x) for x in groups])
+
+
+def _eps_sorted(values) -> list[float]:
+    return sorted(set(float(v) for v in values), key=lambda e: -e)
+
+
+def _panels(agg: pd.DataFrame, hue: str, metric: str, ylabel: str, title: str,
+            legend_title: str) -> Figure:
+    """One panel per architecture; x = ε (non-private first); one bar per ``hue`` value."""
+    models = sorted(agg["model"].unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.4, 3.6 * len(models)), 4.2),
+                             sharey=True, layout="constrained", squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        a = agg[agg["model"] == model].copy()
+        order = _eps_sorted(a["epsilon"])
+        a["where"] = pd.Categorical(a["epsilon"].astype(float), categories=order, ordered=True)
+        a = a.sort_values(["where", hue])
+        _grouped_bars(ax, a, "where", hue, metric, group_label=eps_label)
+        ax.set_title(model)
+        ax.set_xlabel("privacy budget ε per subject")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(title=legend_title, fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def central_vs_federated(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
+    """Bars per architecture panel: x = ε, one bar per setting."""
+    if df.empty or df["setting"].nunique() < 2:
+        return None
+    agg = aggregate(df, [metric], ["model", "setting"])
+    return _panels(agg, "setting", metric, DICE_LABEL,
+                   f"Central vs federated training{_title_suffix(df)}", "setting")
+
+
+def per_site(df: pd.DataFrame) -> Figure | None:
+    """Bars per architecture panel: x = ε, one bar per site (test subjects of that site)."""
+    site_cols = sorted(c for c in df.columns if c.startswith("test.site.") and
+                       c.endswith(".mean_dice"))
+    if df.empty or len(site_cols) < 2:
+        return None
+    long = df.melt(id_vars=["model", "epsilon", "seed", "setting"], value_vars=site_cols,
+                   var_name="site", value_name="site_dice").dropna(subset=["site_dice"])
+    long["site"] = long["site"].str.slice(len("test.site."), -len(".mean_dice"))
+    agg = aggregate(long, ["site_dice"], ["model", "site"])
+    return _panels(agg, "site", "site_dice", "Test Dice on the site's subjects (0–1)",
+                   f"Per-site test Dice{_title_suffix(df)}", "site")
+
+
+FIGURES = {
+    "dice_vs_epsilon": dice_vs_epsilon,
+    "dice_vs_width": dice_vs_width,
+    "central_vs_federated": central_vs_federated,
+    "per_site_dice": per_site,
+}
+
+
+def make_figures(df: pd.DataFrame, out_dir: str | Path, prefix: str = "",
+                 formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
+    """Draw every figure the data supports; save each as PNG and PDF; return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fn in FIGURES.items():
+        fig = fn(df)
+        if fig is None:
+            continue
+        for ext in formats:
+            p = out / f"{prefix}{name}.{ext}"
+            fig.savefig(p, dpi=150)
+            paths.append(p)
+        plt.close(fig)
+    return paths

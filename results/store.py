@@ -1,0 +1,235 @@
+"""The run store: run records (or W&B runs) as one tidy pandas DataFrame, one row per run.
+
+Columns:
+
+- identity: ``run_id``, ``name``, ``sweep`` (``tracking.group``), ``status``
+- study axes: ``dataset``, ``model``, ``width`` (the model's width multiplier, registry default
+  filled in), ``setting``, ``seed``, ``epsilon`` (the target ε; ``inf`` for non-private runs;
+  for a fixed-σ run the ε spent), ``private``
+- test metrics: ``test.mean_dice``, ``test.dice.<class>``, ``test.mean_hd95``,
+  ``test.hd95.<class>``, ``test.n_subjects``, ``test.site.<site>.mean_dice``
+- privacy: ``privacy.epsilon`` (spent; inf if non-private), ``privacy.delta``, ``privacy.sigma``,
+  ``privacy.sample_rate``, ``privacy.steps``, ``privacy.accountant``, ``privacy.guarantee``
+- timing: ``timing.<key>`` (total_s, train_s, median_step_s, subjects_per_s, peak_memory_mb …)
+- the full run config flattened with dotted names under ``config.`` (``config.model.name``,
+  ``config.training.epochs`` …)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from privseg.record import RECORD_NAME
+
+_INF = ("inf", "Infinity", "+inf")
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        if v in _INF:
+            return math.inf
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v)
+    return None
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b.c": value}``; lists are kept as JSON text."""
+    out: dict[str, Any] = {}
+    for k, v in (data or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list | tuple):
+            out[key] = json.dumps(v)
+        elif isinstance(v, dict):
+            out[key] = None
+        else:
+            out[key] = v
+    return out
+
+
+def _width(model: str | None, options: dict) -> float | None:
+    if "width" in (options or {}):
+        return _num(options["width"])
+    if model is None:
+        return None
+    try:
+        from privseg.architectures import get_entry
+
+        knobs = get_entry(model).knobs()
+    except (KeyError, ImportError):
+        return None
+    return _num(knobs.get("width"))
+
+
+def record_row(record: dict) -> dict[str, Any]:
+    """One run record -> one flat row."""
+    cfg = record.get("config") or {}
+    priv = record.get("privacy") or {}
+    test = record.get("test") or {}
+    model_cfg = cfg.get("model") or {}
+    privacy_cfg = cfg.get("privacy") or {}
+    private = bool(priv.get("enabled", privacy_cfg.get("enabled", False)))
+    spent = _num(priv.get("epsilon"))
+    if not private:
+        eps_axis = math.inf
+        spent = math.inf
+    elif privacy_cfg.get("target_epsilon") is not None and privacy_cfg.get(
+            "noise_multiplier") is None:
+        eps_axis = _num(privacy_cfg.get("target_epsilon"))
+    else:
+        eps_axis = spent
+    row: dict[str, Any] = {
+        "run_id": record.get("run_id"),
+        "name": record.get("name") or cfg.get("name"),
+        "sweep": (cfg.get("tracking") or {}).get("group"),
+        "status": record.get("status"),
+        "dataset": (record.get("dataset") or {}).get("name") or (cfg.get("dataset") or {}).get(
+            "name"),
+        "model": model_cfg.get("name"),
+        "width": _width(model_cfg.get("name"), model_cfg.get("options") or {}),
+        "setting": record.get("setting") or (cfg.get("setting") or {}).get("kind"),
+        "seed": cfg.get("seed"),
+        "epsilon": eps_axis,
+        "private": private,
+        "test.mean_dice": _num(test.get("mean_dice")),
+        "test.mean_hd95": _num(test.get("mean_hd95")),
+        "test.n_subjects": test.get("n_subjects"),
+        "privacy.epsilon": spent,
+        "privacy.delta": _num(priv.get("delta")),
+        "privacy.sigma": _num(priv.get("noise_multiplier")),
+        "privacy.sample_rate": _num(priv.get("sample_rate")),
+        "privacy.steps": priv.get("steps"),
+        "privacy.accountant": priv.get("accountant"),
+        "privacy.guarantee": priv.get("guarantee"),
+    }
+    for cls, v in (test.get("dice") or {}).items():
+        row[f"test.dice.{cls}"] = _num(v)
+    for cls, v in (test.get("hd95") or {}).items():
+        row[f"test.hd95.{cls}"] = _num(v)
+    for site, m in (test.get("per_site") or {}).items():
+        row[f"test.site.{site}.mean_dice"] = _num((m or {}).get("mean_dice"))
+        row[f"test.site.{site}.n_subjects"] = (m or {}).get("n_subjects")
+    for k, v in (record.get("timing") or {}).items():
+        row[f"timing.{k}"] = v
+    row.update(flatten(cfg, "config."))
+    return row
+
+
+def find_records(root: str | Path) -> list[Path]:
+    """Every complete-or-not ``record.json`` under ``root`` (a run dir or an output dir)."""
+    root = Path(root)
+    if (root / RECORD_NAME).is_file():
+        return [root / RECORD_NAME]
+    return sorted(p for p in root.rglob(RECORD_NAME) if ".sweeps" not in p.parts)
+
+
+def read_records(paths: Iterable[Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        try:
+            rec = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if rec.get("status") == "complete":
+            out.append(rec)
+    return out
+
+
+def frame(records: Iterable[dict]) -> pd.DataFrame:
+    """Records -> tidy DataFrame (one row per run, stable column order)."""
+    rows = [record_row(r) for r in records]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["run_id", "sweep", "model", "epsilon", "seed",
+                                     "test.mean_dice"])
+    front = [c for c in rows[0] if not c.startswith(("test.dice.", "test.hd95.", "test.site.",
+                                                     "timing.", "config."))]
+    groups = [sorted(c for c in df.columns if c.startswith(p))
+              for p in ("test.dice.", "test.hd95.", "test.site.", "timing.", "config.")]
+    ordered = front + [c for g in groups for c in g]
+    ordered += [c for c in df.columns if c not in ordered]
+    return df[ordered].sort_values(["sweep", "model", "epsilon", "seed"],
+                                   na_position="last", kind="stable").reset_index(drop=True)
+
+
+def load(source: str | Path, *, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """All runs at ``source`` as one tidy DataFrame.
+
+    ``source`` is an output directory (searched recursively for ``record.json``), one run
+    directory, or ``wandb:ENTITY/PROJECT`` (optionally ``wandb:ENTITY/PROJECT/GROUP``) for runs
+    in W&B. ``run_ids`` keeps only those runs.
+    """
+    src = str(source)
+    if src.startswith("wandb:"):
+        df = load_wandb(src[len("wandb:"):])
+    else:
+        path = Path(src)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such directory")
+        df = frame(read_records(find_records(path)))
+    if run_ids is not None:
+        keep = set(run_ids)
+        df = df[df["run_id"].isin(keep)].reset_index(drop=True)
+    return df
+
+
+def wandb_run_record(run: Any) -> dict:
+    """A W&B run (public API object) as a pseudo-record ``record_row`` understands.
+
+    The run's config is the full run config (the tracker logs it); test metrics come from the
+    summary (``test/mean_dice``, ``test/dice/<class>``, ``test/mean_hd95``, ``privacy/*``).
+    """
+    cfg = dict(run.config or {})
+    summary = dict(getattr(run.summary, "_json_dict", None) or run.summary or {})
+    test: dict[str, Any] = {"dice": {}, "hd95": {}, "per_site": {}}
+    privacy: dict[str, Any] = {}
+    timing: dict[str, Any] = {}
+    for k, v in summary.items():
+        parts = k.split("/")
+        if parts[0] == "test":
+            if len(parts) == 2:
+                test[parts[1]] = v
+            elif len(parts) == 3 and parts[1] in ("dice", "hd95"):
+                test[parts[1]][parts[2]] = v
+            elif len(parts) == 4 and parts[1] == "site":
+                test["per_site"].setdefault(parts[2], {})[parts[3]] = v
+        elif parts[0] == "privacy" and len(parts) == 2:
+            privacy[parts[1]] = v
+        elif parts[0] == "timing" and len(parts) == 2:
+            timing[parts[1]] = v
+    privacy.setdefault("enabled", (cfg.get("privacy") or {}).get("enabled", False))
+    return {"run_id": run.id, "name": run.name, "status": "complete" if run.state ==
+            "finished" else run.state, "config": cfg, "setting": (cfg.get("setting") or {}).get(
+            "kind"), "test": test, "privacy": privacy, "timing": timing,
+            "dataset": {"name": (cfg.get("dataset") or {}).get("name")}}
+
+
+def load_wandb(path: str, api: Any = None) -> pd.DataFrame:
+    """Finished runs of ``ENTITY/PROJECT`` (or ``ENTITY/PROJECT/GROUP``) from W&B."""
+    parts = path.strip("/").split("/")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"wandb:{path}: expected wandb:ENTITY/PROJECT[/GROUP]")
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    filters = {"group": parts[2]} if len(parts) == 3 else None
+    runs = api.runs("/".join(parts[:2]), filters=filters)
+    records = [wandb_run_record(r) for r in runs]
+    return frame([r for r in records if r["status"] == "complete"])

@@ -1,0 +1,162 @@
+"""Paper tables: mean ± std over seeds per architecture × ε (and per class)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+METRIC = "test.mean_dice"
+
+
+def eps_label(eps: float) -> str:
+    """Column/legend label of a target ε; ∞ is 'non-private'."""
+    if eps is None or (isinstance(eps, float) and math.isnan(eps)):
+        return "ε = ?"
+    return "non-private" if math.isinf(eps) else f"ε = {eps:g}"
+
+
+def group_keys(df: pd.DataFrame) -> list[str]:
+    """Row keys: architecture, plus setting / dataset / width when they vary."""
+    keys = []
+    for k in ("dataset", "setting"):
+        if k in df and df[k].nunique(dropna=True) > 1:
+            keys.append(k)
+    keys.append("model")
+    if "width" in df and df.groupby("model")["width"].nunique(dropna=True).gt(1).any():
+        keys.append("width")
+    return keys
+
+
+def class_columns(df: pd.DataFrame, metric: str = "dice") -> list[str]:
+    return [c for c in df.columns if c.startswith(f"test.{metric}.")]
+
+
+def aggregate(df: pd.DataFrame, metrics: list[str] | None = None,
+              keys: list[str] | None = None) -> pd.DataFrame:
+    """Long table: one row per group × ε with ``<metric>.mean``, ``.std`` (ddof 1), ``.n``."""
+    metrics = metrics or [METRIC]
+    keys = (keys or group_keys(df)) + ["epsilon"]
+    rows = []
+    for vals, g in df.groupby(keys, dropna=False, sort=False):
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        row = dict(zip(keys, vals, strict=True))
+        row["n_seeds"] = int(g["seed"].nunique()) if "seed" in g else len(g)
+        for m in metrics:
+            x = pd.to_numeric(g[m], errors="coerce").dropna() if m in g else pd.Series([],
+                                                                                      dtype=float)
+            row[f"{m}.mean"] = float(x.mean()) if len(x) else np.nan
+            row[f"{m}.std"] = float(x.std(ddof=1)) if len(x) > 1 else np.nan
+            row[f"{m}.n"] = int(len(x))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    # ε order: non-private first, then decreasing ε.
+    out["_eps_order"] = -out["epsilon"].astype(float)
+    out = out.sort_values(keys[:-1] + ["_eps_order"], kind="stable").drop(columns="_eps_order")
+    return out.reset_index(drop=True)
+
+
+def fmt_cell(mean: float, std: float, n: int, digits: int = 3) -> str:
+    if n == 0 or mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_table(df: pd.DataFrame, metric: str = METRIC, per_class: bool = False,
+                  digits: int = 3) -> pd.DataFrame:
+    """Wide table of strings.
+
+    Default: rows = architecture (and setting/width when they vary), columns = ε (non-private
+    first), cells = mean ± std of ``metric`` over seeds. ``per_class``: rows = architecture × ε,
+    columns = the classes (Dice) and the mean.
+    """
+    if df.empty:
+        return pd.DataFrame()
+    keys = group_keys(df)
+    if per_class:
+        classes = class_columns(df)
+        metrics = classes + [metric]
+        agg = aggregate(df, metrics, keys)
+        table = agg[keys].copy()
+        table.insert(len(keys), "ε", [eps_label(e) for e in agg["epsilon"]])
+        for m in metrics:
+            name = "mean" if m == metric else m.split(".")[-1]
+            table[name] = [fmt_cell(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.n"], digits)
+                           for _, r in agg.iterrows()]
+        table["seeds"] = agg["n_seeds"].values
+        return table.reset_index(drop=True)
+    agg = aggregate(df, [metric], keys)
+    eps_order = sorted(agg["epsilon"].unique(), key=lambda e: -float(e))
+    rows = []
+    for vals, g in agg.groupby(keys, dropna=False, sort=False):
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        row = dict(zip(keys, vals, strict=True))
+        by_eps = {e: r for e, r in zip(g["epsilon"], g.to_dict("records"), strict=True)}
+        for e in eps_order:
+            r = by_eps.get(e)
+            row[eps_label(e)] = "–" if r is None else fmt_cell(
+                r[f"{metric}.mean"], r[f"{metric}.std"], r[f"{metric}.n"], digits)
+        row["seeds"] = int(g["n_seeds"].max())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """GitHub markdown (written here: pandas' to_markdown needs the optional tabulate)."""
+    cols = [str(c) for c in table.columns]
+    lines = ["| " + " | ".join(cols) + " |",
+             "|" + "|".join("---" if i < 1 else "---:" for i in range(len(cols))) + "|"]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(_cell(v) for v in r.values) + " |")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v).replace("|", "\\|")
+
+
+_LATEX_ESC = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "ε": r"$\varepsilon$",
+              "±": r"$\pm$", "–": "--"}
+
+
+def _latex(s: str) -> str:
+    for a, b in _LATEX_ESC.items():
+        s = s.replace(a, b)
+    return s
+
+
+def to_latex(table: pd.DataFrame, caption: str | None = None) -> str:
+    """A booktabs tabular (needs ``\\usepackage{booktabs}``)."""
+    cols = [str(c) for c in table.columns]
+    spec = "l" * 1 + "r" * (len(cols) - 1)
+    lines = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        lines.append(rf"\caption{{{_latex(caption)}}}")
+    lines += [rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+              " & ".join(_latex(c) for c in cols) + r" \\", r"\midrule"]
+    for _, r in table.iterrows():
+        lines.append(" & ".join(_latex(_cell(v)) for v in r.values) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines)
+
+
+def render(df: pd.DataFrame, fmt: str = "markdown", per_class: bool = False,
+           metric: str = METRIC, caption: str | None = None) -> str:
+    """The table of ``df`` as markdown, LaTeX, or CSV (CSV: the numbers, mean/std/n, long)."""
+    if fmt == "csv":
+        keys = group_keys(df)
+        metrics = (class_columns(df) if per_class else []) + [metric]
+        return aggregate(df, metrics, keys).to_csv(index=False)
+    table = summary_table(df, metric, per_class)
+    if fmt == "markdown":
+        return to_markdown(table)
+    if fmt == "latex":
+        return to_latex(table, caption)
+    raise ValueError(f"unknown format {fmt!r}: markdown, latex or csv")

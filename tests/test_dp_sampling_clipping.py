@@ -1,0 +1,114 @@
+"""Invariants 3 and 4: Poisson sampling of subjects; one clipped contribution per subject."""
+
+import numpy as np
+import pytest
+import torch
+from spine_helpers import TINY_PHANTOM, tiny_config
+
+from privseg.architectures import build
+from privseg.data import SubjectCrops
+from privseg.datasets import load_dataset
+from privseg.engine import prepare_training, seed_everything, train_step
+from privseg.losses import PerSampleDiceCE
+
+
+def _setup(tmp_path, k=1, mode="hooks", physical=4, clip=1.0, batch=4, sigma=0.0):
+    cfg = tiny_config(
+        tmp_path,
+        training={"crops_per_subject": k, "physical_batch_size": physical, "optimizer": "sgd",
+                  "lr": 1.0, "momentum": 0.0, "expected_batch_size": batch},
+        privacy={"target_epsilon": None, "noise_multiplier": sigma, "max_grad_norm": clip,
+                 "grad_sample_mode": mode},
+    )
+    seed_everything(0)
+    ss = load_dataset("phantom", TINY_PHANTOM, None, tmp_path / "cache")
+    train = SubjectCrops(ss.subjects[:16], 2, None, k, 0.9)
+    model = build("unet", 2, 1, ss.num_classes, base_channels=4, depth=2).double()
+    ref = build("unet", 2, 1, ss.num_classes, base_channels=4, depth=2).double()
+    ref.load_state_dict(model.state_dict())
+    state = prepare_training(cfg, model, train, torch.device("cpu"))
+    return cfg, state, train, ref
+
+
+def test_dp_batches_are_poisson_over_subjects(tmp_path):
+    _, state, train, _ = _setup(tmp_path, batch=4)
+    n, q = len(train), 4 / 16
+    # The loader's batch sampler is Opacus' Poisson sampler over subject indices.
+    sizes, seen = [], set()
+    for _ in range(150):
+        for batch in state.loader.batch_sampler:
+            assert len(set(batch)) == len(batch)  # a subject appears at most once per step
+            assert all(0 <= i < n for i in batch)
+            sizes.append(len(batch))
+            seen.update(batch)
+    sizes = np.array(sizes)
+    assert len(set(sizes.tolist())) > 3  # sizes vary: no fixed-size batches in DP mode
+    stderr = np.sqrt(n * q * (1 - q) / len(sizes))
+    assert abs(sizes.mean() - q * n) < 4 * stderr
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.25)
+    assert seen == set(range(n))
+
+
+def _subject_grad(ref, x, y, k):
+    """Gradient of one subject's loss (mean over its k crops), computed on its own."""
+    ref.zero_grad()
+    loss = PerSampleDiceCE(reduction="none")(ref(x.double()), y).mean()
+    loss.backward()
+    return [p.grad.detach().clone() for p in ref.parameters()]
+
+
+def _clipped_sum(grads_per_unit, clip):
+    total = [torch.zeros_like(g) for g in grads_per_unit[0]]
+    norms = []
+    for g in grads_per_unit:
+        norm = torch.sqrt(sum((t**2).sum() for t in g))
+        norms.append(float(norm))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [a + factor * t for a, t in zip(total, g, strict=True)]
+    return total, norms
+
+
+@pytest.mark.parametrize("k,mode,physical", [(1, "hooks", 4), (3, "hooks", 2),
+                                             (3, "functorch", 4), (1, "ghost", 2)])
+def test_each_subject_contributes_one_clipped_gradient(tmp_path, k, mode, physical):
+    clip = 0.05
+    cfg, state, train, ref = _setup(tmp_path, k=k, mode=mode, physical=physical, clip=clip)
+    torch.manual_seed(1)
+    items = [train[i] for i in range(5)]
+    x = torch.stack([it[0] for it in items]).double()
+    y = torch.stack([it[1] for it in items])
+    before = [p.detach().clone() for p in ref.parameters()]
+    train_step(state, x, y, cfg, torch.device("cpu"))
+    after = list(state.model.parameters())
+    update = [(b - a.detach()) for a, b in zip(after, before, strict=True)]  # SGD, lr 1
+
+    per_subject = [_subject_grad(ref, x[i], y[i], k) for i in range(5)]
+    expected, norms = _clipped_sum(per_subject, clip)
+    assert max(norms) > clip  # clipping is active in this test
+    expected = [e / 4 for e in expected]  # averaged over the expected batch size
+    for u, e in zip(update, expected, strict=True):
+        torch.testing.assert_close(u, e, rtol=1e-4, atol=1e-9)
+    # No subject's contribution exceeds the clipping norm.
+    total_norm = torch.sqrt(sum((u**2).sum() for u in update)) * 4
+    assert float(total_norm) <= 5 * clip * (1 + 1e-6)
+    if k > 1:
+        # Treating crops as units (k clipped contributions per subject) is a different update.
+        crops = [_subject_grad(ref, x[i, j:j + 1], y[i, j:j + 1], 1) for i in range(5)
+                 for j in range(k)]
+        per_crop, _ = _clipped_sum(crops, clip)
+        diff = sum(float(((e * 4 - c / k) ** 2).sum()) for e, c in
+                   zip(expected, per_crop, strict=True))
+        assert diff > 1e-12
+
+
+def test_empty_poisson_batch_is_a_noise_only_step(tmp_path):
+    cfg, state, train, ref = _setup(tmp_path, sigma=1.0)
+    x = torch.zeros(0, 1, 1, 16, 16, dtype=torch.float64)
+    y = torch.zeros(0, 1, 16, 16, dtype=torch.long)
+    before = [p.detach().clone() for p in state.model.parameters()]
+    loss = train_step(state, x, y, cfg, torch.device("cpu"))
+    assert np.isnan(loss)
+    moved = [float((p.detach() - b).abs().max()) for p, b in
+             zip(state.model.parameters(), before, strict=True)]
+    assert min(moved) > 0  # noise was added to every parameter
+    assert sum(n for _, _, n in state.accountant.history) == 1  # and the step was accounted

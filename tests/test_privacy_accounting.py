@@ -1,0 +1,84 @@
+"""Invariant 2: the ε privseg reports equals an independent accountant's ε.
+
+The independent implementation is Google's dp_accounting: PLD for our PRV accountant, RDP
+(at the same integer orders) for our RDP accountant.
+"""
+
+import math
+
+import dp_accounting as dpa
+import pytest
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from privseg.privacy import (
+    RDP_ORDERS,
+    check_delta,
+    default_delta,
+    epsilon_for,
+    plan_privacy,
+)
+
+
+def independent_epsilon(q: float, sigma: float, steps: int, delta: float, accountant: str):
+    event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)),
+                                    steps)
+    if accountant == "prv":
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    else:
+        acc = rdp_privacy_accountant.RdpAccountant(orders=RDP_ORDERS)
+    acc.compose(event)
+    return acc.get_epsilon(delta)
+
+
+CASES = [  # (q, sigma, steps, delta)
+    (0.1, 1.1, 300, 1e-3),
+    (0.19, 0.6, 50, 5e-3),
+    (0.05, 4.0, 1000, 1e-5),
+]
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("q,sigma,steps,delta", CASES)
+def test_epsilon_matches_dp_accounting(accountant, q, sigma, steps, delta):
+    ours = epsilon_for(sigma, q, steps, delta, accountant)
+    ref = independent_epsilon(q, sigma, steps, delta, accountant)
+    assert ours == pytest.approx(ref, rel=0.01)
+    if accountant == "prv":
+        # Opacus' PRV returns an upper bound: never optimistic beyond the PLD's discretisation.
+        assert ours >= ref * 0.999
+
+
+def test_rdp_never_below_dp_accounting_with_its_own_orders():
+    # Our integer-order RDP may be looser than dp_accounting's default (finer) orders, never
+    # tighter: a tighter value would overstate privacy.
+    q, sigma, steps, delta = 0.19, 1.27, 150, 1 / 84**1.1
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)),
+                                        steps))
+    assert epsilon_for(sigma, q, steps, delta, "rdp") >= acc.get_epsilon(delta) * 0.999
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_calibrated_sigma_spends_target_epsilon(accountant, target):
+    plan = plan_privacy(100, 10, 5, target_epsilon=target, accountant=accountant)
+    assert plan.sample_rate == pytest.approx(0.1)
+    assert plan.steps == 50
+    ref = independent_epsilon(plan.sample_rate, plan.noise_multiplier, plan.steps, plan.delta,
+                              accountant)
+    assert ref <= target * 1.01
+    assert ref >= target * 0.97  # calibrated, not wastefully noisy
+
+
+def test_default_delta_and_rejection():
+    assert default_delta(100) == pytest.approx(100**-1.1)
+    check_delta(default_delta(100), 100)
+    with pytest.raises(ValueError, match="delta"):
+        check_delta(1 / 100, 100)
+    with pytest.raises(ValueError, match="delta"):
+        plan_privacy(100, 10, 1, target_epsilon=1.0, delta=0.02)
+
+
+def test_zero_noise_is_infinite_epsilon():
+    assert math.isinf(epsilon_for(0.0, 0.1, 10, 1e-5))

@@ -1,0 +1,243 @@
+"""Results store, tables and figures, on hand-made records with known numbers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from privseg.config import parse_config
+from privseg.record import write_record
+from privseg.results.store import load, load_wandb
+from privseg.results.tables import aggregate, render, summary_table
+
+CLASSES = ["grey_matter", "white_matter"]
+SITES = ["site-A", "site-B"]
+
+
+def dice_of(model: str, eps: float, seed: int, setting: str = "central",
+            width: float = 1.0) -> float:
+    base = {"unet": 0.80, "resunet-scalenorm": 0.75}[model]
+    drop = 0.0 if math.isinf(eps) else 0.4 / eps
+    return base - drop + 0.01 * seed - (0.05 if setting == "federated" else 0.0) + 0.02 * width
+
+
+@functools.cache
+def _config(model: str, width: float | None) -> dict:
+    return parse_config({
+        "dataset": {"name": "phantom", "options": {"n_subjects": 12, "size": 16}},
+        "model": {"name": model, "options": {} if width is None else {"width": width}},
+        "tracking": {"wandb": "off"},
+    }).model_dump(mode="json")
+
+
+def make_record(model: str, eps: float, seed: int, setting: str = "central",
+                width: float | None = None, sweep: str = "toy") -> dict:
+    private = math.isfinite(eps)
+    cfg = json.loads(json.dumps(_config(model, width)))
+    cfg["seed"] = seed
+    cfg["privacy"].update(enabled=private, target_epsilon=eps if private else 8.0)
+    cfg["tracking"]["group"] = sweep
+    cfg["setting"] = {"kind": setting}  # records of federated runs, as the engine writes them
+    d = dice_of(model, eps, seed, setting, width or 1.0)
+    per_class = {"grey_matter": d - 0.05, "white_matter": d + 0.05}
+    run_id = f"{model}-{eps}-{seed}-{setting}-{width}"
+    return {
+        "run_id": run_id, "name": run_id, "config": cfg, "setting": setting,
+        "dataset": {"name": "phantom", "class_names": ["background", *CLASSES]},
+        "test": {"dice": per_class, "mean_dice": d, "hd95": {c: 3.0 for c in CLASSES},
+                 "mean_hd95": 3.0 + seed, "n_subjects": 4,
+                 "per_site": {s: {"mean_dice": d - 0.02 * i, "n_subjects": 2}
+                              for i, s in enumerate(SITES)}},
+        "privacy": ({"enabled": True, "epsilon": eps - 0.001, "delta": 1e-3,
+                     "noise_multiplier": 1.0 / eps, "sample_rate": 0.5, "steps": 10,
+                     "accountant": "prv"} if private else
+                    {"enabled": False, "epsilon": math.inf}),
+        "timing": {"total_s": 10.0 + seed, "train_s": 5.0},
+    }
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    for model in ["unet", "resunet-scalenorm"]:
+        for eps in [math.inf, 8.0, 1.0]:
+            for seed in [0, 1, 2]:
+                rec = make_record(model, eps, seed)
+                write_record(tmp_path / rec["run_id"], rec)
+    # An unfinished run (no complete record) is not a result.
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "record.json").write_text(json.dumps({"status": "running"}))
+    return tmp_path
+
+
+def test_load_directory_columns_and_rows(store):
+    df = load(store)
+    assert len(df) == 18
+    for col in ["run_id", "sweep", "model", "width", "setting", "seed", "epsilon", "private",
+                "test.mean_dice", "test.dice.grey_matter", "test.dice.white_matter",
+                "test.mean_hd95", "test.hd95.grey_matter", "test.site.site-A.mean_dice",
+                "privacy.epsilon", "privacy.delta", "privacy.sigma", "timing.total_s",
+                "config.model.name", "config.training.epochs", "config.privacy.enabled"]:
+        assert col in df.columns, col
+    assert set(df["sweep"]) == {"toy"}
+    assert df["width"].eq(1.0).all()  # unet's registry default filled in
+    nonpriv = df[~df["private"]]
+    assert len(nonpriv) == 6 and nonpriv["epsilon"].map(math.isinf).all()
+    assert nonpriv["privacy.epsilon"].map(math.isinf).all()
+    assert df.loc[df["epsilon"] == 8.0, "privacy.epsilon"].eq(7.999).all()
+    assert load(store, run_ids=[df["run_id"][0]]).shape[0] == 1
+
+
+def test_table_numbers_equal_hand_computation(store):
+    df = load(store)
+    table = summary_table(df)
+    assert list(table.columns) == ["model", "non-private", "ε = 8", "ε = 1", "seeds"]
+    for model in ["unet", "resunet-scalenorm"]:
+        row = table[table["model"] == model].iloc[0]
+        for eps, col in [(math.inf, "non-private"), (8.0, "ε = 8"), (1.0, "ε = 1")]:
+            vals = [dice_of(model, eps, s) for s in (0, 1, 2)]
+            assert row[col] == f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+        assert row["seeds"] == 3
+    agg = aggregate(df, ["test.mean_dice"])
+    r = agg[(agg["model"] == "unet") & (agg["epsilon"] == 1.0)].iloc[0]
+    vals = [dice_of("unet", 1.0, s) for s in (0, 1, 2)]
+    assert r["test.mean_dice.mean"] == pytest.approx(statistics.fmean(vals))
+    assert r["test.mean_dice.std"] == pytest.approx(statistics.stdev(vals))
+    assert r["test.mean_dice.n"] == 3
+
+
+def test_per_class_and_formats(store):
+    df = load(store)
+    pc = summary_table(df, per_class=True)
+    assert {"grey_matter", "white_matter", "mean", "ε"} <= set(pc.columns)
+    row = pc[(pc["model"] == "unet") & (pc["ε"] == "ε = 8")].iloc[0]
+    vals = [dice_of("unet", 8.0, s) - 0.05 for s in (0, 1, 2)]
+    assert row["grey_matter"] == f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+    md = render(df, "markdown")
+    assert md.splitlines()[0] == "| model | non-private | ε = 8 | ε = 1 | seeds |"
+    tex = render(df, "latex", caption="toy")
+    assert r"\toprule" in tex and r"$\varepsilon$ = 8" in tex and r"$\pm$" in tex
+    csv = pd.read_csv(pd.io.common.StringIO(render(df, "csv", per_class=True)))
+    assert {"model", "epsilon", "test.mean_dice.mean", "test.dice.grey_matter.std"} <= set(
+        csv.columns)
+
+
+def test_figures_have_labelled_axes_and_files(store, tmp_path):
+    from privseg.results.figures import dice_vs_epsilon, dice_vs_width, make_figures
+
+    df = load(store)
+    fig = dice_vs_epsilon(df)
+    ax = fig.axes[0]
+    assert "ε" in ax.get_xlabel() and "Dice" in ax.get_ylabel() and ax.get_title()
+    assert any("non-private" in t.get_text() for t in ax.get_xticklabels())
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"unet", "resunet-scalenorm"}
+    assert dice_vs_width(df) is None  # one width only
+    out = tmp_path / "figs"
+    paths = make_figures(df, out, prefix="toy_")
+    names = {p.name for p in paths}
+    assert {"toy_dice_vs_epsilon.png", "toy_dice_vs_epsilon.pdf",
+            "toy_per_site_dice.png"} <= names
+    assert "toy_central_vs_federated.png" not in names  # central only
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_width_and_federated_figures(tmp_path):
+    from privseg.results.figures import central_vs_federated, dice_vs_width
+
+    for width in [0.5, 1.0, 2.0]:
+        for eps in [math.inf, 8.0]:
+            for seed in [0, 1]:
+                rec = make_record("unet", eps, seed, width=width)
+                write_record(tmp_path / rec["run_id"], rec)
+    for eps in [math.inf, 8.0]:
+        rec = make_record("unet", eps, 0, setting="federated")
+        write_record(tmp_path / rec["run_id"], rec)
+    df = load(tmp_path)
+    fig = dice_vs_width(df[df["setting"] == "central"])
+    ax = fig.axes[0]
+    assert "width" in ax.get_xlabel() and "Dice" in ax.get_ylabel()
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"non-private", "ε = 8"}
+    fed = central_vs_federated(df)
+    assert {t.get_text() for t in fed.axes[-1].get_legend().get_texts()} == {"central",
+                                                                              "federated"}
+    assert [t.get_text() for t in fed.axes[0].get_xticklabels()] == ["non-private", "ε = 8"]
+    assert "width" in summary_table(df[df["setting"] == "central"]).columns
+
+
+def test_reference_round_trip_and_comparison(store, tmp_path):
+    from privseg.results.reference import (
+        compare,
+        per_run_agreement,
+        read_reference,
+        write_reference,
+    )
+
+    df = load(store)
+    path = write_reference(df, tmp_path / "ref.csv", command="privseg test", sweep_file=None)
+    ref, meta = read_reference(path)
+    assert meta["command"] == "privseg test" and "date" in meta and "cpu" in meta["machine"]
+    assert len(ref) == 18
+    cmp = compare(ref, df)
+    assert set(cmp["Δ mean"]) == {"+0.0000"}
+    same, n, worst = per_run_agreement(ref, df)
+    assert (same, n) == (18, 18) and worst == 0.0
+
+
+def test_committed_reference_is_from_a_real_run():
+    from privseg.results.reference import read_reference, reference_dir, table_entry
+
+    entry = table_entry("table1", quick=True)
+    ref, meta = read_reference(reference_dir() / entry["reference"])
+    assert meta["command"].startswith("privseg reproduce table1 --quick")
+    assert {"date", "machine", "sweep"} <= set(meta)
+    assert set(ref["epsilon"]) == {math.inf, 8.0, 3.0, 1.0}
+    assert ref.groupby(["model", "epsilon"])["seed"].nunique().eq(3).all()
+
+
+def test_load_from_wandb_api_object():
+    rec = make_record("unet", 8.0, 1)
+    run = SimpleNamespace(
+        id="abc", name="r", state="finished", config=rec["config"],
+        summary={"test/mean_dice": 0.7, "test/dice/grey_matter": 0.6, "privacy/epsilon": 7.9,
+                 "privacy/enabled": True, "test/site/site-A/mean_dice": 0.65})
+    crashed = SimpleNamespace(id="x", name="x", state="crashed", config=rec["config"],
+                              summary={})
+    calls = {}
+
+    class Api:
+        def runs(self, path, filters=None):
+            calls["path"], calls["filters"] = path, filters
+            return [run, crashed]
+
+    df = load_wandb("ent/proj/toy", api=Api())
+    assert calls == {"path": "ent/proj", "filters": {"group": "toy"}}
+    assert len(df) == 1
+    r = df.iloc[0]
+    assert r["run_id"] == "abc" and r["test.mean_dice"] == 0.7 and r["epsilon"] == 8.0
+    assert r["test.dice.grey_matter"] == 0.6 and r["privacy.epsilon"] == 7.9
+    assert r["test.site.site-A.mean_dice"] == 0.65 and r["sweep"] == "toy"
+
+
+def test_table_and_plot_commands(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from privseg.cli import _register_commands, app
+
+    _register_commands()
+    runner = CliRunner()
+    res = runner.invoke(app, ["table", str(store)])
+    assert res.exit_code == 0, res.output
+    assert "| model | non-private | ε = 8 | ε = 1 | seeds |" in res.output
+    res = runner.invoke(app, ["table", str(store), "--format", "latex", "--per-class"])
+    assert res.exit_code == 0 and "grey\\_matter" in res.output
+    res = runner.invoke(app, ["plot", str(store), "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f" / f"{store.name}_dice_vs_epsilon.pdf").stat().st_size > 1000
+    res = runner.invoke(app, ["table", str(tmp_path / "nothing-here")])
+    assert res.exit_code != 0

@@ -1,0 +1,124 @@
+"""End-to-end runs on the phantom: learning, DP learning, determinism, records, W&B offline."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from privseg.architectures import build
+from privseg.config import parse_config
+from privseg.datasets import load_dataset
+from privseg.engine import run_training, seed_everything
+from privseg.evaluate import evaluate
+from privseg.record import read_record
+
+# Small enough for CPU CI, large enough that a U-Net must learn every FeTA class.
+PHANTOM = {"n_subjects": 40, "size": 32, "n_sites": 3}
+
+
+def config(tmp, **over):
+    data = {
+        "seed": 0,
+        "dataset": {"name": "phantom", "dims": 2, "options": dict(PHANTOM),
+                    "cache_dir": str(tmp / "cache")},
+        "model": {"name": "unet", "options": {"base_channels": 8, "depth": 3}},
+        "training": {"epochs": 12, "expected_batch_size": 8, "physical_batch_size": 8,
+                     "crops_per_subject": 4, "lr": 0.005, "eval_every": 0},
+        "privacy": {"enabled": False},
+        "tracking": {"wandb": "off"},
+        "output": {"dir": str(tmp / "runs")},
+    }
+    for section, values in over.items():
+        data[section].update(values)
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def nonprivate(tmp):
+    return run_training(config(tmp), progress=False)
+
+
+@pytest.fixture(scope="module")
+def untrained_dice(tmp):
+    cfg = config(tmp)
+    ss = load_dataset("phantom", PHANTOM, None, tmp / "cache")
+    seed_everything(0)
+    model = build("unet", 2, 1, ss.num_classes, base_channels=8, depth=3)
+    test_ids = set(run_training(cfg, progress=False)["splits"]["test"])
+    subjects = [s for s in ss.subjects if s.subject_id in test_ids]
+    return evaluate(model, subjects, 2, (1, 32, 32), ss.class_names, torch.device("cpu"),
+                    hd95=False)["mean_dice"]
+
+
+def test_nonprivate_run_learns_every_class(nonprivate):
+    test = nonprivate["test"]
+    assert test["mean_dice"] >= 0.7, test["dice"]
+    assert min(test["dice"].values()) > 0.3, test["dice"]
+    assert math.isfinite(test["mean_hd95"])
+    assert set(test["per_site"]) == {"site-A", "site-B", "site-C"}
+
+
+def test_record_is_complete_and_self_contained(nonprivate, tmp):
+    cfg = config(tmp)
+    on_disk = read_record(tmp / "runs" / cfg.run_id())
+    assert on_disk is not None and on_disk["run_id"] == cfg.run_id()
+    assert on_disk["config"] == json.loads(json.dumps(cfg.model_dump(mode="json")))
+    for key in ("torch", "opacus", "monai", "privseg", "device", "python"):
+        assert key in on_disk["environment"]
+    splits = on_disk["splits"]
+    assert not set(splits["train"]) & set(splits["test"])
+    assert len(splits["train"]) + len(splits["val"]) + len(splits["test"]) == 40
+    assert len(on_disk["history"]) == 12
+    assert on_disk["privacy"]["enabled"] is False and on_disk["privacy"]["unit"] == "subject"
+    timing = on_disk["timing"]
+    assert timing["subjects_per_s"] > 0 and timing["peak_memory_mb"] > 0
+    assert (tmp / "runs" / cfg.run_id() / "model.pt").exists()
+
+
+def test_same_config_and_seed_give_identical_metrics(nonprivate, tmp):
+    again = run_training(config(tmp), progress=False, force=True)
+    assert again["test"]["dice"] == nonprivate["test"]["dice"]
+    assert [h["train_loss"] for h in again["history"]] == [
+        h["train_loss"] for h in nonprivate["history"]]
+
+
+def test_finished_config_is_not_rerun(nonprivate, tmp, monkeypatch):
+    import privseg.engine as engine
+
+    monkeypatch.setattr(engine, "prepare_training", lambda *a, **k: pytest.fail("retrained"))
+    assert run_training(config(tmp), progress=False)["run_id"] == nonprivate["run_id"]
+
+
+def test_dp_run_learns_and_reports_subject_level_epsilon(tmp, untrained_dice, nonprivate):
+    cfg = config(tmp, privacy={"enabled": True, "target_epsilon": 8.0},
+                 training={"expected_batch_size": 8})
+    rec = run_training(cfg, progress=False)
+    p = rec["privacy"]
+    assert p["unit"] == "subject" and p["enabled"] is True
+    assert p["epsilon"] <= 8.0 and p["epsilon"] == pytest.approx(8.0, rel=0.02)
+    n_train = len(rec["splits"]["train"])
+    assert p["n_subjects"] == n_train
+    assert p["sample_rate"] == pytest.approx(8 / n_train)
+    assert p["steps"] == rec["timing"]["steps"] == int(n_train / 8) * 12
+    assert p["delta"] == pytest.approx(n_train**-1.1)
+    assert rec["test"]["mean_dice"] > untrained_dice + 0.2
+    assert rec["test"]["mean_dice"] < nonprivate["test"]["mean_dice"]  # DP costs Dice
+
+
+def test_wandb_offline_run_gets_scalars_never_images(tmp_path):
+    cfg = config(tmp_path, tracking={"wandb": "offline"},
+                 training={"epochs": 1, "eval_every": 1})
+    rec = run_training(cfg, progress=False)
+    run_dirs = list((tmp_path / "runs" / rec["run_id"]).rglob("offline-run-*"))
+    assert run_dirs, "no offline W&B run was written"
+    files = [p for p in run_dirs[0].rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    assert not any(p.suffix in {".png", ".jpg", ".jpeg"} for p in files)
+    summary = run_dirs[0].parent.parent  # the run dir holds W&B files beside the record
+    assert (summary / "record.json").exists()
