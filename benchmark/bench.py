@@ -4,16 +4,24 @@ In one process, the modes take turns step by step (non-private, hooks, functorch
 then again), so that machine noise (clock boost, other processes) hits all of them alike; the
 median step time of each mode and its ratio to the non-private step are reported. Steps are
 the engine's own ``train_step`` on a fixed synthetic batch of subjects (k = 1), so what is
-measured is what training runs. Peak memory is measured per mode in a separate pass:
-``torch.cuda.max_memory_allocated`` on CUDA, the process' resident-set growth on CPU (sampled,
-so approximate).
+measured is what training runs. A mode may name the conv grad sampler (``privacy.
+conv_grad_sampler``, see :mod:`privseg.grad_samplers`): ``hooks+opacus`` is hooks with Opacus'
+own conv sampler, ``ghost+grouped`` ghost clipping with the grouped sampler and mixed ghost
+norm; a bare ``hooks``/``ghost`` uses the config default. Peak memory is measured per mode in a
+separate pass, as the growth during one step over what was allocated before it:
+``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process' peak resident set (Linux
+``VmHWM``, reset through ``/proc/self/clear_refs`` after returning freed heap to the system with
+``malloc_trim``), else the resident set sampled every 2 ms (approximate).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import json
 import platform
+import re
 import statistics
 import threading
 import time
@@ -25,9 +33,19 @@ import torch
 from privseg.architectures import build, get_entry
 from privseg.config import RunConfig, parse_config
 from privseg.engine import prepare_training, resolve_device, seed_everything, train_step
+from privseg.grad_samplers import CONV_SAMPLERS
 from privseg.record import atomic_write_text, environment
 
-ALL_MODES = ("nonprivate", "hooks", "functorch", "ew", "ghost")
+BASE_MODES = ("nonprivate", "hooks", "functorch", "ew", "ghost")
+#: modes whose conv layers go through Opacus' registries, so the conv sampler matters
+SAMPLER_MODES = ("hooks", "ghost")
+ALL_MODES = BASE_MODES + tuple(f"{m}+{s}" for m in SAMPLER_MODES for s in CONV_SAMPLERS)
+
+
+def split_mode(mode: str) -> tuple[str, str | None]:
+    """``"hooks+opacus"`` -> ``("hooks", "opacus")``; ``"ghost"`` -> ``("ghost", None)``."""
+    base, _, sampler = mode.partition("+")
+    return base, sampler or None
 
 
 @dataclass
@@ -53,12 +71,16 @@ class _FixedBatch(torch.utils.data.Dataset):
 
 
 def _config(mode: str, batch: int, device: str, amp: bool) -> RunConfig:
-    dp = mode != "nonprivate"
+    base, sampler = split_mode(mode)
+    dp = base != "nonprivate"
+    privacy = {"enabled": dp, "target_epsilon": None, "noise_multiplier": 1.0,
+               "grad_sample_mode": base if dp else "hooks", "delta": 1e-5}
+    if sampler:
+        privacy["conv_grad_sampler"] = sampler
     return parse_config({
         "training": {"expected_batch_size": batch, "physical_batch_size": batch,
                      "device": device, "amp": amp, "crops_per_subject": 1},
-        "privacy": {"enabled": dp, "target_epsilon": None, "noise_multiplier": 1.0,
-                    "grad_sample_mode": mode if dp else "hooks", "delta": 1e-5},
+        "privacy": privacy,
         "tracking": {"wandb": "off"},
     })
 
@@ -66,6 +88,37 @@ def _config(mode: str, batch: int, device: str, amp: bool) -> RunConfig:
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise KeyError(field)
+
+
+def _reset_cpu_peak() -> bool:
+    """Return freed heap to the OS and reset the peak-RSS mark; False where unsupported."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_mb("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _peak_memory(run, device: torch.device) -> float:
@@ -77,6 +130,10 @@ def _peak_memory(run, device: torch.device) -> float:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if _reset_cpu_peak():
+        base = _rss_mb()
+        run()
+        return max(0.0, _status_mb("VmHWM") - base)
     base, peak, stop = _rss_mb(), [0.0], threading.Event()
 
     def sample():
@@ -107,8 +164,11 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
     x, y = data.x, data.y
     runners, skipped = [], {}
     for mode in modes:
-        if mode != "nonprivate" and mode not in entry.dp_modes:
+        if mode != "nonprivate" and split_mode(mode)[0] not in entry.dp_modes:
             skipped[mode] = f"{model} does not claim this mode"
+            continue
+        if split_mode(mode)[1] and split_mode(mode)[0] not in SAMPLER_MODES:
+            skipped[mode] = "the conv sampler only applies to hooks and ghost"
             continue
         cfg = _config(mode, batch, dev.type, amp)
         m = copy.deepcopy(base_model).to(dev)
@@ -147,32 +207,41 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
             res["memory_ratio"] = (res["peak_memory_mb"] / ref["peak_memory_mb"]
                                    if ref["peak_memory_mb"] > 0 else None)
     env = environment(str(dev))
-    env["cpu"] = platform.processor() or platform.machine()
+    env["cpu"] = cpu_name()
+    env["torch_threads"] = torch.get_num_threads()
+    samplers = {r.mode: r.cfg.privacy.conv_grad_sampler for r in runners
+                if split_mode(r.mode)[0] in SAMPLER_MODES}
     return {"model": model, "dims": dims, "input_shape": [batch, 1, *shape], "batch": batch,
             "amp": amp, "steps": steps, "warmup": warmup, "results": results,
-            "skipped": skipped, "environment": env}
+            "conv_grad_sampler": samplers, "skipped": skipped, "environment": env}
 
 
 def format_bench(report: dict) -> str:
     """A plain-text table of a bench report."""
+    env = report["environment"]
     lines = [f"{report['model']} {report['dims']}D input {report['input_shape']} on "
-             f"{report['environment'].get('gpu') or report['environment']['device']}",
-             f"{'mode':12s} {'step ms':>9s} {'subj/s':>8s} {'mem MiB':>9s} {'t ratio':>8s} "
+             f"{env.get('gpu') or env['device']}"
+             + (f" ({env['cpu']})" if not env.get("gpu") and env.get("cpu") else ""),
+             f"{'mode':14s} {'step ms':>9s} {'subj/s':>8s} {'mem MiB':>9s} {'t ratio':>8s} "
              f"{'mem ratio':>9s}"]
     for mode, r in report["results"].items():
         mem_ratio = r.get("memory_ratio")
-        lines.append(f"{mode:12s} {r['median_step_s'] * 1e3:9.1f} {r['subjects_per_s']:8.1f} "
+        lines.append(f"{mode:14s} {r['median_step_s'] * 1e3:9.1f} {r['subjects_per_s']:8.1f} "
                      f"{r['peak_memory_mb']:9.1f} {r.get('time_ratio', float('nan')):8.2f} "
                      f"{mem_ratio if mem_ratio is not None else float('nan'):9.2f}")
     for mode, why in report["skipped"].items():
-        lines.append(f"{mode:12s} skipped: {why}")
+        lines.append(f"{mode:14s} skipped: {why}")
     return "\n".join(lines)
 
 
 def write_bench(report: dict, out_dir: str | Path) -> Path:
     """Write the report as JSON under ``out_dir`` (atomically); return the path."""
     env = report["environment"]
-    device = (env.get("gpu") or env["device"]).replace(" ", "-")
+    device = env.get("gpu") or env["device"]
+    if not env.get("gpu") and env.get("cpu"):
+        device = f"{device}-{env['cpu']}"
+    device = re.sub(r"[^A-Za-z0-9.]+", "-", device.replace("(R)", "").replace("(TM)", ""))
+    device = device.strip("-")
     name = f"bench-{report['model']}-{report['dims']}d-{device}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(out_dir) / f"{name}.json"
     atomic_write_text(path, json.dumps(report, indent=2))

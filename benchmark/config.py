@@ -92,6 +92,12 @@ class PrivacyConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: GradSampleMode = "hooks"
+    conv_grad_sampler: Literal["opacus", "grouped"] = Field(
+        "grouped", exclude=True,
+        description="per-sample conv gradients (hooks) and norms (ghost): Opacus' unfold "
+        "sampler, or privseg.grad_samplers' grouped-conv sampler + mixed ghost norm; exact "
+        "either way, so excluded from dumps and the run id",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:

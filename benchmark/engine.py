@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from opacus.accountants import IAccountant, create_accountant
 from opacus.data_loader import DPDataLoader
-from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
@@ -39,6 +38,7 @@ from privseg.data import SubjectCrops, crop_size
 from privseg.datasets import SubjectSet, load_dataset
 from privseg.datasets.split import split_subjects
 from privseg.evaluate import evaluate
+from privseg.grad_samplers import prepare_module
 from privseg.losses import PerSampleDiceCE, per_subject
 from privseg.privacy import PrivacyPlan, epsilon_of_history, plan_privacy
 from privseg.record import environment, read_record, run_dir, write_record
@@ -144,7 +144,7 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
                           **loader_kw)
     gsm_kw = {"max_grad_norm": p.max_grad_norm} if p.grad_sample_mode == "ghost" else {}
     model = prepare_module(model, grad_sample_mode=p.grad_sample_mode, batch_first=True,
-                           loss_reduction="mean", **gsm_kw)
+                           loss_reduction="mean", conv_sampler=p.conv_grad_sampler, **gsm_kw)
     if p.grad_sample_mode in ("hooks", "functorch"):
         model.forbid_grad_accumulation()
     optim_cls = get_optimizer_class(clipping="flat", distributed=False,
@@ -266,14 +266,31 @@ def run_training(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         if cfg.output.save_checkpoint:
             _save_checkpoint(unwrap(state.model), out / "model.pt")
             record["checkpoint"] = "model.pt"
-        tracker.summary({"test/mean_dice": record["test"].get("mean_dice"),
-                         "privacy/epsilon": record["privacy"].get("epsilon")})
+        tracker.summary(summary_scalars(record))
         tracker.finish(0)
     except BaseException:
         tracker.finish(1)
         raise
     write_record(out, record)
     return record
+
+
+def summary_scalars(record: dict) -> dict[str, float]:
+    """The record's final scalars, flattened for W&B's run summary (``test/dice/<class>``...)."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(node, int | float) and not isinstance(node, bool):
+            out[prefix] = node
+
+    test = {k: v for k, v in record["test"].items() if k != "per_subject"}
+    walk("test", test)
+    walk("privacy", {k: v for k, v in record["privacy"].items() if k != "accountant_history"})
+    walk("timing", record["timing"])
+    return out
 
 
 def _save_checkpoint(model: nn.Module, path: Path) -> None:
@@ -310,10 +327,12 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     with bar:
         steps_task = bar.add_task("steps", total=steps_per_epoch * t.epochs, info="")
         for epoch in range(1, t.epochs + 1):
-            losses = []
+            losses, data_time = [], 0.0
             epoch_start = time.perf_counter()
+            fetch_start = epoch_start
             for x, y in state.loader:
                 s0 = time.perf_counter()
+                data_time += s0 - fetch_start
                 loss = train_step(state, x, y, cfg, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -324,12 +343,15 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                     losses.append(loss)
                 bar.update(steps_task, advance=1,
                            info=f"epoch {epoch}/{t.epochs} loss {loss:.3f}")
+                fetch_start = time.perf_counter()
             train_time += time.perf_counter() - epoch_start
             row = {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else None,
-                   "epoch_time_s": time.perf_counter() - epoch_start}
-            if state.accountant is not None:
-                row["epsilon"] = _spent(state)
-            if val and t.eval_every and (epoch % t.eval_every == 0 or epoch == t.epochs):
+                   "epoch_time_s": time.perf_counter() - epoch_start,
+                   "data_time_s": data_time}
+            checkpoint_epoch = epoch == t.epochs or (t.eval_every and epoch % t.eval_every == 0)
+            if state.accountant is not None and checkpoint_epoch:
+                row["epsilon"] = _spent(state)  # PRV queries cost ~0.3 s: not every epoch
+            if val and checkpoint_epoch:
                 m = evaluate(state.model, val, cfg.dataset.dims, roi, subject_set.class_names,
                              device, subject_set.eval_regions, hd95=False, amp=amp)
                 row["val_mean_dice"] = m["mean_dice"]

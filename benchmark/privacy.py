@@ -8,6 +8,7 @@ over all steps (Opacus ``get_noise_multiplier``); accounting reports the ε actu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 from opacus.accountants import create_accountant
@@ -17,18 +18,57 @@ from opacus.accountants.utils import get_noise_multiplier
 # that comes out *below* Google's dp_accounting at those orders (seen: α=2.2, q=0.19, σ=1.27,
 # 150 steps gives ε 0.7% lower). Integer orders have a closed form both libraries agree on, so
 # the RDP accountant is queried at integer orders only: never optimistic, at worst a little
-# conservative. PRV is queried with a tight error bound and returns Opacus' upper bound.
+# conservative. PRV is queried with an error bound of 0.2% of ε (its cost grows steeply as
+# the bound shrinks) and returns Opacus' upper bound.
 RDP_ORDERS = [float(a) for a in range(2, 128)] + [128.0, 256.0, 512.0]
-PRV_EPS_ERROR = 1e-3
+PRV_RELATIVE_ERROR = 2e-3
+PRV_MIN_EPS_ERROR = 1e-3
 
 
-def accountant_kwargs(accountant: str) -> dict:
-    """Arguments to Opacus' ``get_epsilon`` that make each accountant's answer a sound bound."""
+def accountant_kwargs(accountant: str, epsilon_scale: float = 1.0) -> dict:
+    """Arguments to Opacus' ``get_epsilon`` that make each accountant's answer a sound bound.
+
+    ``epsilon_scale`` is the expected size of ε; PRV's absolute error bound is set relative
+    to it.
+    """
     if accountant == "rdp":
         return {"alphas": RDP_ORDERS}
     if accountant == "prv":
-        return {"eps_error": PRV_EPS_ERROR}
+        return {"eps_error": max(PRV_MIN_EPS_ERROR, PRV_RELATIVE_ERROR * epsilon_scale)}
     raise ValueError(f"unknown accountant {accountant!r}; allowed: prv, rdp")
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "prv", tolerance: float = 0.005) -> float:
+    """Smallest σ (to ``tolerance``·ε) whose ε after ``steps`` is at most ``target_epsilon``.
+
+    RDP (fast) gives an upper bracket; for PRV a bisection below it follows, each probe an
+    Opacus PRV accountant query (Opacus' ``get_noise_multiplier`` starts from [0, 10] and
+    costs many more PRV queries, each of which can take seconds).
+    """
+    hi = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                              sample_rate=sample_rate, steps=steps, accountant="rdp",
+                              epsilon_tolerance=tolerance * target_epsilon, alphas=RDP_ORDERS)
+    if accountant == "rdp":
+        return float(hi)
+    kwargs = accountant_kwargs(accountant, target_epsilon)
+    lo = hi / 2
+    while True:  # make sure lo is below the answer
+        if epsilon_of_history([(lo, sample_rate, steps)], delta, accountant, **kwargs) > (
+            target_epsilon
+        ):
+            break
+        hi, lo = lo, lo / 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        eps = epsilon_of_history([(mid, sample_rate, steps)], delta, accountant, **kwargs)
+        if eps <= target_epsilon:
+            hi = mid
+            if target_epsilon - eps <= tolerance * target_epsilon:
+                break
+        else:
+            lo = mid
+    return float(hi)
 
 
 @dataclass
@@ -97,10 +137,7 @@ def plan_privacy(
     if noise_multiplier is None:
         if target_epsilon is None:
             raise ValueError("give a target epsilon or a noise multiplier")
-        noise_multiplier = get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
-            accountant=accountant, epsilon_tolerance=0.005, **accountant_kwargs(accountant),
-        )
+        noise_multiplier = calibrate_noise(target_epsilon, delta, q, steps, accountant)
     return PrivacyPlan(n_subjects, expected_batch_size, q, spe, epochs, steps, delta,
                        float(noise_multiplier), target_epsilon, accountant, max_grad_norm)
 
@@ -116,12 +153,23 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 
 def epsilon_of_history(history: list[tuple[float, float, int]], delta: float,
-                       accountant: str = "prv") -> float:
-    """ε of an Opacus accountant history ``[(σ, q, steps), ...]`` at ``delta``."""
+                       accountant: str = "prv", **kwargs) -> float:
+    """ε of an Opacus accountant history ``[(σ, q, steps), ...]`` at ``delta``.
+
+    For PRV, a quick RDP bound first sizes the error bound (0.2% of ε) unless ``kwargs``
+    give one.
+    """
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
     acc = create_accountant(accountant)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
+    if not kwargs:
+        scale = 1.0
+        if accountant == "prv":
+            scale = epsilon_of_history(history, delta, "rdp")
+        kwargs = accountant_kwargs(accountant, scale)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(acc.get_epsilon(delta=delta, **kwargs))

@@ -86,6 +86,7 @@ def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     ax.set_xticklabels(["non-private\n(ε = ∞)" if math.isinf(e) else f"{e:g}" for e, _ in ticks])
     ax.set_xlabel("privacy budget ε per subject (log scale; smaller = more private)")
     ax.set_ylabel(DICE_LABEL)
+    ax.set_ylim(bottom=0)
     ax.set_title(f"Segmentation quality vs privacy budget{_title_suffix(df)}")
     ax.grid(True, alpha=0.3)
     ax.legend(title="architecture", fontsize="small")
@@ -115,6 +116,7 @@ def dice_vs_width(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     ax.set_xticklabels([f"{w:g}×" for w in widths])
     ax.set_xlabel("model width (channel multiplier, log scale)")
     ax.set_ylabel(DICE_LABEL)
+    ax.set_ylim(bottom=0)
     fam = families[0] if len(families) == 1 else "models"
     ax.set_title(f"Width scaling of {fam}{_title_suffix(df)}")
     ax.grid(True, alpha=0.3)

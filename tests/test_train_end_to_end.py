@@ -15,6 +15,7 @@ from privseg.record import read_record
 
 # Small enough for CPU CI, large enough that a U-Net must learn every FeTA class.
 PHANTOM = {"n_subjects": 40, "size": 32, "n_sites": 3}
+UNET = {"base_channels": 16, "depth": 3}
 
 
 def config(tmp, **over):
@@ -22,9 +23,9 @@ def config(tmp, **over):
         "seed": 0,
         "dataset": {"name": "phantom", "dims": 2, "options": dict(PHANTOM),
                     "cache_dir": str(tmp / "cache")},
-        "model": {"name": "unet", "options": {"base_channels": 8, "depth": 3}},
-        "training": {"epochs": 12, "expected_batch_size": 8, "physical_batch_size": 8,
-                     "crops_per_subject": 4, "lr": 0.005, "eval_every": 0},
+        "model": {"name": "unet", "options": dict(UNET)},
+        "training": {"epochs": 60, "expected_batch_size": 4, "physical_batch_size": 4,
+                     "crops_per_subject": 4, "lr": 0.003, "eval_every": 0},
         "privacy": {"enabled": False},
         "tracking": {"wandb": "off"},
         "output": {"dir": str(tmp / "runs")},
@@ -49,7 +50,7 @@ def untrained_dice(tmp):
     cfg = config(tmp)
     ss = load_dataset("phantom", PHANTOM, None, tmp / "cache")
     seed_everything(0)
-    model = build("unet", 2, 1, ss.num_classes, base_channels=8, depth=3)
+    model = build("unet", 2, 1, ss.num_classes, **UNET)
     test_ids = set(run_training(cfg, progress=False)["splits"]["test"])
     subjects = [s for s in ss.subjects if s.subject_id in test_ids]
     return evaluate(model, subjects, 2, (1, 32, 32), ss.class_names, torch.device("cpu"),
@@ -74,7 +75,7 @@ def test_record_is_complete_and_self_contained(nonprivate, tmp):
     splits = on_disk["splits"]
     assert not set(splits["train"]) & set(splits["test"])
     assert len(splits["train"]) + len(splits["val"]) + len(splits["test"]) == 40
-    assert len(on_disk["history"]) == 12
+    assert len(on_disk["history"]) == 60
     assert on_disk["privacy"]["enabled"] is False and on_disk["privacy"]["unit"] == "subject"
     timing = on_disk["timing"]
     assert timing["subjects_per_s"] > 0 and timing["peak_memory_mb"] > 0
@@ -96,16 +97,15 @@ def test_finished_config_is_not_rerun(nonprivate, tmp, monkeypatch):
 
 
 def test_dp_run_learns_and_reports_subject_level_epsilon(tmp, untrained_dice, nonprivate):
-    cfg = config(tmp, privacy={"enabled": True, "target_epsilon": 8.0},
-                 training={"expected_batch_size": 8})
+    cfg = config(tmp, privacy={"enabled": True, "target_epsilon": 8.0})
     rec = run_training(cfg, progress=False)
     p = rec["privacy"]
     assert p["unit"] == "subject" and p["enabled"] is True
     assert p["epsilon"] <= 8.0 and p["epsilon"] == pytest.approx(8.0, rel=0.02)
     n_train = len(rec["splits"]["train"])
     assert p["n_subjects"] == n_train
-    assert p["sample_rate"] == pytest.approx(8 / n_train)
-    assert p["steps"] == rec["timing"]["steps"] == int(n_train / 8) * 12
+    assert p["sample_rate"] == pytest.approx(4 / n_train)
+    assert p["steps"] == rec["timing"]["steps"] == int(n_train / 4) * 60
     assert p["delta"] == pytest.approx(n_train**-1.1)
     assert rec["test"]["mean_dice"] > untrained_dice + 0.2
     assert rec["test"]["mean_dice"] < nonprivate["test"]["mean_dice"]  # DP costs Dice

@@ -1,0 +1,259 @@
+"""Faster per-sample gradients (and gradient norms) for convolutions, plugged into Opacus.
+
+Opacus' own conv grad sampler (``opacus.grad_sample.conv``) unfolds the layer input into
+``[B, C_in·k^d, T]`` (k^d times the input: Opacus issue #145) and contracts it with the output
+gradient; in ghost (fast-clipping) mode it has no norm sampler for convolutions, so every conv
+layer instantiates that per-sample gradient to take its norm.
+
+Here, two replacements, registered through Opacus' extension points
+(``register_grad_sampler`` / ``register_norm_sampler``):
+
+* :func:`grouped_conv_grad_sample` -- per-sample weight gradients as the *weight gradient of a
+  grouped convolution* whose groups are the samples (the "groups = B" trick; Rochette et al.
+  2019, "Efficient per-example gradient computations in convolutional neural networks"): the
+  batch is folded into channels, ``[1, B·C_in, *S]``, and the backend's own conv weight-grad
+  kernel (``aten.convolution_backward``, the one non-private training runs) with
+  ``groups = B·groups`` returns ``[B·C_out, C_in/groups, *k]``, i.e. every sample's gradient,
+  with stride, padding (any ``padding_mode``, ``'same'``), dilation and groups handled by the
+  kernel. No unfold; the cost is that of the non-private weight gradient. Bias: the output
+  gradient summed over positions.
+* :func:`mixed_conv_norm_sample` -- per-sample gradient *norms* for ghost clipping, choosing per
+  layer (Bu et al. 2022, "Scalable and efficient training of large convolutional neural networks
+  with differential privacy": mixed ghost clipping) between the ghost norm
+  ``‖∇W_i‖² = Σ_{t,t'} (a_t·a_t')(g_t·g_t')`` (Gram matrices over the T output positions: cost
+  ~ B·T²·(C_in·k^d + C_out), good where T is small, e.g. at a U-Net bottleneck) and
+  instantiation (the grouped per-sample gradient, normed and freed at once: cost ~
+  B·T·C_in·k^d·C_out), whichever costs fewer multiply-adds (:func:`use_ghost_norm`).
+
+Where Opacus looks them up: ``GradSampleHooks.capture_backprops_hook`` reads
+``self.GRAD_SAMPLERS[type(module)]`` (and the fast-clipping hooks ``self.NORM_SAMPLERS``) at
+*backward* time, while ``add_hooks`` reads the same dict at wrap time only to decide which
+layers functorch handles. The registries are class attributes shared by every wrapped model in
+the process, so a context manager around wrapping alone would not select anything: the backward
+pass would use whatever the registry holds by then. Hence :func:`prepare_module` installs the
+chosen samplers in Opacus' registries (:func:`conv_samplers`, which restores them on exit),
+wraps the model, and *pins* a copy of the registries on the wrapped instance (an instance
+attribute shadows the class one in ``self.GRAD_SAMPLERS``), so that each wrapped model keeps its
+own choice (``"opacus"``: Opacus' original samplers, no conv norm sampler) whatever else the
+process installs. Modes that bypass the registries (``functorch``, ``ew``) are unaffected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import (
+    GradSampleHooks,
+    GradSampleHooksFastGradientClipping,
+    register_grad_sampler,
+    register_norm_sampler,
+)
+from opacus.grad_sample import prepare_module as opacus_prepare_module
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from torch import nn
+
+ConvSampler = Literal["opacus", "grouped"]
+CONV_SAMPLERS: tuple[str, ...] = ("opacus", "grouped")
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+# --- per-sample gradients ------------------------------------------------------------------
+
+
+def _padded_input(layer: _ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input and the padding to give the kernel: string or non-zero padding is applied here.
+
+    ``padding='same'`` may be asymmetric and ``padding_mode`` other than zeros pads with
+    reflection etc.; the layer's forward pads its input with ``_reversed_padding_repeated_twice``
+    then, and so does this (Opacus' sampler zero-pads, which is wrong for those layers).
+    """
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return x, tuple(layer.padding)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+
+
+def per_sample_conv_weight_grad(layer: _ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B, *weight.shape]``: each sample's weight gradient, by one grouped weight-grad call.
+
+    ``x`` is the layer input ``[B, C_in, *S]``, ``g`` the output gradient ``[B, C_out, *T]``.
+    """
+    b = x.shape[0]
+    x, padding = _padded_input(layer, x.to(g.dtype))
+    groups = b * layer.groups
+    weight_shape = (b * layer.out_channels, *layer.weight.shape[1:])
+    # Only the weight's shape (and dtype/device) matters for the weight gradient.
+    weight = g.new_empty(1).expand(weight_shape)
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, b * layer.out_channels, *g.shape[2:]),
+        x.reshape(1, b * layer.in_channels, *x.shape[2:]),
+        weight, None, list(layer.stride), list(padding), list(layer.dilation), False,
+        [0] * (x.dim() - 2), groups, [False, True, False])
+    return grad_w.view(b, *layer.weight.shape)
+
+
+def _supported(layer: nn.Module) -> bool:
+    return type(layer) in CONV_TYPES
+
+
+def grouped_conv_grad_sample(layer: _ConvNd, activations: Sequence[torch.Tensor],
+                             backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus grad sampler: per-sample conv gradients without unfolding the input."""
+    x = activations[0]
+    if x.shape[0] == 0 or not _supported(layer):  # empty batch, subclasses: Opacus' own
+        return compute_conv_grad_sample(layer, activations, backprops)
+    out = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = per_sample_conv_weight_grad(layer, x, backprops)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.flatten(2).sum(2)
+    return out
+
+
+# --- per-sample gradient norms (ghost clipping) ----------------------------------------------
+
+
+def _positions(g: torch.Tensor) -> int:
+    """T, the number of output positions of output gradient ``g``."""
+    return math.prod(g.shape[2:])
+
+
+def use_ghost_norm(layer: _ConvNd, positions: int) -> bool:
+    """Whether the ghost norm costs fewer multiply-adds per sample than instantiation.
+
+    Ghost: two T×T Gram matrices, ``T²·(C_in/groups·k^d + C_out)``; instantiation: the
+    per-sample weight gradient, ``T·C_in/groups·k^d·C_out`` (+ its norm). Only for
+    ``groups == 1`` (grouped layers instantiate).
+    """
+    if layer.groups != 1:
+        return False
+    p = layer.weight[0].numel()  # C_in · k^d
+    return positions * (p + layer.out_channels) < p * layer.out_channels
+
+
+def _unfold(layer: _ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, C_in·k^d]``: the input patch under the kernel at each output position."""
+    x, padding = _padded_input(layer, x)
+    x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
+    for i, (k, s, d) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation,
+                                      strict=True)):
+        # dim 2+i becomes the positions along that axis; the kernel window is appended last
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    nd = len(layer.kernel_size)
+    b, c = x.shape[:2]
+    positions = x.shape[2:2 + nd]
+    # [B, C, *T, *k] -> [B, *T, C, *k] -> [B, T, C·k^d]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(perm).reshape(b, math.prod(positions), -1)
+
+
+def ghost_conv_weight_norm(layer: _ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B]``: per-sample weight-gradient norms from Gram matrices over output positions."""
+    a = _unfold(layer, x.to(g.dtype))  # [B, T, P]
+    gt = g.flatten(2).transpose(1, 2)  # [B, T, C_out]
+    aat = torch.bmm(a, a.transpose(1, 2))
+    ggt = torch.bmm(gt, gt.transpose(1, 2))
+    return (aat * ggt).sum((1, 2)).clamp(min=0).sqrt()
+
+
+def mixed_conv_norm_sample(layer: _ConvNd, activations: Sequence[torch.Tensor],
+                           backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus norm sampler: per-sample gradient norms, ghost or instantiated per layer."""
+    x = activations[0]
+    params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+    if x.shape[0] == 0:  # as Opacus' create_norm_sample: an empty norm per parameter
+        return {p: backprops.new_zeros(0) for p in params}
+    if not _supported(layer):
+        grads = compute_conv_grad_sample(layer, activations, backprops)
+        return {p: gs.reshape(len(gs), -1).norm(2, dim=-1) for p, gs in grads.items()}
+    out = {}
+    if layer.weight.requires_grad:
+        if use_ghost_norm(layer, _positions(backprops)):
+            out[layer.weight] = ghost_conv_weight_norm(layer, x, backprops)
+        else:
+            gs = per_sample_conv_weight_grad(layer, x, backprops)
+            out[layer.weight] = gs.flatten(1).norm(2, dim=1)
+            del gs
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.flatten(2).sum(2).norm(2, dim=1)
+    return out
+
+
+# --- selection: scoped registration, pinned per wrapped model -------------------------------
+
+
+def _registries() -> list[dict]:
+    regs = [GradSampleHooks.GRAD_SAMPLERS, GradSampleHooksFastGradientClipping.GRAD_SAMPLERS,
+            GradSampleHooksFastGradientClipping.NORM_SAMPLERS]
+    unique = []
+    for r in regs:
+        if not any(r is u for u in unique):
+            unique.append(r)
+    return unique
+
+
+_MISSING = object()
+
+
+@contextmanager
+def conv_samplers(kind: ConvSampler) -> Iterator[None]:
+    """Within the block, Opacus' registries hold the ``kind`` conv samplers; restored on exit.
+
+    ``"grouped"``: :func:`grouped_conv_grad_sample` and :func:`mixed_conv_norm_sample`;
+    ``"opacus"``: Opacus' original ``compute_conv_grad_sample`` and no conv norm sampler.
+    Covers wrapping *and* backward passes run inside the block; to keep the choice beyond it,
+    wrap with :func:`prepare_module`.
+    """
+    if kind not in CONV_SAMPLERS:
+        raise ValueError(f"unknown conv grad sampler {kind!r}; known: {', '.join(CONV_SAMPLERS)}")
+    saved = [(r, {t: r.get(t, _MISSING) for t in CONV_TYPES}) for r in _registries()]
+    try:
+        norm = GradSampleHooksFastGradientClipping.NORM_SAMPLERS
+        if kind == "grouped":
+            register_grad_sampler(list(CONV_TYPES))(grouped_conv_grad_sample)
+            register_norm_sampler(list(CONV_TYPES))(mixed_conv_norm_sample)
+        else:
+            register_grad_sampler(list(CONV_TYPES))(compute_conv_grad_sample)
+            for t in CONV_TYPES:
+                norm.pop(t, None)
+        yield
+    finally:
+        for r, entries in saved:
+            for t, f in entries.items():
+                if f is _MISSING:
+                    r.pop(t, None)
+                else:
+                    r[t] = f
+
+
+def pin_samplers(gsm: object) -> None:
+    """Give a wrapped model its own copy of the registries as they are now (see module doc)."""
+    gsm.GRAD_SAMPLERS = dict(gsm.GRAD_SAMPLERS)
+    if hasattr(type(gsm), "NORM_SAMPLERS"):
+        gsm.NORM_SAMPLERS = dict(gsm.NORM_SAMPLERS)
+
+
+def prepare_module(model: nn.Module, grad_sample_mode: str, conv_sampler: ConvSampler,
+                   **kwargs):
+    """Opacus' ``prepare_module`` with the ``conv_sampler`` conv samplers pinned to the result."""
+    with conv_samplers(conv_sampler):
+        gsm = opacus_prepare_module(model, grad_sample_mode=grad_sample_mode, **kwargs)
+        pin_samplers(gsm)
+    return gsm
+
+
+def active_conv_samplers(gsm: object) -> dict[str, str]:
+    """Names of the grad/norm samplers a wrapped model will use for each conv type."""
+    out = {}
+    for t in CONV_TYPES:
+        gs = getattr(gsm, "GRAD_SAMPLERS", {}).get(t)
+        ns = getattr(gsm, "NORM_SAMPLERS", {}).get(t)
+        out[t.__name__] = f"{getattr(gs, '__name__', None)}/{getattr(ns, '__name__', None)}"
+    return out

@@ -1,0 +1,185 @@
+"""privseg.grad_samplers: exact per-sample conv gradients and norms, selected per wrapped model.
+
+Exactness (invariant 1) is checked through Opacus' own hooks (``per_sample_grad_error`` wraps
+with ``GradSampleModule`` / ``GradSampleModuleFastGradientClipping``) with the grouped samplers
+installed, against one-at-a-time autograd, in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from torch import nn
+
+import privseg.grad_samplers as gsamp
+from privseg.architectures import build
+from privseg.architectures.dp_check import per_sample_grad_error, reference_grads
+from privseg.bench import _config, _FixedBatch
+from privseg.config import parse_config
+from privseg.engine import prepare_training
+from privseg.grad_samplers import (
+    active_conv_samplers,
+    conv_samplers,
+    ghost_conv_weight_norm,
+    grouped_conv_grad_sample,
+    mixed_conv_norm_sample,
+    prepare_module,
+)
+
+TOL = 1e-4  # float64
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+# (stride, padding, dilation, groups, bias, padding_mode)
+LAYERS = [
+    (1, 1, 1, 1, True, "zeros"),
+    (2, 0, 1, 1, False, "zeros"),
+    (2, 2, 2, 1, True, "zeros"),
+    (3, 1, 1, 2, True, "zeros"),
+    (1, "same", 2, 1, False, "zeros"),  # asymmetric 'same' padding (even kernel)
+    (1, 1, 1, 1, True, "reflect"),
+]
+CASES = [(d, c) for d in (2, 3) for c in LAYERS] + [(1, LAYERS[2])]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _layer_model(dims, case, side=7):
+    stride, padding, dilation, groups, bias, mode = case
+    torch.manual_seed(0)
+    kernel = (3, 4, 2)[:dims]
+    model = nn.Sequential(CONV[dims](4, 6, kernel, stride=stride, padding=padding,
+                                     dilation=dilation, groups=groups, bias=bias,
+                                     padding_mode=mode)).double()
+    x = torch.randn(3, 4, *(side,) * dims, dtype=torch.float64)
+    out_shape = model(x).shape
+    y = torch.randint(0, 6, (3, *out_shape[2:]))
+    return model, x, y
+
+
+def _ids(c):
+    d, (s, p, dl, g, b, m) = c
+    return f"{d}d-s{s}-p{p}-d{dl}-g{g}-{'b' if b else 'nob'}-{m}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_conv_per_sample_grads_and_norms_exact(case, mode):
+    model, x, y = _layer_model(*case)
+    with conv_samplers("grouped"):
+        err = per_sample_grad_error(model, x, y, mode)
+    assert err < TOL, f"{_ids(case)} {mode}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_ghost_norm_branch_exact(case):
+    """The ghost (Gram-matrix) branch alone, on every layer it may be chosen for."""
+    dims, (_, _, _, groups, _, _) = case
+    if groups != 1:
+        pytest.skip("grouped layers always instantiate")
+    model, x, y = _layer_model(*case)
+    layer = model[0]
+    g = torch.randn_like(layer(x))
+    ref = torch.stack([torch.autograd.grad((layer(x[i:i + 1]) * g[i:i + 1]).sum(),
+                                           layer.weight)[0].flatten() for i in range(len(x))])
+    got = ghost_conv_weight_norm(layer, x, g)
+    assert torch.allclose(got, ref.norm(dim=1), rtol=1e-10)
+    inst = grouped_conv_grad_sample(layer, [x], g)[layer.weight].flatten(1)
+    assert torch.allclose(inst, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_mixed_norm_picks_ghost_only_where_cheaper():
+    small = nn.Conv2d(64, 64, 3, padding=1)  # T = 16: ghost; T = 4096: instantiation
+    assert gsamp.use_ghost_norm(small, 16) and not gsamp.use_ghost_norm(small, 4096)
+    assert not gsamp.use_ghost_norm(nn.Conv2d(64, 64, 3, groups=2), 1)
+    head = nn.Conv2d(16, 3, 1)  # a 1×1 head: p·d tiny, instantiation from T = 3 on
+    assert not gsamp.use_ghost_norm(head, 3)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_registry_unet_exact_with_grouped_samplers(dims, mode, monkeypatch):
+    side = 32 if dims == 2 else 8
+    torch.manual_seed(0)
+    model = build("unet", dims, 1, 3, base_channels=4).double()
+    x = torch.randn(3, 1, *(side,) * dims, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, *(side,) * dims))
+    branches, grouped_calls = [], []
+    choose, grouped = gsamp.use_ghost_norm, gsamp.per_sample_conv_weight_grad
+    monkeypatch.setattr(gsamp, "use_ghost_norm",
+                        lambda layer, t: branches.append(choose(layer, t)) or branches[-1])
+    monkeypatch.setattr(gsamp, "per_sample_conv_weight_grad",
+                        lambda *a: grouped_calls.append(1) or grouped(*a))
+    with conv_samplers("grouped"):
+        err = per_sample_grad_error(model, x, y, mode, reference=reference_grads(model, x, y))
+    assert err < TOL, f"unet {dims}d {mode}: relative error {err:.2e}"
+    n_conv = sum(isinstance(m, nn.Conv2d | nn.Conv3d) for m in model.modules())
+    assert len(grouped_calls) + branches.count(True) == n_conv  # every conv went through ours
+    if mode == "ghost":  # both branches of the mixed norm ran (bottleneck ghost, rest not)
+        assert True in branches and False in branches, branches
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_selection_is_pinned_per_model_and_registries_restored():
+    before = (dict(GradSampleHooks.GRAD_SAMPLERS),
+              dict(GradSampleHooksFastGradientClipping.NORM_SAMPLERS))
+    models = {k: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+              for k in ("grouped", "opacus")}
+    wrapped = {k: prepare_module(m, "ghost", k, max_grad_norm=1.0, loss_reduction="sum")
+               for k, m in models.items()}
+    hooks = prepare_module(nn.Sequential(nn.Conv3d(1, 1, 1)), "hooks", "grouped")
+    assert (dict(GradSampleHooks.GRAD_SAMPLERS),
+            dict(GradSampleHooksFastGradientClipping.NORM_SAMPLERS)) == before
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
+    g, o = wrapped["grouped"], wrapped["opacus"]
+    assert g.GRAD_SAMPLERS[nn.Conv2d] is grouped_conv_grad_sample
+    assert g.NORM_SAMPLERS[nn.Conv2d] is mixed_conv_norm_sample
+    assert o.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
+    assert nn.Conv2d not in o.NORM_SAMPLERS
+    assert nn.Linear in o.NORM_SAMPLERS  # Opacus' other entries are kept
+    assert hooks.GRAD_SAMPLERS[nn.Conv3d] is grouped_conv_grad_sample
+    assert active_conv_samplers(o)["Conv2d"] == "compute_conv_grad_sample/None"
+
+    # Opacus reads the pinned (instance) registry at backward time, after the context is gone.
+    calls = []
+    for k, m in wrapped.items():
+        fn = m.NORM_SAMPLERS.get(nn.Conv2d) or m.GRAD_SAMPLERS[nn.Conv2d]
+        reg = m.NORM_SAMPLERS if nn.Conv2d in m.NORM_SAMPLERS else m.GRAD_SAMPLERS
+        reg[nn.Conv2d] = lambda *a, fn=fn, k=k: calls.append(k) or fn(*a)
+        m(torch.randn(4, 2, 6, 6)).sum().backward()
+    assert calls == ["grouped", "opacus"]
+
+
+def test_unknown_sampler_is_an_error():
+    with pytest.raises(ValueError, match="unknown conv grad sampler"), conv_samplers("fast"):
+        pass
+
+
+def test_engine_uses_configured_sampler_and_run_id_ignores_it():
+    cfg = _config("hooks", 2, "cpu", False)
+    assert cfg.privacy.conv_grad_sampler == "grouped"
+    opa = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
+        update={"conv_grad_sampler": "opacus"})})
+    assert opa.run_id() == cfg.run_id()
+    assert "conv_grad_sampler" not in cfg.model_dump()["privacy"]
+    with pytest.raises(ValueError, match="conv_grad_sampler"):
+        parse_config({"privacy": {"conv_grad_sampler": "unfold"}})
+    data = _FixedBatch(2, (8, 8), 2)
+    for c, want in ((cfg, grouped_conv_grad_sample), (opa, compute_conv_grad_sample)):
+        state = prepare_training(c, build("unet", 2, 1, 2, base_channels=4, depth=2), data,
+                                 torch.device("cpu"))
+        assert state.model.GRAD_SAMPLERS[nn.Conv2d] is want
+
+
+def test_empty_batch():
+    layer = nn.Conv2d(2, 3, 3, bias=True)
+    x, g = torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 3, 3)
+    assert all(v.shape == (0,) for v in mixed_conv_norm_sample(layer, [x], g).values())
+    assert set(grouped_conv_grad_sample(layer, [x], g)) == {layer.weight, layer.bias}
