@@ -61,6 +61,8 @@ def train(
         fail(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", module="opacus")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+    warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
     try:
         record = run_training(cfg, progress=progress, force=force)
     except (ValueError, RuntimeError, FileNotFoundError) as e:

@@ -250,6 +250,11 @@ def _check_registries(cfg: RunConfig) -> None:
         raise ValueError(f"model: {e.args[0]}") from None
     if cfg.dataset.dims not in entry.spatial_dims:
         raise ValueError(f"model.name: {entry.name} supports dims {entry.spatial_dims}")
+    if cfg.privacy.enabled and cfg.privacy.grad_sample_mode not in entry.dp_modes:
+        raise ValueError(
+            f"privacy.grad_sample_mode: {entry.name} passed the per-sample-gradient check only "
+            f"in {', '.join(entry.dp_modes)}"
+        )
 
 
 class ConfigError(ValueError):

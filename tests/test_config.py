@@ -84,3 +84,8 @@ def test_delta_not_below_one_over_n_stops_before_training(tmp_path):
     with pytest.raises(ValueError, match="delta"):
         run_training(cfg, progress=False)
     assert not list((tmp_path / "runs").glob("*/record.json"))
+
+
+def test_grad_sample_mode_must_be_one_the_model_passed():
+    with pytest.raises(ConfigError, match="grad_sample_mode.*unet.*hooks"):
+        parse_config({"privacy": {"grad_sample_mode": "ew"}})
