@@ -331,13 +331,19 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config from a YAML file or built-in name."""
-    path = resolve_config_path(name_or_path)
+def read_config_mapping(path: Path) -> dict:
+    """The YAML mapping in ``path``; a ConfigError names the file when it is not one."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config from a YAML file or built-in name."""
+    path = resolve_config_path(name_or_path)
+    data = read_config_mapping(path)
     return parse_config(apply_overrides(data, overrides or []), source=str(path))

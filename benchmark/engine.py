@@ -228,6 +228,21 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def completed_record(out: Path) -> dict | None:
+    """The complete record in run directory ``out`` (logged), or None."""
+    existing = read_record(out)
+    if existing is not None:
+        log.info("run %s already complete: %s", out.name, out)
+    return existing
+
+
+def load_subjects(cfg: RunConfig) -> SubjectSet:
+    """Load (and validate) the config's data set, through the persistent cache."""
+    d = cfg.dataset
+    return load_dataset(d.name, d.options, d.root,
+                        Path(d.cache_dir) if d.cache_dir else default_cache_dir())
+
+
 def run_training(cfg: RunConfig, *, progress: bool = True, force: bool = False,
                  subject_set: SubjectSet | None = None) -> dict:
     """Train and evaluate one run; write its checkpoint and record; return the record.
@@ -240,15 +255,12 @@ def run_training(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         return run_federated(cfg, progress=progress, force=force, subject_set=subject_set)
     run_id = cfg.run_id()
     out = run_dir(cfg.output.dir, run_id)
-    if not force and (existing := read_record(out)) is not None:
-        log.info("run %s already complete: %s", run_id, out)
+    if not force and (existing := completed_record(out)) is not None:
         return existing
     seed_everything(cfg.seed)
     device = resolve_device(cfg.training.device)
     d = cfg.dataset
-    if subject_set is None:
-        subject_set = load_dataset(d.name, d.options, d.root,
-                                   Path(d.cache_dir) if d.cache_dir else default_cache_dir())
+    subject_set = subject_set or load_subjects(cfg)
     by_id = subject_set.by_id()
     train_ids, val_ids, test_ids = split_subjects(
         by_id, d.val_fraction, d.test_fraction, cfg.seed,

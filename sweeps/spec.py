@@ -36,7 +36,13 @@ from typing import Any
 
 import yaml
 
-from privseg.config import ConfigError, RunConfig, parse_config, resolve_config_path
+from privseg.config import (
+    ConfigError,
+    RunConfig,
+    parse_config,
+    read_config_mapping,
+    resolve_config_path,
+)
 
 BASE_KEY = "base"
 AGENT_COMMAND = ["privseg", "sweep-run", "${args_no_hyphens}"]
@@ -261,13 +267,7 @@ def _base_data(base: str, sweep_path: Path | None) -> tuple[dict, str]:
             break
     else:
         path = resolve_config_path(base)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return data, str(path)
+    return read_config_mapping(path), str(path)
 
 
 def epsilon_tag(value: Any) -> str:

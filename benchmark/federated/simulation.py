@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 from flwr.common import serde
 from flwr.common.typing import (
@@ -36,12 +35,12 @@ from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
 from flwr.server.client_proxy import ClientProxy
 
 from privseg.config import RunConfig
-from privseg.datasets import SubjectSet, load_dataset
-from privseg.engine import default_cache_dir, seed_everything
+from privseg.datasets import SubjectSet
+from privseg.engine import completed_record, load_subjects, seed_everything
 from privseg.federated.client import SiteClient
 from privseg.federated.server import FederatedServer, make_server
 from privseg.federated.sites import build_sites
-from privseg.record import environment, read_record, run_dir, write_record
+from privseg.record import environment, run_dir, write_record
 
 log = logging.getLogger("privseg")
 
@@ -123,14 +122,10 @@ def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     """Simulate one federated run; write and return its record (same writer as central)."""
     run_id = cfg.run_id()
     out = run_dir(cfg.output.dir, run_id)
-    if not force and (existing := read_record(out)) is not None:
-        log.info("run %s already complete: %s", run_id, out)
+    if not force and (existing := completed_record(out)) is not None:
         return existing
     seed_everything(cfg.seed)
-    d = cfg.dataset
-    if subject_set is None:
-        subject_set = load_dataset(d.name, d.options, d.root,
-                                   Path(d.cache_dir) if d.cache_dir else default_cache_dir())
+    subject_set = subject_set or load_subjects(cfg)
     t0 = time.perf_counter()
     sites, desc = build_sites(cfg, subject_set)
     server, proxies, _ = simulate(cfg, subject_set, sites)
