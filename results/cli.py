@@ -36,6 +36,17 @@ def load_target(target: str, output: str | None = None) -> tuple[pd.DataFrame, s
     return load(out_dir, run_ids=[r.run_id for r in runs]), sw.name
 
 
+def _load_runs(target: str, output: str | None):
+    """The complete runs behind ``target`` and its name; exits with a message when none."""
+    try:
+        df, name = load_target(target, output)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        fail(str(e))
+    if df.empty:
+        fail(f"{target}: no complete runs found", code=1)
+    return df, name
+
+
 @app.command()
 def table(
     target: Annotated[str, typer.Argument(help="A sweep (file or built-in name), a results "
@@ -54,12 +65,7 @@ def table(
 
     if format not in ("markdown", "latex", "csv"):
         fail("--format must be markdown, latex or csv")
-    try:
-        df, name = load_target(target, output)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
-        fail(str(e))
-    if df.empty:
-        fail(f"{target}: no complete runs found", code=1)
+    df, name = _load_runs(target, output)
     if metric not in df:
         fail(f"--metric {metric}: not a column; e.g. test.mean_dice, test.mean_hd95")
     typer.echo(render(df, format, per_class, metric,
@@ -78,12 +84,7 @@ def plot(
     """Figures: Dice vs ε, Dice vs width, central vs federated, per site (as data allows)."""
     from privseg.results.figures import make_figures
 
-    try:
-        df, name = load_target(target, output)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
-        fail(str(e))
-    if df.empty:
-        fail(f"{target}: no complete runs found", code=1)
+    df, name = _load_runs(target, output)
     folder = Path(out) if out else (Path(target) if Path(target).is_dir() else Path(
         df["config.output.dir"].iloc[0])) / "figures"
     paths = make_figures(df, folder, prefix=f"{name}_")

@@ -57,6 +57,17 @@ def _eps_positions(eps: list[float]) -> dict[float, float]:
     return pos
 
 
+def _finish(ax, agg: pd.DataFrame, title: str, legend_title: str) -> None:
+    """Dice axis from 0, title, grid, legend and the seeds-per-point note."""
+    ax.set_ylabel(DICE_LABEL)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title=legend_title, fontsize="small")
+    ax.text(0.01, 0.01, _seeds_note(agg), transform=ax.transAxes, fontsize="x-small",
+            color="grey", va="bottom")
+
+
 def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     """Utility vs privacy: one line per architecture, x = ε (log), non-private at the right."""
     if df.empty or df["epsilon"].nunique() < 2:
@@ -85,13 +96,8 @@ def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     ax.set_xticks([p for _, p in ticks])
     ax.set_xticklabels(["non-private\n(ε = ∞)" if math.isinf(e) else f"{e:g}" for e, _ in ticks])
     ax.set_xlabel("privacy budget ε per subject (log scale; smaller = more private)")
-    ax.set_ylabel(DICE_LABEL)
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"Segmentation quality vs privacy budget{_title_suffix(df)}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="architecture", fontsize="small")
-    ax.text(0.01, 0.01, _seeds_note(agg), transform=ax.transAxes, fontsize="x-small",
-            color="grey", va="bottom")
+    _finish(ax, agg, f"Segmentation quality vs privacy budget{_title_suffix(df)}",
+            "architecture")
     return fig
 
 
@@ -115,14 +121,8 @@ def dice_vs_width(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     ax.set_xticks(widths)
     ax.set_xticklabels([f"{w:g}×" for w in widths])
     ax.set_xlabel("model width (channel multiplier, log scale)")
-    ax.set_ylabel(DICE_LABEL)
-    ax.set_ylim(bottom=0)
     fam = families[0] if len(families) == 1 else "models"
-    ax.set_title(f"Width scaling of {fam}{_title_suffix(df)}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="privacy", fontsize="small")
-    ax.text(0.01, 0.01, _seeds_note(agg), transform=ax.transAxes, fontsize="x-small",
-            color="grey", va="bottom")
+    _finish(ax, agg, f"Width scaling of {fam}{_title_suffix(df)}", "privacy")
     return fig
 
 

@@ -73,7 +73,7 @@ def sweep(
     The same file works with `wandb sweep FILE` + `wandb agent`; see `privseg sweep FILE
     --wandb`. A failed run is reported and the others go on; the exit code is 1 if any failed.
     """
-    from privseg.sweeps.runner import plan, run_sweep
+    from privseg.sweeps.runner import plan
 
     sw = _load(file, set_, output)
     if use_wandb:
@@ -96,15 +96,23 @@ def sweep(
         console.print(f"{counts['pending']} to train, {counts['complete']} complete, "
                       f"{counts['invalid']} invalid; output {out_dir}")
         return
+    result = _run_reported(sw, parallel, "rerun the same command")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _run_reported(sw, parallel: int, resume_hint: str):
+    """Run a sweep and report it; Ctrl-C exits 130 telling how to resume."""
+    from privseg.sweeps.runner import run_sweep
+
     warnings.filterwarnings("ignore")
     try:
         result = run_sweep(sw, parallel=parallel, console=console)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: rerun the same command to resume[/]")
+        console.print(f"[yellow]interrupted: {resume_hint} to resume[/]")
         raise typer.Exit(130) from None
     _report(result)
-    if not result.ok:
-        raise typer.Exit(1)
+    return result
 
 
 def _report(result) -> None:
@@ -217,17 +225,10 @@ def quickstart(
     Ends with the results table and the path of the utility-vs-privacy figure.
     """
     from privseg.results import load, make_figures, render
-    from privseg.sweeps.runner import run_sweep
 
     t0 = time.perf_counter()
     sw = _load("quickstart", None, output)
-    warnings.filterwarnings("ignore")
-    try:
-        result = run_sweep(sw, parallel=parallel, console=console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: rerun `privseg quickstart` to resume[/]")
-        raise typer.Exit(130) from None
-    _report(result)
+    result = _run_reported(sw, parallel, "rerun `privseg quickstart`")
     ids = [o.run_id for o in result.outcomes if o.run_id and o.status != "failed"]
     df = load(result.output_dir, run_ids=ids)
     if df.empty:

@@ -63,13 +63,7 @@ def _case_id(case: tuple[str, int, bool]) -> str:
     return f"{name}-{dims}d" + ("-ws" if ws else "")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors: a second thread only adds contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

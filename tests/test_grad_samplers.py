@@ -43,12 +43,7 @@ LAYERS = [
 CASES = [(d, c) for d in (2, 3) for c in LAYERS] + [(1, LAYERS[2])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer_model(dims, case, side=7):
