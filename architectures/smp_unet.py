@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -102,6 +101,9 @@ def smp_unet(spatial_dims: int, in_channels: int, num_classes: int, *,
         raise ValueError("smp-unet is 2D only")
     if encoder_name not in ENCODERS:
         raise ValueError(f"smp-unet encoder_name must be one of {ENCODERS}, not {encoder_name!r}")
+    # smp pulls in timm, and timm pulls in wandb: import on use, not with the registry.
+    import segmentation_models_pytorch as smp
+
     model = smp.Unet(encoder_name=encoder_name, encoder_weights=None, in_channels=in_channels,
                      classes=num_classes, decoder_channels=tuple(decoder_channels))
     make_dp_compatible(model, forward_fixes={BasicBlock: DPBasicBlock, Bottleneck: DPBottleneck})

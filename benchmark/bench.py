@@ -32,7 +32,13 @@ import torch
 
 from privseg.architectures import build, get_entry
 from privseg.config import RunConfig, parse_config
-from privseg.engine import prepare_training, resolve_device, seed_everything, train_step
+from privseg.engine import (
+    place_model,
+    prepare_training,
+    resolve_device,
+    seed_everything,
+    train_step,
+)
 from privseg.grad_samplers import CONV_SAMPLERS
 from privseg.record import atomic_write_text, environment
 
@@ -70,7 +76,8 @@ class _FixedBatch(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-def _config(mode: str, batch: int, device: str, amp: bool) -> RunConfig:
+def _config(mode: str, batch: int, device: str, amp: bool, channels_last: bool = False,
+            dims: int = 2) -> RunConfig:
     base, sampler = split_mode(mode)
     dp = base != "nonprivate"
     privacy = {"enabled": dp, "target_epsilon": None, "noise_multiplier": 1.0,
@@ -79,7 +86,9 @@ def _config(mode: str, batch: int, device: str, amp: bool) -> RunConfig:
         privacy["conv_grad_sampler"] = sampler
     return parse_config({
         "training": {"expected_batch_size": batch, "physical_batch_size": batch,
-                     "device": device, "amp": amp, "crops_per_subject": 1},
+                     "device": device, "amp": amp, "crops_per_subject": 1,
+                     "channels_last": channels_last},
+        "dataset": {"dims": dims},
         "privacy": privacy,
         "tracking": {"wandb": "off"},
     })
@@ -152,7 +161,7 @@ def _peak_memory(run, device: torch.device) -> float:
 def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: int = 8,
               size: int | None = None, modes: tuple[str, ...] = ALL_MODES, steps: int = 10,
               warmup: int = 2, amp: bool = False, num_classes: int = 8,
-              model_options: dict | None = None) -> dict:
+              model_options: dict | None = None, channels_last: bool = False) -> dict:
     """Measure every mode's median step time, throughput and peak memory, and ratios."""
     dev = resolve_device(device)
     size = size or (256 if dims == 2 else 96)
@@ -162,6 +171,8 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
     base_model = build(model, dims, 1, num_classes, **(model_options or {}))
     data = _FixedBatch(batch, shape, num_classes)
     x, y = data.x, data.y
+    if dev.type == "cuda":  # as the training loader does (pin_memory on CUDA)
+        x, y = x.pin_memory(), y.pin_memory()
     runners, skipped = [], {}
     for mode in modes:
         if mode != "nonprivate" and split_mode(mode)[0] not in entry.dp_modes:
@@ -170,11 +181,9 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
         if split_mode(mode)[1] and split_mode(mode)[0] not in SAMPLER_MODES:
             skipped[mode] = "the conv sampler only applies to hooks and ghost"
             continue
-        cfg = _config(mode, batch, dev.type, amp)
-        m = copy.deepcopy(base_model).to(dev)
-        if dev.type == "cuda" and dims == 2:
-            m = m.to(memory_format=torch.channels_last)
         try:
+            cfg = _config(mode, batch, dev.type, amp, channels_last, dims)
+            m = place_model(copy.deepcopy(base_model), cfg, dev)
             state = prepare_training(cfg, m, data, dev)
             train_step(state, x, y, cfg, dev)
         except Exception as e:  # a mode that cannot run this model is reported, not fatal
@@ -212,7 +221,8 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
     samplers = {r.mode: r.cfg.privacy.conv_grad_sampler for r in runners
                 if split_mode(r.mode)[0] in SAMPLER_MODES}
     return {"model": model, "dims": dims, "input_shape": [batch, 1, *shape], "batch": batch,
-            "amp": amp, "steps": steps, "warmup": warmup, "results": results,
+            "amp": amp, "channels_last": channels_last and dev.type == "cuda" and dims == 2,
+            "steps": steps, "warmup": warmup, "results": results,
             "conv_grad_sampler": samplers, "skipped": skipped, "environment": env}
 
 

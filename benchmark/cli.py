@@ -151,6 +151,7 @@ def bench(
     steps: Annotated[int, typer.Option(help="Timed steps per mode")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed steps per mode first")] = 2,
     amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA)")] = False,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last 2D models (CUDA)")] = False,
     out: Annotated[Path, typer.Option(help="Directory for the JSON report")] = Path("runs/bench"),
 ) -> None:
     """Time non-private vs each DP mode step by step, alternating, in one process."""
@@ -163,7 +164,8 @@ def bench(
         fail("--dims must be 2 or 3")
     warnings.filterwarnings("ignore")
     try:
-        report = run_bench(model, dims, device, batch, size, chosen, steps, warmup, amp)
+        report = run_bench(model, dims, device, batch, size, chosen, steps, warmup, amp,
+                           channels_last=channels_last)
     except (KeyError, ValueError, RuntimeError) as e:
         fail(str(e.args[0]) if e.args else str(e))
     typer.echo(format_bench(report))

@@ -72,7 +72,9 @@ class TrainingConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(False, description="bf16 autocast (CUDA only)")
+    amp: bool = Field(False, description="bf16 autocast (for CUDA; runs, slowly, on CPU too)")
+    channels_last: bool = Field(
+        False, description="channels-last memory format for 2D models on CUDA (NHWC convs)")
     eval_every: int = Field(1, ge=0, description="validate every n epochs (0: only at the end)")
     num_workers: int = Field(0, ge=0)
     foreground_fraction: float = Field(
@@ -210,6 +212,14 @@ class RunConfig(_Strict):
                 "privacy.grad_sample_mode=ghost needs training.crops_per_subject=1: ghost "
                 "clipping computes norms per forward sample and cannot group k crops"
             )
+        if self.privacy.enabled and self.privacy.grad_sample_mode == "ghost" and (
+            self.training.amp
+        ):
+            raise ValueError(
+                "training.amp=true needs privacy.grad_sample_mode hooks or functorch: ghost "
+                "clipping takes norms in one pass and applies a gradient from a second, bf16 "
+                "pass, so the clipped gradient's norm is bounded only up to bf16 rounding"
+            )
         if (fed := self.setting.federated) is not None:
             if (fed.dp_mode == "none") == self.privacy.enabled:
                 raise ValueError("setting.federated.dp_mode=none goes with privacy.enabled=false"
@@ -225,8 +235,15 @@ class RunConfig(_Strict):
         data = self.model_dump(mode="json", exclude={"tracking", "output", "name"})
         if data["setting"].get("federated") is None:  # central run ids predate the field
             data["setting"].pop("federated", None)
+        for (section, key), default in _ADDED_LATER.items():  # keep earlier runs' ids
+            if data[section].get(key) == default:
+                data[section].pop(key)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+#: fields added after runs were recorded: at these values they leave the run id unchanged
+_ADDED_LATER = {("training", "channels_last"): False}
 
 
 def _check_registries(cfg: RunConfig) -> None:

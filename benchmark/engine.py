@@ -39,6 +39,7 @@ from privseg.data import SubjectCrops, crop_size
 from privseg.datasets import SubjectSet, load_dataset
 from privseg.datasets.split import split_subjects
 from privseg.evaluate import evaluate
+from privseg.gpu_timing import GpuBusySampler, StepTimer
 from privseg.grad_samplers import prepare_module
 from privseg.losses import PerSampleDiceCE, per_subject
 from privseg.privacy import PrivacyPlan, epsilon_of_history, plan_privacy
@@ -90,6 +91,20 @@ def group_crop_grad_samples(model: nn.Module, crops_per_subject: int) -> None:
         p.grad_sample = gs.view(-1, crops_per_subject, *gs.shape[1:]).mean(dim=1)
 
 
+def upcast_grad_samples(model: nn.Module) -> None:
+    """Per-sample gradients in each parameter's own dtype (fp32) before Opacus clips them.
+
+    Under bf16 autocast, grad samplers return bf16 per-sample gradients; Opacus would take
+    their norms and clip in bf16, so a clipped gradient's true norm could exceed the clipping
+    bound by bf16's rounding (~0.4 %), and the sensitivity the accountant assumes would not
+    hold. Upcast first, then norms, clipping and the sum are fp32 and exact to ~1e-7.
+    """
+    for p in model.parameters():
+        gs = getattr(p, "grad_sample", None)
+        if gs is not None and gs.dtype != p.dtype:
+            p.grad_sample = gs.to(p.dtype)
+
+
 def _chunks(x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, ...]]:
     if len(x) == 0:
         yield x, y
@@ -109,6 +124,18 @@ class TrainState:
     accountant: IAccountant | None = None
     plan: PrivacyPlan | None = None
     per_sample_loss: nn.Module = PerSampleDiceCE(reduction="none")
+
+
+def place_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
+    """Move the model to ``device``; channels-last for 2D on CUDA when the config asks.
+
+    Channels-last (NHWC) lets cuDNN pick its tensor-core conv kernels without layout
+    transposes; it does not change the arithmetic of per-sample gradients.
+    """
+    model = model.to(device)
+    if cfg.training.channels_last and device.type == "cuda" and cfg.dataset.dims == 2:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -175,14 +202,17 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConf
                device: torch.device) -> float:
     """One logical step over a (Poisson) batch of subjects, in physical chunks.
 
-    ``x`` is ``[B, k, C, *S]``; returns the mean per-subject loss (NaN for an empty batch).
+    ``x`` is ``[B, k, C, *S]``; returns the mean per-subject loss as a detached 0-d tensor on
+    ``device`` (NaN for an empty batch). Nothing here waits for the GPU: the loss stays a
+    device tensor so that the host can queue the next step while this one runs.
     """
     t = cfg.training
     k = t.crops_per_subject
     dp = state.accountant is not None
-    amp = t.amp and device.type == "cuda"
+    amp = t.amp
     batch = len(x)
-    total, chunks = 0.0, list(_chunks(x, y, t.physical_batch_size))
+    total = torch.zeros((), device=device)
+    chunks = list(_chunks(x, y, t.physical_batch_size))
     for i, (xc, yc) in enumerate(chunks):
         last = i == len(chunks) - 1
         xc = xc.to(device, non_blocking=True).flatten(0, 1)
@@ -197,15 +227,17 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConf
                 logits = state.model(xc)
             if dp and cfg.privacy.grad_sample_mode == "ghost":
                 loss = state.criterion(logits.float(), yc)
-                total += float(loss.detach()) * len(xc)
+                total = total + loss.detach().float() * len(xc)
                 loss.backward()
             else:
                 subject_loss = per_subject(state.per_sample_loss(logits.float(), yc), k)
-                total += float(subject_loss.detach().sum())
+                total = total + subject_loss.detach().float().sum()
                 # DP: mean over the chunk (Opacus rescales grad samples by the chunk size).
                 # Non-DP: sum over the logical batch / its size, accumulated over chunks.
                 (subject_loss.mean() if dp else subject_loss.sum() / batch).backward()
                 if dp:
+                    if amp:
+                        upcast_grad_samples(state.model)
                     group_crop_grad_samples(state.model, k)
         if dp:
             state.optimizer.signal_skip_step(do_skip=not last)
@@ -214,7 +246,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConf
         elif last:
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
-    return total / batch if batch else float("nan")
+    return total / batch if batch else torch.full((), float("nan"), device=device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -274,8 +306,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     knobs = dict(cfg.model.options)
     if "img_size" in get_entry(cfg.model.name).knobs() and knobs.get("img_size") is None:
         knobs["img_size"] = roi[1:] if d.dims == 2 else roi  # e.g. UNETR's position embedding
-    model = build(cfg.model.name, d.dims, subject_set.in_channels, subject_set.num_classes,
-                  **knobs).to(device)
+    model = place_model(build(cfg.model.name, d.dims, subject_set.in_channels,
+                              subject_set.num_classes, **knobs), cfg, device)
     state = prepare_training(cfg, model, train_set, device)
 
     tracker = Tracker(cfg.tracking, run_id, out, cfg.model_dump(mode="json"), cfg.name)
@@ -337,10 +369,12 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     train_ids, val_ids, test_ids = splits
     val = [by_id[i] for i in val_ids]
     test = [by_id[i] for i in test_ids]
-    amp = t.amp and device.type == "cuda"
+    amp = t.amp
     history, step_times, subjects_seen, batch_sizes = [], [], 0, []
     steps_per_epoch = len(state.loader)
     train_time = 0.0
+    step_timer = StepTimer(device)
+    gpu_busy = GpuBusySampler(device)
     start = time.perf_counter()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -351,20 +385,21 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             losses, data_time = [], 0.0
             epoch_start = time.perf_counter()
             fetch_start = epoch_start
+            pending = None  # the previous step's loss, read once this step is queued
             for x, y in state.loader:
                 s0 = time.perf_counter()
                 data_time += s0 - fetch_start
-                loss = train_step(state, x, y, cfg, device)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                step_times.append(time.perf_counter() - s0)
+                with step_timer.step():
+                    loss = train_step(state, x, y, cfg, device)
                 batch_sizes.append(len(x))
                 subjects_seen += len(x)
-                if not math.isnan(loss):
-                    losses.append(loss)
-                bar.update(steps_task, advance=1,
-                           info=f"epoch {epoch}/{t.epochs} loss {loss:.3f}")
+                if pending is not None:
+                    _note_loss(losses, pending, bar, steps_task, epoch, t.epochs)
+                pending = loss
                 fetch_start = time.perf_counter()
+            if pending is not None:
+                _note_loss(losses, pending, bar, steps_task, epoch, t.epochs)
+            step_times.extend(step_timer.collect())
             train_time += time.perf_counter() - epoch_start
             row = {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else None,
                    "epoch_time_s": time.perf_counter() - epoch_start,
@@ -381,6 +416,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             history.append(row)
             tracker.log({f"train/{k}" if k != "epoch" else k: v for k, v in row.items()},
                         step=epoch)
+    gpu_busy.stop()
     test_metrics = evaluate(state.model, test, cfg.dataset.dims, roi, subject_set.class_names,
                             device, subject_set.eval_regions, hd95=True, amp=amp)
     total = time.perf_counter() - start
@@ -413,8 +449,18 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             "subjects_per_s": subjects_seen / train_time if train_time else None,
             "mean_batch_subjects": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
             "peak_memory_mb": _peak_memory_mb(device),
+            "data_s": sum(row["data_time_s"] for row in history),
+            "gpu_busy_percent": gpu_busy.mean_percent(),
         },
     }
+
+
+def _note_loss(losses: list[float], loss: torch.Tensor, bar, task, epoch: int,
+               epochs: int) -> None:
+    value = float(loss)
+    if not math.isnan(value):
+        losses.append(value)
+    bar.update(task, advance=1, info=f"epoch {epoch}/{epochs} loss {value:.3f}")
 
 
 def _spent(state: TrainState) -> float:

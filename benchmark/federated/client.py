@@ -32,7 +32,7 @@ from privseg.architectures import build
 from privseg.config import RunConfig
 from privseg.data import SubjectCrops, crop_size
 from privseg.datasets import SubjectSet
-from privseg.engine import prepare_training, resolve_device, train_step, unwrap
+from privseg.engine import place_model, prepare_training, resolve_device, train_step, unwrap
 from privseg.evaluate import evaluate
 from privseg.federated.privacy import local_steps_per_round, plan_site_sample
 from privseg.federated.sites import SiteData, site_seed
@@ -82,8 +82,8 @@ class SiteClient(NumPyClient):
         seed = self.scfg.seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build(cfg.model.name, d.dims, self.in_channels, self.num_classes,
-                          **cfg.model.options).to(self.device)
+            model = place_model(build(cfg.model.name, d.dims, self.in_channels,
+                                      self.num_classes, **cfg.model.options), cfg, self.device)
             train_set = SubjectCrops(data.train, d.dims, d.patch_size,
                                      cfg.training.crops_per_subject,
                                      cfg.training.foreground_fraction)
@@ -169,9 +169,7 @@ class SiteClient(NumPyClient):
             try:
                 for _ in range(self.steps_per_round):
                     x, y = self._next_batch()
-                    loss = train_step(self.state, x, y, self.scfg, self.device)
-                    if not math.isnan(loss):
-                        losses.append(loss)
+                    losses.append(train_step(self.state, x, y, self.scfg, self.device))
                     self.steps_done += 1
             finally:
                 if handle is not None:
@@ -182,7 +180,8 @@ class SiteClient(NumPyClient):
         metrics = {"site": self.site, "steps": self.steps_done, "fit_s": dt}
         if self.fed.dp_mode == "none":
             # Training loss is data-dependent and not privatised: sent only without DP.
-            metrics["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+            values = [v for v in (float(loss) for loss in losses) if not math.isnan(v)]
+            metrics["train_loss"] = float(np.mean(values)) if values else float("nan")
         if self.plan is not None:
             metrics.update(epsilon=self.epsilon(), delta=self.plan.delta,
                            noise_multiplier=self.plan.noise_multiplier,
