@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import RandCropByLabelClasses, SpatialPad
+from monai.transforms import RandCropByLabelClasses, SpatialCrop, SpatialPad
 from monai.transforms.utils import map_classes_to_indices
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
@@ -49,8 +49,19 @@ class SubjectCrops(Dataset):
         self.num_classes = num_classes or int(max(s.label.max() for s in subjects)) + 1
         self._indices = [self._class_indices(s) for s in subjects]
 
+    def _padded(self, s: Subject) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image ``[C, D, H, W]`` and label ``[1, D, H, W]``, padded up to the crop size.
+
+        Volumes at least as large as the crop are used in place (no copy).
+        """
+        image, label = torch.as_tensor(s.image), torch.as_tensor(s.label[None])
+        if any(n < c for n, c in zip(label.shape[1:], self.size, strict=True)):
+            image = convert_to_tensor(self.pad(image), track_meta=False)
+            label = convert_to_tensor(self.pad(label), track_meta=False)
+        return image, label
+
     def _class_indices(self, s: Subject) -> tuple[list[np.ndarray], list[float]]:
-        label = np.asarray(self.pad(s.label[None]))  # [1, D, H, W]
+        label = np.asarray(self._padded(s)[1])  # [1, D, H, W]
         indices = [np.asarray(i) for i in map_classes_to_indices(label, self.num_classes)]
         present = [c for c in range(1, self.num_classes) if len(indices[c])]
         ratios = [0.0] * self.num_classes
@@ -63,20 +74,23 @@ class SubjectCrops(Dataset):
         return len(self.subjects)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.subjects[i]
-        image = self.pad(torch.as_tensor(s.image))
-        label = self.pad(torch.as_tensor(s.label[None].astype(np.int64)))  # [1, D, H, W]
+        image, label = self._padded(self.subjects[i])
         indices, ratios = self._indices[i]
         cropper = RandCropByLabelClasses(
             spatial_size=self.size, ratios=ratios, num_classes=self.num_classes,
             num_samples=self.k, indices=indices, warn=False,
         )
         cropper.set_random_state(int(torch.randint(0, 2**31 - 1, (1,))))
-        both = torch.cat([image, label.to(image.dtype)], dim=0)
-        crops = cropper(both, label=label)
-        # Plain tensors: MONAI's MetaTensor would slow every op of the training step.
-        stack = torch.stack([convert_to_tensor(c, track_meta=False) for c in crops])
-        x, y = stack[:, :-1].float(), stack[:, -1].long()
+        # MONAI draws the class-balanced centres; the crops themselves are plain slices (no
+        # MetaTensor, no copy of the volume), which keeps the loader off the GPU's critical path.
+        cropper.randomize(label=label, indices=indices)
+        xs, ys = [], []
+        for center in cropper.centers:
+            window = (slice(None), *SpatialCrop(roi_center=tuple(center),
+                                                roi_size=self.size).slices)
+            xs.append(image[window])
+            ys.append(label[window])
+        x, y = torch.stack(xs).float(), torch.stack(ys)[:, 0].long()
         if self.dims == 2:
             x, y = x[:, :, 0], y[:, 0]
         return x.contiguous(), y.contiguous()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 
 import privseg.grad_samplers as gsamp
@@ -178,3 +179,27 @@ def test_empty_batch():
     x, g = torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 3, 3)
     assert all(v.shape == (0,) for v in mixed_conv_norm_sample(layer, [x], g).values())
     assert set(grouped_conv_grad_sample(layer, [x], g)) == {layer.weight, layer.bias}
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 8, 5, 7), 4), ((2, 6, 3, 4, 5), 3),
+                                          ((4, 4, 9), 1)])
+def test_group_norm_sampler_equals_opacus(shape, groups):
+    """privseg's GroupNorm sampler (no re-normalisation) equals Opacus' own, per sample."""
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(groups, shape[1]).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    x = 3.0 + 2.0 * torch.randn(shape, dtype=torch.float64)  # a non-zero mean, as after a conv
+    g = torch.randn(shape, dtype=torch.float64)
+    ours = gsamp.group_norm_grad_sample(layer, [x], g)
+    ref = compute_group_norm_grad_sample(layer, [x], g)
+    for p in (layer.weight, layer.bias):
+        assert ours[p].shape == (shape[0], shape[1])
+        torch.testing.assert_close(ours[p], ref[p], rtol=1e-10, atol=1e-12)
+    # and each row is the gradient of that sample alone
+    for i in range(shape[0]):
+        layer.zero_grad()
+        (layer(x[i:i + 1]) * g[i:i + 1]).sum().backward()
+        torch.testing.assert_close(ours[layer.weight][i], layer.weight.grad, rtol=1e-10,
+                                   atol=1e-12)
