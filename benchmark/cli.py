@@ -77,7 +77,12 @@ def _print_summary(record: dict, out: Path) -> None:
     console.print(f"test mean Dice {test['mean_dice']:.4f}   mean HD95 {test['mean_hd95']:.2f}")
     per_class = "  ".join(f"{k} {v:.3f}" for k, v in test["dice"].items())
     console.print(f"per class: {per_class}", highlight=False)
-    if p["enabled"]:
+    if p["enabled"] and p.get("mode") in ("sample", "site"):  # federated records
+        where = "max over sites, " if p["mode"] == "sample" else ""
+        secure = ", secure aggregation" if p.get("secure_aggregation") else ""
+        console.print(f"privacy: ε = {p['epsilon']:.3f} per {p['unit']} ({where}{p['mode']}-"
+                      f"level DP{secure}; see privacy.guarantee in the record)")
+    elif p["enabled"]:
         console.print(f"privacy: ε = {p['epsilon']:.3f} at δ = {p['delta']:.3g} per subject "
                       f"(σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.4f}, "
                       f"{p['steps']} steps, {p['accountant']})")

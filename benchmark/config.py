@@ -117,6 +117,10 @@ class FederatedConfig(_Strict):
     central run, calibrated per site over all its local steps); ``site`` = DP-FedAvg (unit: a
     whole site; ``privacy.target_epsilon``/``noise_multiplier``/``delta`` then refer to sites,
     ``site_clip_norm`` clips each site's update); ``none`` needs ``privacy.enabled: false``.
+
+    ``secure_aggregation`` (``dp_mode: site`` only, at least 3 sites per round, simulation only):
+    Flower SecAgg+; the sites clip their own updates and the server sees only their sum; the
+    ``secagg_*`` fields are its parameters (see privseg.federated.secagg).
     """
 
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
@@ -133,7 +137,21 @@ class FederatedConfig(_Strict):
     server_lr: float = Field(0.01, gt=0.0, description="FedAdam eta")
     server_tau: float = Field(1e-3, gt=0.0, description="FedAdam tau")
     site_clip_norm: float = Field(1.0, gt=0.0, description="DP-FedAvg update clipping norm")
-    secure_aggregation: bool = Field(False, description="Flower SecAgg+ (not implemented)")
+    secure_aggregation: bool = Field(
+        False, description="Flower SecAgg+ (simulation; dp_mode=site only, >= 3 sites per "
+        "round): the server sees only the sum of the sites' clipped updates")
+    secagg_num_shares: int | None = Field(
+        None, ge=3, description="SecAgg+ neighbours a site secret-shares its keys with "
+        "(itself included); default: every site chosen in the round")
+    secagg_reconstruction_threshold: int | None = Field(
+        None, ge=2, description="SecAgg+ shares needed to unmask; fewer colluding parties "
+        "learn nothing; default: a majority, num_shares // 2 + 1")
+    secagg_clipping_range: float = Field(
+        8.0, gt=0.0, description="SecAgg+ quantises each model value in [-R, R]; a value "
+        "outside stops the site (it would be clipped silently)")
+    secagg_quantization_range: int = Field(
+        2**22, ge=2, le=2**31, description="SecAgg+ quantisation levels over [-R, R] "
+        "(step 2R / levels); sites per round × levels must stay below the 2^32 modulus")
     local_baseline: bool = Field(False, description="also train each site alone (simulation)")
     eval_every: int = Field(1, ge=0, description="validate at the sites every n rounds")
 
@@ -142,7 +160,21 @@ class FederatedConfig(_Strict):
         if (self.local_epochs is None) == (self.local_steps is None):
             raise ValueError("set exactly one of local_epochs and local_steps")
         if self.secure_aggregation:
-            raise ValueError("secure_aggregation (Flower SecAgg+) is not implemented yet")
+            key = "setting.federated.secure_aggregation"
+            if self.dp_mode != "site":
+                raise ValueError(
+                    f"{key}=true needs dp_mode=site (got {self.dp_mode}): site-level DP is "
+                    "the mode whose noise is added to the aggregate, so the server need not "
+                    "see single updates; SecAgg+ with dp_mode=sample or none (updates "
+                    "weighted by subject counts) is not built")
+            if self.n_sites is not None and self.n_sites < 3:
+                raise ValueError(f"{key}=true needs at least 3 sites (n_sites={self.n_sites}):"
+                                 " with 2, each site could subtract its own update from the "
+                                 "sum and read the other's")
+            shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+            if shares is not None and threshold is not None and threshold >= shares:
+                raise ValueError("setting.federated.secagg_reconstruction_threshold must be "
+                                 f"below secagg_num_shares ({threshold} >= {shares})")
         return self
 
 
@@ -235,15 +267,24 @@ class RunConfig(_Strict):
         data = self.model_dump(mode="json", exclude={"tracking", "output", "name"})
         if data["setting"].get("federated") is None:  # central run ids predate the field
             data["setting"].pop("federated", None)
-        for (section, key), default in _ADDED_LATER.items():  # keep earlier runs' ids
-            if data[section].get(key) == default:
-                data[section].pop(key)
+        for (*path, key), default in _ADDED_LATER.items():  # keep earlier runs' ids
+            node = data
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and key in node and node[key] == default:
+                node.pop(key)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 #: fields added after runs were recorded: at these values they leave the run id unchanged
-_ADDED_LATER = {("training", "channels_last"): False}
+_ADDED_LATER = {
+    ("training", "channels_last"): False,
+    ("setting", "federated", "secagg_num_shares"): None,
+    ("setting", "federated", "secagg_reconstruction_threshold"): None,
+    ("setting", "federated", "secagg_clipping_range"): 8.0,
+    ("setting", "federated", "secagg_quantization_range"): 2**22,
+}
 
 
 def _check_registries(cfg: RunConfig) -> None:

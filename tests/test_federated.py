@@ -230,3 +230,200 @@ def test_loopback_deployment_matches_simulation(workdir, sample_record):
     assert audit["fitres_fields"] == ["metrics", "num_examples", "parameters", "status"]
     assert set(audit["metric_types"]) <= {"float", "int", "str", "bool"}
     assert math.isfinite(rec["test"]["mean_dice"]) and np.isfinite(rec["privacy"]["epsilon"])
+
+
+# -- secure aggregation (Flower SecAgg+) with site-level DP ---------------------------------
+
+#: SecAgg+ quantisation step: values in [-R, R] map to Q integer levels (R = 8, Q = 2^22)
+QUANTUM = 2 * 8.0 / 2**22
+
+
+def secagg_tiny(tmp: Path, secure: bool = True, sigma: float | None = 0.0, **federated) -> dict:
+    """``tiny`` in site mode; σ fixed (0: no noise) or calibrated to ε = 8 (None); SGD.
+
+    17 subjects: sites train on 4, 4 and 3, so weighting by subjects would show.
+    """
+    fed = {"dp_mode": "site", "secure_aggregation": secure, "eval_every": 1, **federated}
+    d = tiny(tmp, **fed)
+    d["dataset"]["options"]["n_subjects"] = 17
+    d["privacy"] = {"enabled": True, "accountant": "rdp", "target_epsilon": 8.0 if sigma is None
+                    else None, "noise_multiplier": sigma}
+    # SGD: a difference of a few quanta in the round-1 model stays a few quanta after the
+    # round-2 steps (Adam's first steps are ~lr·sign(g) and can amplify it in coordinates
+    # whose gradient is near 0).
+    d["training"].update(optimizer="sgd", lr=0.05)
+    return d
+
+
+def _secagg_sites(cfg):
+    from privseg.federated.client import SiteClient
+
+    ss = load_dataset("phantom", cfg.dataset.options, None, Path(cfg.dataset.cache_dir))
+    sites, _ = build_sites(cfg, ss)
+    return ss, {name: SiteClient(cfg, data, ss) for name, data in sites.items()}
+
+
+def test_secagg_matches_plain_site_dp_within_quantisation(workdir):
+    """(a) SecAgg+ with σ = 0 gives the plain site-mode model up to SecAgg+ rounding.
+
+    Tolerance 3 quanta per value (quantum = 2R/Q = 3.8e-6): SecAgg+ rounds each site's
+    values stochastically to the grid, so the round-1 mean is off by less than 1 quantum; round
+    2 adds < 1 more, plus the round-1 error carried through 2 SGD steps (lr 0.05), which stays
+    near 1 quantum. Metrics: the same argmax masks up to a pixel, 1e-3 in Dice.
+    """
+    from flwr.common import parameters_to_ndarrays
+
+    from privseg.federated.server import initial_model_weights
+    from privseg.federated.simulation import simulate
+
+    out = {}
+    for secure in (False, True):  # clipping binds (updates ~0.2): server- vs site-side clipping
+        cfg = parse_config(secagg_tiny(workdir, secure, site_clip_norm=0.1))
+        ss = load_dataset("phantom", cfg.dataset.options, None, workdir / "cache")
+        server, _, _ = simulate(cfg, ss)
+        out[secure] = (parameters_to_ndarrays(server.parameters), server.record())
+    (plain, rec_p), (masked, rec_s) = out[False], out[True]
+    assert rec_s["federated"]["secure_aggregation"] is True
+    assert rec_p["federated"]["secure_aggregation"] is False
+    assert [a.dtype for a in masked] == [a.dtype for a in plain]
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(plain, masked, strict=True))
+    assert 0 < diff <= 3 * QUANTUM  # 0: the quantised path ran; bound: it changed nothing else
+    init = initial_model_weights(parse_config(secagg_tiny(workdir)), 1, 8)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(plain, init, strict=True))
+    assert moved > 1000 * QUANTUM  # training moved the model far more than the tolerance
+    for c, v in rec_p["test"]["dice"].items():
+        assert rec_s["test"]["dice"][c] == pytest.approx(v, abs=1e-3)
+    for hp, hs in zip(rec_p["history"], rec_s["history"], strict=True):
+        for site, v in hp["val_per_site"].items():
+            assert hs["val_per_site"][site] == pytest.approx(v, abs=1e-3)
+    assert rec_s["federated"]["wire_audit"]["violations"] == []
+
+
+def test_secagg_server_never_receives_a_plain_update(workdir):
+    """(b) What crosses the grid from a site is masked; the unmasked sum is the mean update."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.quantization import dequantize
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from flwr.compat.common import recorddict_compat as compat
+
+    from privseg.federated.secagg import simulate_secagg
+
+    clip = 0.05  # small enough that clipping binds: the sites' updates are really clipped
+    cfg = parse_config(secagg_tiny(workdir, site_clip_norm=clip, eval_every=0))
+    _, clients = _secagg_sites(cfg)
+    plain: dict[tuple[int, int], list] = {}  # (round, node) -> clipped parameters at the site
+    masked: dict[tuple[int, int], list] = {}  # (round, node) -> masked vector that crossed
+    sent_global: dict[int, list] = {}  # round -> global model sent with the fit instruction
+    crossed_arrays: list = []
+    weights: list[int] = []  # the weights the sites chose (DP-FedAvg: equal)
+
+    def on_update(node, rnd, arrays):
+        plain[(rnd, node)] = [a.copy() for a in arrays]
+
+    def on_message(ins, reply):
+        if ins.metadata.message_type != "train":
+            return
+        rnd, node = int(ins.metadata.group_id), reply.metadata.src_node_id
+        for rec in reply.content.array_records.values():
+            crossed_arrays.extend(rec.to_numpy_ndarrays())
+        cfg_rec = reply.content.config_records[RECORD_KEY_CONFIGS]
+        if Key.MASKED_PARAMETERS in cfg_rec:
+            weights.append(compat.recorddict_to_fitres(reply.content, True).num_examples)
+            masked[(rnd, node)] = [bytes_to_ndarray(b) for b in cfg_rec[Key.MASKED_PARAMETERS]]
+            sent_global[rnd] = compat.recorddict_to_fitins(ins.content, True).parameters
+
+    server, _, _ = simulate_secagg(cfg, clients, on_message=on_message,
+                                   on_site_update=on_update)
+    from flwr.common import parameters_to_ndarrays
+
+    assert crossed_arrays == []  # no site reply carried a plain array
+    assert weights == [1] * 6
+    assert sorted(plain) == sorted(masked) and len(plain) == 2 * 3
+    for (rnd, node), arrays in plain.items():
+        start = parameters_to_ndarrays(sent_global[rnd])
+        norm = math.sqrt(sum(float(np.sum((a - s) ** 2)) for a, s in zip(arrays, start,
+                                                                            strict=True)))
+        assert norm <= clip * (1 + 1e-5)  # the site clipped its update (fixedclipping_mod)
+        # the masked vector, read as if it were the site's quantised values, is unrelated
+        read = dequantize(masked[(rnd, node)][1:], 8.0, 2**22)
+        close = sum(int(np.sum(np.abs(r - a) < 1e-3)) for r, a in zip(read, arrays,
+                                                                       strict=True))
+        assert close < 0.01 * sum(a.size for a in arrays)
+    # unmasked, the sum is the equal-weight mean of the clipped models (σ = 0): the next global
+    finals = {1: parameters_to_ndarrays(sent_global[2]), 2: parameters_to_ndarrays(
+        server.parameters)}
+    for rnd, glob in finals.items():
+        nodes = sorted(n for r, n in plain if r == rnd)
+        mean = [np.mean([plain[(rnd, n)][i] for n in nodes], axis=0) for i in range(len(glob))]
+        err = max(float(np.max(np.abs(g - m))) for g, m in zip(glob, mean, strict=True))
+        assert err <= QUANTUM + 1e-6
+
+
+def test_secagg_record_epsilon_is_site_level_accountant(workdir):
+    """(c) The record's ε under SecAgg+ is privacy.py's site-level ε (and dp_accounting's)."""
+    cfg = parse_config(secagg_tiny(workdir, sigma=None, eval_every=0))
+    rec = run_federated(cfg, progress=False, force=True)
+    p = rec["privacy"]
+    assert p["mode"] == "site" and p["unit"] == "site" and p["secure_aggregation"] is True
+    assert rec["federated"]["secure_aggregation"] is True
+    plan = site_level_plan(cfg, 3)
+    assert p["noise_multiplier"] == plan["noise_multiplier"] > 0 and p["rounds_done"] == 2
+    eps = site_level_epsilon(plan["noise_multiplier"], plan["sample_rate"], 2, plan["delta"],
+                             "rdp")
+    assert p["epsilon"] == eps
+    assert eps == pytest.approx(dp_accounting_epsilon(plan["noise_multiplier"], 1.0, 2,
+                                                      plan["delta"]), rel=1e-6)
+    assert eps == pytest.approx(8.0, abs=0.05)
+    assert "secure aggregation" in p["guarantee"] and "whole site" in p["guarantee"]
+    assert p["secagg"]["num_shares"] == 3 and p["secagg"]["reconstruction_threshold"] == 2
+    for row in rec["federated"]["bytes_per_round"]:  # keys, shares and masked vectors
+        assert row["up"] > rec["federated"]["parameter_payload_bytes"] * 3
+
+
+def test_secagg_config_checks(workdir):
+    """(d) Combinations that make no sense are refused, naming the key."""
+    base = Path("/tmp")
+    with pytest.raises(ConfigError, match="secure_aggregation.*dp_mode=site"):
+        parse_config(tiny(base, secure_aggregation=True))  # dp_mode sample
+    with pytest.raises(ConfigError, match="secure_aggregation.*dp_mode=site"):
+        parse_config(tiny(base, dp_mode="none", secure_aggregation=True))
+    with pytest.raises(ConfigError, match="secure_aggregation=true needs at least 3 sites"):
+        parse_config(tiny(base, dp_mode="site", secure_aggregation=True,
+                          partition="dirichlet", n_sites=2))
+    with pytest.raises(ConfigError, match="secagg_reconstruction_threshold"):
+        parse_config(tiny(base, dp_mode="site", secure_aggregation=True, secagg_num_shares=3,
+                          secagg_reconstruction_threshold=3))
+    with pytest.raises(ConfigError, match="secagg_num_shares"):
+        parse_config(tiny(base, dp_mode="site", secure_aggregation=True, secagg_num_shares=2))
+    # known only once the sites exist: two sites, or two chosen per round
+    two = secagg_tiny(workdir)
+    two["dataset"]["options"] = {"n_subjects": 10, "size": 16, "n_sites": 2}
+    with pytest.raises(ConfigError, match="setting.federated.secure_aggregation.*2 site"):
+        run_federated(parse_config(two), progress=False, force=True)
+    with pytest.raises(ConfigError, match="fraction_fit"):
+        run_federated(parse_config(secagg_tiny(workdir, fraction_fit=2 / 3)), progress=False,
+                      force=True)
+    with pytest.raises(ConfigError, match="secagg_num_shares=5"):
+        run_federated(parse_config(secagg_tiny(workdir, secagg_num_shares=5)), progress=False,
+                      force=True)
+    # the gRPC deployment cannot run SecAgg+: it refuses rather than run without it
+    from privseg.federated.deploy import run_server, run_site
+
+    cfg = parse_config(secagg_tiny(workdir))
+    with pytest.raises(ConfigError, match="secure_aggregation=true runs in the simulation"):
+        run_server(cfg, "127.0.0.1:1", 3)
+    with pytest.raises(ConfigError, match="secure_aggregation=true runs in the simulation"):
+        run_site(cfg, "site-A", "127.0.0.1:1")
+    # a model value outside SecAgg+'s range would be clipped silently: the site stops
+    with pytest.raises(ValueError, match="secagg_clipping_range"):
+        run_federated(parse_config(secagg_tiny(workdir, secagg_clipping_range=0.05)),
+                      progress=False, force=True)
+
+
+def test_secagg_fields_keep_earlier_run_ids():
+    """New SecAgg+ fields at their defaults leave run ids as before (value from before them)."""
+    assert parse_config(tiny(Path("/tmp"))).run_id() == "e2a20488803b"
+    a = parse_config(tiny(Path("/tmp"), dp_mode="site", secure_aggregation=True))
+    b = parse_config(tiny(Path("/tmp"), dp_mode="site", secure_aggregation=True,
+                          secagg_clipping_range=4.0))
+    assert a.run_id() != b.run_id()

@@ -9,6 +9,8 @@ keep the strategy and the sites in long-lived processes, so a site's DP optimize
 accountant persist across rounds exactly as in the simulation. TLS: the server takes
 ``(CA certificate, server certificate, server key)`` and the sites the CA certificate. Node
 authentication is a SuperLink feature that this transport does not offer (see the README).
+Secure aggregation (SecAgg+) needs Flower's message-based SuperLink/SuperNode runtime and is
+refused here (:func:`refuse_secure_aggregation`); it runs in the simulation only.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from privseg.config import RunConfig
+from privseg.config import ConfigError, RunConfig
 from privseg.datasets import load_dataset
 from privseg.engine import default_cache_dir, seed_everything
 from privseg.federated.client import SiteClient
@@ -28,6 +30,18 @@ from privseg.record import environment, run_dir, write_record
 log = logging.getLogger("privseg")
 
 
+def refuse_secure_aggregation(cfg: RunConfig) -> None:
+    """Stop a deployment asked for SecAgg+: this transport cannot run it (see the README).
+
+    Running it anyway would be worse than refusing: the strategy would leave clipping to sites
+    that, over ``start_client``, have no clipping mod, and the record would claim SecAgg+.
+    """
+    if cfg.setting.federated.secure_aggregation:
+        raise ConfigError("setting.federated.secure_aggregation=true runs in the simulation "
+                          "only: the gRPC deployment (start_server/start_client) cannot run "
+                          "Flower's SecAgg+ workflow, which needs SuperLink/SuperNode")
+
+
 def run_server(cfg: RunConfig, address: str, n_sites: int,
                certificates: tuple[bytes, bytes, bytes] | None = None,
                round_timeout: float | None = None, output_dir: str | None = None) -> dict:
@@ -35,6 +49,7 @@ def run_server(cfg: RunConfig, address: str, n_sites: int,
     import flwr
     from flwr.server import ServerConfig
 
+    refuse_secure_aggregation(cfg)
     seed_everything(cfg.seed)
     server = make_server(cfg, n_sites)
     t0 = time.perf_counter()
@@ -61,6 +76,7 @@ def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | No
     """Serve one site's data to the federation: train and evaluate locally when asked."""
     import flwr
 
+    refuse_secure_aggregation(cfg)
     d = cfg.dataset
     root = data_root if data_root is not None else d.root
     subject_set = load_dataset(d.name, d.options, root,

@@ -8,7 +8,9 @@ aggregate evaluate), with
   of their names with a seeded RNG (Flower's samples by random connection ids, which would make
   a deployment choose differently from a simulation);
 - the inner strategy, Flower's ``FedAvg``, ``FedProx`` or ``FedAdam``; in ``site`` DP mode
-  wrapped in Flower's ``DifferentialPrivacyServerSideFixedClipping`` over equal site weights;
+  wrapped in Flower's ``DifferentialPrivacyServerSideFixedClipping`` over equal site weights
+  (with ``secure_aggregation``: ``DifferentialPrivacyClientSideFixedClipping``, the sites clip
+  and the server only ever sees the SecAgg+ sum; see :mod:`privseg.federated.secagg`);
 - :class:`RecordingStrategy` outermost: it builds the initial model (server-side, from the
   seed, once the sites have said their channel and class counts), orders the sites' results
   by site name before aggregation (float sums do not depend on arrival order), counts the
@@ -36,9 +38,11 @@ from flwr.common import (
     GetPropertiesIns,
     Parameters,
     ndarrays_to_parameters,
+    parameters_to_ndarrays,
 )
 from flwr.server import Server, SimpleClientManager
 from flwr.server.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
@@ -81,6 +85,7 @@ class SiteClientManager(SimpleClientManager):
 
     def sites(self) -> dict[str, str]:
         """site name -> cid of every connected site (waits for all of them)."""
+        self.num_available()  # a Grid-backed manager (SecAgg+ workflow) registers nodes here
         self.wait_for(self.n_sites)
         by_site = {self.site_name(cid): cid for cid in list(self.clients)}
         if len(by_site) != len(self.clients):
@@ -164,6 +169,9 @@ class RecordingStrategy(Strategy):
         self.audit = {"fit_results": 0, "evaluate_results": 0, "violations": [],
                       "fitres_fields": None, "metric_types": set()}
         self.param_shapes: list[tuple] | None = None
+        self.param_dtypes: list[np.dtype] | None = None
+        #: the SecAgg+ parameters (set by privseg.federated.secagg) when secure_aggregation
+        self.secagg: dict | None = None
         self.site_fit_metrics: dict[str, dict] = {}
         self.final_test: dict[str, dict] = {}
         self.compute_s = 0.0
@@ -180,11 +188,16 @@ class RecordingStrategy(Strategy):
         weights = initial_model_weights(self.cfg, int(first["in_channels"]),
                                         int(first["num_classes"]))
         self.param_shapes = [tuple(w.shape) for w in weights]
+        self.param_dtypes = [w.dtype for w in weights]
         initial = ndarrays_to_parameters(weights)
         strategy = inner_strategy(self.cfg, self.n_sites, initial)
         if self.fed.dp_mode == "site":
             self.dp_site = site_level_plan(self.cfg, self.n_sites)
-            strategy = DifferentialPrivacyServerSideFixedClipping(
+            # With SecAgg+ the server never holds a single update: the sites clip
+            # (fixedclipping_mod) and the wrapper only adds the noise to the unmasked mean.
+            wrapper = (DifferentialPrivacyClientSideFixedClipping if self.fed.secure_aggregation
+                       else DifferentialPrivacyServerSideFixedClipping)
+            strategy = wrapper(
                 UniformWeights(strategy), self.dp_site["noise_multiplier"],
                 self.dp_site["clipping_norm"], self.dp_site["sites_per_round"])
         self.strategy = strategy
@@ -201,7 +214,8 @@ class RecordingStrategy(Strategy):
         ins = self.strategy.configure_fit(server_round, parameters, client_manager)
         row = self._round(server_round)
         row["t_start"] = time.perf_counter()
-        row["bytes_down"] += sum(payload_bytes(fi.parameters) for _, fi in ins)
+        if not self.fed.secure_aggregation:  # SecAgg+: the grid counts all four stages
+            row["bytes_down"] += sum(payload_bytes(fi.parameters) for _, fi in ins)
         return ins
 
     def _check_fitres(self, res: FitRes) -> None:
@@ -212,8 +226,6 @@ class RecordingStrategy(Strategy):
             self.audit["violations"].append(f"FitRes fields {fields}")
         shapes = None
         try:
-            from flwr.common import parameters_to_ndarrays
-
             shapes = [tuple(a.shape) for a in parameters_to_ndarrays(res.parameters)]
         except Exception as e:  # noqa: BLE001
             self.audit["violations"].append(f"parameters not decodable: {e}")
@@ -237,7 +249,8 @@ class RecordingStrategy(Strategy):
         row = self._round(server_round)
         for _, res in results:
             self._check_fitres(res)
-            row["bytes_up"] += payload_bytes(res.parameters)
+            if not self.fed.secure_aggregation:  # SecAgg+: every result holds the sum
+                row["bytes_up"] += payload_bytes(res.parameters)
             site = str(res.metrics["site"])
             row["sites"].append(site)
             self.site_fit_metrics[site] = dict(res.metrics)
@@ -249,6 +262,11 @@ class RecordingStrategy(Strategy):
         if losses:
             row["train_loss"] = sum(v * n for v, n in losses) / sum(n for _, n in losses)
         params, _ = self.strategy.aggregate_fit(server_round, results, failures)
+        if params is not None and self.fed.secure_aggregation:
+            # SecAgg+ dequantises to float64: back to the model's dtypes (payload, equality)
+            params = ndarrays_to_parameters([
+                a.astype(dt, copy=False) for a, dt in
+                zip(parameters_to_ndarrays(params), self.param_dtypes, strict=True)])
         row["fit_s"] = time.perf_counter() - row.pop("t_start")
         return params, {}
 
@@ -319,8 +337,13 @@ class RecordingStrategy(Strategy):
         rounds_done = len([r for r in self.rounds if r["sites"]])
         eps = site_level_epsilon(d["noise_multiplier"], d["sample_rate"], rounds_done,
                                  d["delta"], d["accountant"])
+        if self.fed.secure_aggregation:
+            return {"enabled": True, "mode": "site", **d, "rounds_done": rounds_done,
+                    "epsilon": eps, "secure_aggregation": True, "secagg": dict(self.secagg or {}),
+                    "guarantee": self._secagg_guarantee(eps)}
         return {
             "enabled": True, "mode": "site", **d, "rounds_done": rounds_done, "epsilon": eps,
+            "secure_aggregation": False,
             "guarantee": (
                 f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to adding or "
                 "removing one whole site's data (DP-FedAvg, McMahan et al. 2018): each site's "
@@ -333,6 +356,28 @@ class RecordingStrategy(Strategy):
                 f"{d['sample_rate']:.3g} ({d['accountant']}). Evaluation metrics are not "
                 "covered."),
         }
+
+    def _secagg_guarantee(self, eps: float) -> str:
+        """The site-level guarantee in words when the sites clip and SecAgg+ hides updates."""
+        d, sa = self.dp_site, self.secagg or {}
+        step = 2 * sa.get("clipping_range", math.nan) / sa.get("quantization_range", math.nan)
+        return (
+            f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to adding or removing "
+            "one whole site's data (DP-FedAvg, McMahan et al. 2018), with secure aggregation: "
+            f"each site clips its own update to L2 norm {d['clipping_norm']:g} (Flower "
+            "fixedclipping_mod) and sends it masked under SecAgg+ (secaggplus_mod; "
+            f"{sa.get('reconstruction_threshold')} of {sa.get('num_shares')} shares unmask), so "
+            "the server learns only the equal-weight sum of the "
+            f"{d['sites_per_round']} of {d['n_sites']} sites chosen per round, to which it adds "
+            f"Gaussian noise σ·C/m (σ = {d['noise_multiplier']:.4g}; Flower "
+            "DifferentialPrivacyClientSideFixedClipping). Trust: the server is trusted to add "
+            "the noise, not with single updates; masking holds against an honest-but-curious "
+            "server colluding with fewer than the threshold of sites. SecAgg+ quantises model "
+            f"values in ±{sa.get('clipping_range')} with stochastic rounding (step {step:.3g}); "
+            "that rounding (at most √d·step in L2 norm per site) is not accounted. The "
+            "guarantee covers the released global models; site sampling (m of N without "
+            f"replacement) is accounted as Poisson with q = {d['sample_rate']:.3g} "
+            f"({d['accountant']}). Evaluation metrics are not covered.")
 
     def bytes_per_round(self) -> list[dict]:
         return [{"round": r["round"], "down": r["bytes_down"], "up": r["bytes_up"],
@@ -386,6 +431,16 @@ class FederatedServer(Server):
         t0 = time.perf_counter()
         np.random.seed(self.cfg.seed)  # Flower's DP wrapper draws its noise from NumPy
         history, elapsed = super().fit(num_rounds, timeout)
+        self.final_test(num_rounds, timeout)
+        self.wall_s = time.perf_counter() - t0
+        return history, elapsed
+
+    def final_test(self, num_rounds: int, timeout: float | None = None) -> None:
+        """Every site evaluates the final global model (``self.parameters``) on its test set.
+
+        Shared by Flower's ``Server`` round loop (:meth:`fit`) and the SecAgg+ workflow
+        (:mod:`privseg.federated.secagg`), which runs the rounds without ``Server.fit``.
+        """
         by_site = self._client_manager.sites()
         ins = EvaluateIns(self.parameters, {"split": "test", "round": num_rounds})
         results = []
@@ -394,10 +449,8 @@ class FederatedServer(Server):
             results.append((proxy, proxy.evaluate(ins, timeout=timeout, group_id=num_rounds)))
         self.recorder.final_test_bytes_down = payload_bytes(self.parameters) * len(results)
         self.test_metrics = self.recorder._collect_eval(results)
-        self.wall_s = time.perf_counter() - t0
         if flwr_log is not None:
             flwr_log(INFO, "privseg: final test evaluation at %d sites done", len(results))
-        return history, elapsed
 
     def record(self) -> dict:
         """The run record (minus run id/config/environment, added by the caller)."""
@@ -436,7 +489,8 @@ class FederatedServer(Server):
                 if bpr else 0,
                 "final_test_bytes_down": getattr(rec, "final_test_bytes_down", 0),
                 "wire_audit": audit,
-                "secure_aggregation": False,
+                "secure_aggregation": fed.secure_aggregation,
+                **({"secagg": dict(rec.secagg or {})} if fed.secure_aggregation else {}),
             },
             "history": history,
             "test": test,

@@ -10,6 +10,9 @@ the place of Flower's gRPC client proxy, and passes every instruction and reply 
 protobuf serialisation (``flwr.common.serde``, the messages the gRPC transport sends), so a site
 receives and returns exactly what it would over the wire. Sites run one at a time
 (``max_workers=1``), which with the sites' own RNG streams makes a run deterministic for a seed.
+
+With ``secure_aggregation`` the rounds run through Flower's SecAgg+ workflow over an in-process
+``Grid`` instead (:mod:`privseg.federated.secagg`), with the same server pieces and sites.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from privseg.config import RunConfig
 from privseg.datasets import SubjectSet
 from privseg.engine import completed_record, load_subjects, seed_everything
 from privseg.federated.client import SiteClient
+from privseg.federated.secagg import SiteLink, secagg_plan, simulate_secagg
 from privseg.federated.server import FederatedServer, make_server
 from privseg.federated.sites import build_sites
 from privseg.record import environment, run_dir, write_record
@@ -89,13 +93,18 @@ class InProcessClientProxy(ClientProxy):
 
 
 def simulate(cfg: RunConfig, subject_set: SubjectSet, sites: dict | None = None
-             ) -> tuple[FederatedServer, dict[str, InProcessClientProxy], dict]:
+             ) -> tuple[FederatedServer, dict[str, InProcessClientProxy | SiteLink], dict]:
     """Run the federation in-process; return the server, the site proxies and the partition."""
     if sites is None:
         sites, desc = build_sites(cfg, subject_set)
     else:
         desc = {}
+    if cfg.setting.federated.secure_aggregation:
+        secagg_plan(cfg, len(sites))  # refuse before building the sites
     clients = {name: SiteClient(cfg, data, subject_set) for name, data in sites.items()}
+    if cfg.setting.federated.secure_aggregation:
+        server, links, _ = simulate_secagg(cfg, clients)
+        return server, links, desc
     server = make_server(cfg, len(clients))
     server.set_max_workers(1)  # sites one at a time: deterministic, and fair to 2 cores
     proxies = {}
@@ -107,10 +116,16 @@ def simulate(cfg: RunConfig, subject_set: SubjectSet, sites: dict | None = None
 
 
 def local_baseline(cfg: RunConfig, subject_set: SubjectSet, sites: dict) -> dict:
-    """Each site trained alone for the same rounds (a one-site federation), tested at home."""
+    """Each site trained alone for the same rounds (a one-site federation), tested at home.
+
+    Alone, a site has nothing to aggregate securely: the baseline runs without SecAgg+.
+    """
+    fed = cfg.setting.federated
+    solo = cfg.model_copy(update={"setting": cfg.setting.model_copy(update={
+        "federated": fed.model_copy(update={"secure_aggregation": False})})})
     out = {}
     for name, data in sites.items():
-        server, _, _ = simulate(cfg, subject_set, {name: data})
+        server, _, _ = simulate(solo, subject_set, {name: data})
         rec = server.record()
         out[name] = {"test": rec["test"]["per_site"][name], "privacy": {
             k: rec["privacy"].get(k) for k in ("mode", "epsilon", "unit")}}
@@ -139,7 +154,9 @@ def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     record["timing"] = {
         "total_s": wall, "site_compute_s": site_compute,
         "simulation_overhead": (wall - site_compute) / site_compute if site_compute else None,
-        "mode": "simulation (in-process, sites sequential)",
+        "mode": "simulation (in-process, sites sequential"
+                + (", Flower SecAgg+ workflow)" if cfg.setting.federated.secure_aggregation
+                   else ")"),
     }
     if cfg.setting.federated.local_baseline:
         tb = time.perf_counter()
