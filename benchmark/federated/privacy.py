@@ -17,12 +17,10 @@ McMahan et al. make; with fraction 1 (q = 1) there is no sampling and the bound 
 
 from __future__ import annotations
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from privseg.config import RunConfig
 from privseg.privacy import (
     PrivacyPlan,
-    accountant_kwargs,
+    calibrate_noise,
     check_delta,
     default_delta,
     epsilon_of_history,
@@ -55,10 +53,8 @@ def plan_site_sample(cfg: RunConfig, n_train: int) -> PrivacyPlan:
     q = t.expected_batch_size / n_train
     steps = local_steps_per_round(cfg, q, n_train) * fed.rounds
     sigma = p.noise_multiplier
-    if sigma is None:
-        sigma = get_noise_multiplier(
-            target_epsilon=p.target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
-            accountant=p.accountant, epsilon_tolerance=0.005, **accountant_kwargs(p.accountant))
+    if sigma is None:  # as a central run: the same calibration, so the reported ε ≤ target
+        sigma = calibrate_noise(p.target_epsilon, delta, q, steps, p.accountant)
     return PrivacyPlan(n_train, t.expected_batch_size, q, steps_per_epoch(q), fed.rounds, steps,
                        delta, float(sigma), p.target_epsilon, p.accountant, p.max_grad_norm)
 
@@ -77,10 +73,7 @@ def site_level_plan(cfg: RunConfig, n_sites: int) -> dict:
     check_delta(delta, n_sites)
     sigma = p.noise_multiplier
     if sigma is None:
-        sigma = get_noise_multiplier(
-            target_epsilon=p.target_epsilon, target_delta=delta, sample_rate=q,
-            steps=fed.rounds, accountant=p.accountant, epsilon_tolerance=0.005,
-            **accountant_kwargs(p.accountant))
+        sigma = calibrate_noise(p.target_epsilon, delta, q, fed.rounds, p.accountant)
     return {"n_sites": n_sites, "sites_per_round": m, "sample_rate": q, "rounds": fed.rounds,
             "delta": delta, "noise_multiplier": float(sigma), "clipping_norm": fed.site_clip_norm,
             "target_epsilon": p.target_epsilon, "accountant": p.accountant, "unit": "site"}
