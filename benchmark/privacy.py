@@ -165,16 +165,11 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float,
         return math.inf
     acc = create_accountant(accountant)
     acc.history = list(history)
+    if not kwargs:
+        scale = 1.0
+        if accountant == "prv":
+            scale = epsilon_of_history(history, delta, "rdp")
+        kwargs = accountant_kwargs(accountant, scale)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        if kwargs:
-            return float(acc.get_epsilon(delta=delta, **kwargs))
-        if accountant != "prv":
-            return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
-        rdp = epsilon_of_history(history, delta, "rdp")
-        eps = float(acc.get_epsilon(delta=delta, **accountant_kwargs("prv", rdp)))
-        if eps < 0.9 * rdp:
-            # RDP was loose (few steps, large q): its ε made PRV's error bound needlessly
-            # wide; size it from PRV's own answer, as calibrate_noise does from the target.
-            eps = min(eps, float(acc.get_epsilon(delta=delta, **accountant_kwargs("prv", eps))))
-        return eps
+        return float(acc.get_epsilon(delta=delta, **kwargs))

@@ -11,11 +11,15 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from privseg.config import load_config
+from privseg.federated.privacy import plan_site_sample
 from privseg.privacy import (
     RDP_ORDERS,
+    calibrate_noise,
     check_delta,
     default_delta,
     epsilon_for,
+    epsilon_of_history,
     plan_privacy,
 )
 
@@ -82,3 +86,23 @@ def test_default_delta_and_rejection():
 
 def test_zero_noise_is_infinite_epsilon():
     assert math.isinf(epsilon_for(0.0, 0.1, 10, 1e-5))
+
+
+@pytest.mark.parametrize("q,steps,delta", [(0.8, 1, 9**-1.1), (1.0, 15, 1e-3), (0.1, 300, 1e-5)])
+def test_reported_epsilon_of_a_calibrated_sigma_never_exceeds_the_target(q, steps, delta):
+    """The ε a run reports (default error bound) is at most the target σ was calibrated to,
+    also with few steps and a large q, where RDP (which sizes PRV's error bound) is loose."""
+    sigma = calibrate_noise(8.0, delta, q, steps)
+    assert epsilon_of_history([(sigma, q, steps)], delta) <= 8.0
+    assert independent_epsilon(q, sigma, steps, delta, "prv") <= 8.0 * 1.001
+
+
+def test_federated_site_plan_reports_at_most_its_target():
+    """A site's DP-SGD plan is calibrated like a central one: reported ε ≤ target (Opacus'
+    ``get_noise_multiplier`` with a fixed PRV error bound gave 8.018 for a target of 8)."""
+    cfg = load_config("phantom2d-federated", [
+        "setting.federated.rounds=1", "setting.federated.local_steps=1",
+        "setting.federated.local_epochs=null", "training.expected_batch_size=8"])
+    plan = plan_site_sample(cfg, 9)
+    assert plan.steps == 1 and plan.sample_rate == pytest.approx(8 / 9)
+    assert epsilon_of_history([(plan.noise_multiplier, plan.sample_rate, 1)], plan.delta) <= 8.0
