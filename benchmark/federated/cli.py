@@ -97,3 +97,71 @@ def simulate(
     typer.echo(f"run {record['run_id']}: test mean Dice {record['test'].get('mean_dice'):.4f}; "
                f"ε {record['privacy']['epsilon']}; {t['total_s']:.1f}s, overhead "
                f"{100 * (t['simulation_overhead'] or 0):.1f}% over the sites' compute")
+
+
+# -- SuperLink / SuperNode deployment (Flower's runtime; TLS and node authentication) -------
+
+@fed_app.command()
+def supernode(
+    config: Annotated[list[str], typer.Argument(
+        help="the run config(s) this site agreed to; a run must carry one of them")],
+    name: Annotated[str, typer.Option("--site", help="this site's name, e.g. site-A")],
+    superlink: Annotated[str, typer.Option(help="SuperLink Fleet API HOST:PORT")],
+    data: Annotated[str | None, typer.Option(help="this site's data folder (dataset.root)")]
+    = None,
+    ca_cert: Annotated[Path | None, typer.Option(
+        help="TLS: CA certificate that signed the SuperLink's certificate")] = None,
+    auth_key: Annotated[Path | None, typer.Option(
+        help="node authentication: this site's EC private key (OpenSSH format); its public "
+             "key must be registered on the SuperLink (flwr supernode register)")] = None,
+    runtime_port: Annotated[int | None, typer.Option(
+        help="local port of the SuperNode's runtime API (default Flower's 9094)")] = None,
+    max_wait: Annotated[float | None, typer.Option(help="give up connecting after s")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve one site as a Flower SuperNode: its data stay here; it answers every run.
+
+    Starts the site's worker (data loaded from --data) and Flower's flower-supernode; runs
+    until stopped. Only model updates (masked with SecAgg+) and aggregate metrics leave.
+    """
+    from privseg.federated.supernode import serve_site
+
+    configs = [_load(c, set_) for c in config]
+    try:
+        code = serve_site(configs, name, superlink, data, ca_cert, auth_key, runtime_port, max_wait)
+    except (ValueError, FileNotFoundError, ConfigError) as e:
+        fail(str(e), code=1)
+    raise typer.Exit(code)
+
+
+@fed_app.command("run")
+def run_cmd(
+    config: Annotated[str, typer.Argument(help="federated run config (YAML or built-in name)")],
+    superlink: Annotated[str | None, typer.Option(
+        help="SuperLink HOST:PORT (its Control API; Flower 1.41 serves all APIs on one port)")]
+    = None,
+    ca_cert: Annotated[Path | None, typer.Option(help="TLS: CA certificate of the SuperLink")]
+    = None,
+    connection: Annotated[str | None, typer.Option(
+        help="instead of --superlink: a named connection of your Flower config")] = None,
+    sites: Annotated[int, typer.Option(help="number of sites in the federation")] = 3,
+    output: Annotated[str | None, typer.Option(
+        help="record folder on the SuperLink's machine (default output.dir)")] = None,
+    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the federation on a SuperLink (flwr run) and print the record's summary."""
+    from privseg.federated.federation import run_federation
+
+    cfg = _load(config, set_)
+    if superlink is None and connection is None:
+        fail("give --superlink HOST:PORT (with --ca-cert) or --connection NAME")
+    try:
+        record = run_federation(cfg, sites, superlink=superlink, root_certificates=ca_cert,
+                                connection=connection, output_dir=output,
+                                round_timeout=round_timeout)
+    except (ConfigError, RuntimeError, FileNotFoundError) as e:
+        fail(str(e), code=1)
+    p = record["privacy"]
+    typer.echo(f"run {record['run_id']}: test mean Dice "
+               f"{record['test'].get('mean_dice', float('nan')):.4f}  privacy: {p['guarantee']}")

@@ -38,8 +38,9 @@ def refuse_secure_aggregation(cfg: RunConfig) -> None:
     """
     if cfg.setting.federated.secure_aggregation:
         raise ConfigError("setting.federated.secure_aggregation=true runs in the simulation "
-                          "only: the gRPC deployment (start_server/start_client) cannot run "
-                          "Flower's SecAgg+ workflow, which needs SuperLink/SuperNode")
+                          "and on SuperLink/SuperNode only (privseg federated run / "
+                          "supernode): the legacy gRPC deployment (start_server/start_client) "
+                          "cannot run Flower's SecAgg+ workflow")
 
 
 def run_server(cfg: RunConfig, address: str, n_sites: int,

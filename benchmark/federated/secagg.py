@@ -51,7 +51,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from privseg.config import ConfigError, RunConfig
 from privseg.federated.client import SiteClient
 from privseg.federated.privacy import sites_per_round
-from privseg.federated.server import FederatedServer, make_server
+from privseg.federated.server import FederatedServer, make_server, prefetch_site_properties
 from privseg.federated.sites import site_seed
 
 KEY = "setting.federated.secure_aggregation"
@@ -225,15 +225,59 @@ class SiteLink:
     wire: dict[str, int]
 
 
-def site_app(clients: dict[int, SiteClient], clipping_range: float,
+def site_app(clients: dict[int, SiteClient], clipping_range: float | None,
              observe: UpdateObserver | None = None) -> ClientApp:
-    """The sites' Flower ``ClientApp``: clip, weight 1, mask (SecAgg+)."""
+    """The sites' Flower ``ClientApp``: clip, weight 1, mask (SecAgg+).
+
+    ``clipping_range=None`` gives the plain ``ClientApp`` (no mods) of a run without SecAgg+:
+    there the server clips (``DifferentialPrivacyServerSideFixedClipping``) and weighs.
+    """
 
     def client_fn(context: Context):
         return clients[context.node_id].to_client()
 
+    if clipping_range is None:
+        return ClientApp(client_fn=client_fn)
     return ClientApp(client_fn=client_fn, mods=[
         secaggplus_mod, make_site_update_mod(clipping_range, observe), fixedclipping_mod])
+
+
+def secagg_workflow(plan: dict) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the parameters of :func:`secagg_plan`."""
+    return SecAggPlusWorkflow(
+        num_shares=plan["num_shares"], reconstruction_threshold=plan["reconstruction_threshold"],
+        max_weight=plan["max_weight"], clipping_range=plan["clipping_range"],
+        quantization_range=plan["quantization_range"], modulus_range=plan["modulus_range"])
+
+
+def run_workflow(cfg: RunConfig, server: FederatedServer, grid: Grid,
+                 round_timeout: float | None = None) -> None:
+    """Run the rounds and the final test of ``server`` over ``grid`` (Flower's workflow).
+
+    The server side of both the in-process SecAgg+ simulation and the deployed ``ServerApp``
+    (:mod:`privseg.federated.app`): Flower's ``DefaultWorkflow`` over a ``LegacyContext``
+    holding the server's :class:`~privseg.federated.server.RecordingStrategy` and site client
+    manager, with ``SecAggPlusWorkflow`` as fit workflow when the config asks for secure
+    aggregation. Afterwards ``server.parameters`` holds the final global model and
+    ``server.test_metrics`` every site's test metrics, as after ``FederatedServer.fit``.
+    """
+    fed = cfg.setting.federated
+    if fed.secure_aggregation:
+        server.recorder.secagg = server.recorder.secagg or secagg_plan(cfg, server.n_sites)
+        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(server.recorder.secagg))
+    else:
+        workflow = DefaultWorkflow()
+    context = LegacyContext(
+        Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                run_config={}),
+        config=ServerConfig(num_rounds=fed.rounds, round_timeout=round_timeout),
+        strategy=server.recorder, client_manager=server.client_manager())
+    prefetch_site_properties(server, grid, round_timeout)
+    np.random.seed(cfg.seed)  # the server's DP noise, as in FederatedServer.fit
+    workflow(grid, context)
+    server.parameters = compat.arrayrecord_to_parameters(
+        context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    server.final_test(fed.rounds, round_timeout, grid=grid)
 
 
 def simulate_secagg(cfg: RunConfig, clients: dict[str, SiteClient], *,
@@ -259,21 +303,9 @@ def simulate_secagg(cfg: RunConfig, clients: dict[str, SiteClient], *,
         grid.observers.append(on_message)
     server = make_server(cfg, len(clients))
     server.recorder.secagg = plan
-    context = LegacyContext(
-        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-        config=ServerConfig(num_rounds=fed.rounds), strategy=server.recorder,
-        client_manager=server.client_manager())
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=plan["num_shares"], reconstruction_threshold=plan["reconstruction_threshold"],
-        max_weight=plan["max_weight"], clipping_range=plan["clipping_range"],
-        quantization_range=plan["quantization_range"], modulus_range=plan["modulus_range"]))
-    np.random.seed(cfg.seed)  # the server's DP noise, as in FederatedServer.fit
     with _server_identity(grid.run.run_id):
-        workflow(grid, context)
-        server.parameters = compat.arrayrecord_to_parameters(
-            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
-        _fill_round_bytes(server, grid)
-        server.final_test(fed.rounds)
+        run_workflow(cfg, server, grid)
+    _fill_round_bytes(server, grid)
     links = {n: SiteLink(clients[n], grid.wire[node_of[n]]) for n in names}
     return server, links, grid
 

@@ -32,6 +32,8 @@ from logging import INFO
 
 import numpy as np
 import torch
+from flwr.app import Message, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common import (
     EvaluateIns,
     FitRes,
@@ -40,6 +42,8 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.constant import MessageTypeLegacy
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server import Server, SimpleClientManager
 from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -435,18 +439,28 @@ class FederatedServer(Server):
         self.wall_s = time.perf_counter() - t0
         return history, elapsed
 
-    def final_test(self, num_rounds: int, timeout: float | None = None) -> None:
+    def final_test(self, num_rounds: int, timeout: float | None = None, grid=None) -> None:
         """Every site evaluates the final global model (``self.parameters``) on its test set.
 
-        Shared by Flower's ``Server`` round loop (:meth:`fit`) and the SecAgg+ workflow
-        (:mod:`privseg.federated.secagg`), which runs the rounds without ``Server.fit``.
+        Shared by Flower's ``Server`` round loop (:meth:`fit`) and Flower's workflows
+        (:func:`privseg.federated.secagg.run_workflow`), which run the rounds without
+        ``Server.fit``. With a ``grid`` (Flower ``Grid``) the instructions go out in one batch,
+        so deployed sites evaluate at the same time instead of one round trip after another.
         """
         by_site = self._client_manager.sites()
         ins = EvaluateIns(self.parameters, {"split": "test", "round": num_rounds})
-        results = []
-        for cid in by_site.values():
-            proxy = self._client_manager.clients[cid]
-            results.append((proxy, proxy.evaluate(ins, timeout=timeout, group_id=num_rounds)))
+        if grid is not None:
+            replies = ask_sites(grid, {int(cid): compat.evaluateins_to_recorddict(ins, True)
+                                       for cid in by_site.values()},
+                                MessageType.EVALUATE, str(num_rounds), timeout)
+            results = [(self._client_manager.clients[str(nid)],
+                        compat.recorddict_to_evaluateres(rd)) for nid, rd in replies.items()]
+        else:
+            results = []
+            for cid in by_site.values():
+                proxy = self._client_manager.clients[cid]
+                results.append((proxy, proxy.evaluate(ins, timeout=timeout,
+                                                       group_id=num_rounds)))
         self.recorder.final_test_bytes_down = payload_bytes(self.parameters) * len(results)
         self.test_metrics = self.recorder._collect_eval(results)
         if flwr_log is not None:
@@ -496,6 +510,46 @@ class FederatedServer(Server):
             "test": test,
             "privacy": rec.privacy(),
         }
+
+
+def ask_sites(grid, contents: dict[int, RecordDict], message_type: str, group_id: str,
+              timeout: float | None = None) -> dict[int, RecordDict]:
+    """Send each node its instruction in one batch over a Flower ``Grid``; node -> reply.
+
+    A site's error reply, or a missing reply, stops the run (the record would otherwise
+    misstate who took part).
+    """
+    msgs = [Message(content, nid, message_type, group_id=group_id)
+            for nid, content in contents.items()]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    out: dict[int, RecordDict] = {}
+    for r in replies:
+        if r.has_error():
+            raise RuntimeError(f"node {r.metadata.src_node_id}: {r.error.reason}")
+        out[r.metadata.src_node_id] = r.content
+    if set(out) != set(contents):
+        raise RuntimeError(f"no {message_type} reply from node(s) {set(contents) - set(out)}")
+    return dict(sorted(out.items()))
+
+
+def prefetch_site_properties(server: FederatedServer, grid, timeout: float | None = None,
+                             poll_s: float = 0.5) -> None:
+    """Ask every connected node for its site properties at once (over a Flower ``Grid``).
+
+    :meth:`SiteClientManager.site_name` would ask one node after another, one round trip
+    each; with SuperNodes that is seconds per site. Waits until ``n_sites`` nodes are online.
+    """
+    while len(set(grid.get_node_ids())) < server.n_sites:
+        time.sleep(poll_s)
+    nodes = sorted(set(grid.get_node_ids()))
+    ins = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
+    replies = ask_sites(grid, {nid: ins for nid in nodes}, MessageTypeLegacy.GET_PROPERTIES,
+                        "", timeout)
+    cm = server.client_manager()
+    for nid, content in replies.items():
+        props = dict(compat.recorddict_to_getpropertiesres(content).properties)
+        cm.props[str(nid)] = props
+        cm.site_of[str(nid)] = str(props["site"])
 
 
 def make_server(cfg: RunConfig, n_sites: int) -> FederatedServer:

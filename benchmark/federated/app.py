@@ -1,0 +1,197 @@
+"""privseg as a Flower App: the ``ServerApp`` and ``ClientApp`` that ``flwr run`` deploys.
+
+The SuperLink/SuperNode runtime of Flower (1.41) runs a ``ServerApp`` once per run, in a process
+next to the SuperLink, and a ``ClientApp`` once per *message*, in a fresh ``flwr-clientapp``
+process next to each SuperNode (only ``Context.state`` survives between messages). The App
+directory shipped with this package (:data:`APP_DIR`, its ``pyproject.toml`` names the two
+objects below) holds no code of its own: privseg must be installed where the SuperLink and the
+SuperNodes run.
+
+- :data:`server_app` parses the run config the federation submitted (the whole privseg
+  ``RunConfig`` as JSON, :data:`CONFIG_KEY`), builds the *same*
+  :class:`~privseg.federated.server.FederatedServer` as the simulation and runs
+  :func:`privseg.federated.secagg.run_workflow` over the grid Flower hands it (Flower's
+  ``DefaultWorkflow``; ``SecAggPlusWorkflow`` as its fit workflow with ``secure_aggregation``),
+  then writes the run record (:mod:`privseg.record`, the simulation's format) to
+  ``OUTPUT_DIR/RUN_ID/record.json`` on the SuperLink's machine.
+- :data:`client_app` is a thin forwarder. A site's training state (its model, DP optimizer,
+  Poisson loader position, accountant and random streams) must live across rounds, exactly as in
+  the simulation, and a per-message process cannot hold it. So each message (and the SuperNode's
+  ``Context``) is passed, as Flower's protobuf, over a local Unix socket to the site's
+  long-lived worker (:mod:`privseg.federated.supernode`, started by ``privseg federated
+  supernode`` beside its SuperNode), which answers with the unchanged
+  :class:`~privseg.federated.client.SiteClient` inside the same ``ClientApp`` and mods as the
+  SecAgg+ simulation (:func:`privseg.federated.secagg.site_app`).
+
+This module imports only Flower at import time: ``flwr-clientapp`` loads it for every message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from multiprocessing.connection import Client as SocketClient
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import serde
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.serverapp import Grid, ServerApp
+
+#: the Flower App directory (``pyproject.toml`` only) that ``flwr run`` packages
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
+#: run-config keys (``[tool.flwr.app.config]`` of the App)
+CONFIG_KEY = "privseg-config"  # the privseg RunConfig, JSON
+SITES_KEY = "n-sites"
+OUTPUT_KEY = "output-dir"  # where the ServerApp writes OUTPUT_DIR/RUN_ID/record.json
+TIMEOUT_KEY = "round-timeout"  # seconds; 0: none
+#: node-config keys (``flower-supernode --node-config``)
+WORKER_KEY = "privseg-worker"  # the site worker's Unix socket
+SITE_KEY = "site"
+
+
+def worker_authkey_path(socket_path: str | Path) -> Path:
+    """The file holding the worker socket's shared secret (0600, beside the socket)."""
+    return Path(f"{socket_path}.key")
+
+
+def exchange(socket_path: str, message: Message, context: Context) -> tuple[Message, Context]:
+    """Send a message and its context to a site worker; return its reply and new context."""
+    key = worker_authkey_path(socket_path).read_bytes()
+    with SocketClient(socket_path, family="AF_UNIX", authkey=key) as conn:
+        conn.send_bytes(serde.message_to_proto(message).SerializeToString())
+        conn.send_bytes(serde.context_to_proto(context).SerializeToString())
+        reply = serde.message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
+        new_context = serde.context_from_proto(ProtoContext.FromString(conn.recv_bytes()))
+    return reply, new_context
+
+
+def forward_to_site_worker(msg: Message, context: Context,
+                           call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: hand the message to the site's worker (never to ``call_next``)."""
+    socket_path = context.node_config.get(WORKER_KEY)
+    if not socket_path:
+        raise RuntimeError(f"this SuperNode has no node config {WORKER_KEY!r}: start it with "
+                           "`privseg federated supernode`, which runs the site's worker")
+    reply, new_context = exchange(str(socket_path), msg, context)
+    context.state = new_context.state  # the SuperNode keeps it for the next message
+    return reply
+
+
+def _no_local_client(context: Context):
+    raise RuntimeError("privseg's ClientApp forwards every message to the site worker")
+
+
+client_app = ClientApp(client_fn=_no_local_client, mods=[forward_to_site_worker])
+server_app = ServerApp()
+
+
+class CountingGrid(Grid):
+    """A Flower ``Grid`` that counts the serialised bytes of what it sends and receives.
+
+    Wraps the grid the SuperLink hands the ServerApp; counts per group id (the round) and
+    message type, in the shape :class:`privseg.federated.secagg.InProcessGrid` uses, so the
+    record's SecAgg+ ``bytes_per_round`` (all four stages) is filled the same way. Sizes are
+    those of Flower's protobuf ``Message`` (content and metadata; the SuperLink's own framing
+    and object chunking are not included).
+    """
+
+    def __init__(self, grid: Grid, poll_s: float = 0.2):
+        self.grid = grid
+        self.poll_s = poll_s
+        self.by_round: dict[str, dict[str, dict[str, int]]] = {}
+
+    def _count(self, msg: Message, direction: str) -> None:
+        size = serde.message_to_proto(msg).ByteSize()
+        per = self.by_round.setdefault(msg.metadata.group_id, {}).setdefault(
+            msg.metadata.message_type, {"server_to_site": 0, "site_to_server": 0})
+        per[direction] += size
+
+    def set_run(self, run_id: int) -> None:
+        """Set the run (delegated)."""
+        self.grid.set_run(run_id)
+
+    @property
+    def run(self):
+        """The run this grid operates in (delegated)."""
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        """A new message (delegated)."""
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self):
+        """The connected nodes (delegated)."""
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        """Push messages (delegated), counting them."""
+        messages = list(messages)
+        for m in messages:
+            self._count(m, "server_to_site")
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        """Pull replies (delegated), counting them."""
+        replies = list(self.grid.pull_messages(message_ids))
+        for r in replies:
+            self._count(r, "site_to_server")
+        return replies
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        """Push, then pull the replies every :attr:`poll_s` until all came or ``timeout``.
+
+        Flower's own loop (``HttpGrid.send_and_receive``) polls every 3 s; here every
+        ``poll_s`` (0.2 s), which matters for SecAgg+'s four round trips per round.
+        """
+        msg_ids = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while msg_ids:
+            got = list(self.pull_messages(msg_ids))
+            replies.extend(got)
+            msg_ids -= {r.metadata.reply_to_message_id for r in got}
+            if not msg_ids or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.poll_s)
+        return replies
+
+
+@server_app.main()
+def serve_federation(grid: Grid, context: Context) -> None:
+    """ServerApp main: the rounds, the final test and the run record (see the module doc)."""
+    from privseg.config import parse_config
+    from privseg.engine import seed_everything
+    from privseg.federated.secagg import _fill_round_bytes, run_workflow
+    from privseg.federated.server import make_server
+    from privseg.record import environment, run_dir, write_record
+
+    rc = context.run_config
+    cfg = parse_config(json.loads(str(rc[CONFIG_KEY])))
+    n_sites = int(rc[SITES_KEY])
+    timeout = float(rc.get(TIMEOUT_KEY, 0.0)) or None
+    output = str(rc.get(OUTPUT_KEY) or cfg.output.dir)
+    seed_everything(cfg.seed)
+    server = make_server(cfg, n_sites)
+    counting = CountingGrid(grid)
+    t0 = time.perf_counter()
+    run_workflow(cfg, server, counting, round_timeout=timeout)
+    if cfg.setting.federated.secure_aggregation:
+        _fill_round_bytes(server, counting)
+    record = server.record()
+    record["timing"] = {"total_s": time.perf_counter() - t0,
+                        "site_compute_s": server.recorder.compute_s,
+                        "mode": "deployment (Flower SuperLink/SuperNode"
+                                + (", SecAgg+)" if cfg.setting.federated.secure_aggregation
+                                   else ")")}
+    record["federated"]["transport"] = {"runtime": "flower-superlink", "flower_run_id":
+                                        int(context.run_id), "wire_bytes_by_round":
+                                        counting.by_round}
+    record.update(run_id=cfg.run_id(), name=cfg.name, config=cfg.model_dump(mode="json"),
+                  environment=environment("server"))
+    path = write_record(run_dir(output, cfg.run_id()), record)
+    print(f"privseg: record written to {path}", flush=True)

@@ -1,0 +1,133 @@
+"""The federation operator's side of a SuperLink deployment: submit a run, collect its record.
+
+:func:`run_federation` hands privseg's Flower App (:data:`privseg.federated.app.APP_DIR`) to
+``flwr run`` with the whole run config, the number of sites and the record folder as the run's
+config, streams the run's log, and reads the record the ``ServerApp`` wrote
+(``OUTPUT_DIR/RUN_ID/record.json``, the simulation's format). The ``ServerApp`` runs next to the
+SuperLink, so the record folder is on the SuperLink's machine: run this command there (or give
+``--output`` a folder both can reach).
+
+The SuperLink connection is either a named connection of the operator's own Flower
+configuration (``$FLWR_HOME/config.toml``), or, by default, one written to a private temporary
+``FLWR_HOME`` from ``--superlink`` and ``--ca-cert``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from privseg.config import ConfigError, RunConfig
+from privseg.federated.app import APP_DIR, CONFIG_KEY, OUTPUT_KEY, SITES_KEY, TIMEOUT_KEY
+from privseg.record import read_record, run_dir
+
+CONNECTION = "privseg"
+
+
+
+def flower_command(name: str) -> str:
+    """Path of one of Flower's commands (``flwr``, ``flower-supernode``, ...).
+
+    Looked up beside the running Python first (a virtual environment's ``bin/`` also when it is
+    not activated, as under ``python -m pytest``), then on ``PATH``.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"`{name}` is neither beside {sys.executable} nor on PATH "
+                                "(it comes with flwr)")
+    return found
+
+
+def flower_env(**extra: str) -> dict[str, str]:
+    """The environment for Flower's processes: this Python's ``bin/`` first on ``PATH``, so
+    that the processes they start (``flwr-clientapp``, ``flwr-serverapp``) are found too."""
+    env = dict(os.environ, **extra)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+def toml_value(value: object) -> str:
+    """A TOML literal for a str/int/float/bool (JSON's string escapes are TOML's)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def run_config_toml(cfg: RunConfig, n_sites: int, output_dir: Path,
+                    round_timeout: float | None) -> str:
+    """The ``flwr run --run-config`` file: privseg's config and where the record goes."""
+    values = {CONFIG_KEY: json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+              SITES_KEY: int(n_sites), OUTPUT_KEY: str(output_dir),
+              TIMEOUT_KEY: float(round_timeout or 0.0)}
+    return "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+
+
+def connection_toml(superlink: str, root_certificates: Path | None) -> str:
+    """A Flower configuration with one SuperLink connection (TLS unless no CA certificate)."""
+    lines = ["[superlink]", f"default = {toml_value(CONNECTION)}", "",
+             f"[superlink.{CONNECTION}]", f"address = {toml_value(superlink)}"]
+    if root_certificates is not None:
+        lines.append(f"root-certificates = {toml_value(str(Path(root_certificates).resolve()))}")
+    else:
+        lines.append("insecure = true")
+    return "\n".join(lines) + "\n"
+
+
+def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None,
+                   root_certificates: Path | None = None, connection: str | None = None,
+                   output_dir: str | Path | None = None, round_timeout: float | None = None,
+                   timeout: float | None = None, log_path: Path | None = None) -> dict:
+    """Run ``cfg`` on the SuperLink's federation of ``n_sites`` sites; return its record.
+
+    Raises ``RuntimeError`` (with the end of ``flwr``'s output) if the run fails or leaves no
+    record of this Flower run.
+    """
+    if cfg.setting.federated.secure_aggregation:
+        from privseg.federated.secagg import secagg_plan
+
+        secagg_plan(cfg, n_sites)  # refuse before submitting
+    if (superlink is None) == (connection is None):
+        raise ConfigError("give either a SuperLink address (--superlink) or a named Flower "
+                          "connection (--connection)")
+    flwr = flower_command("flwr")
+    output = Path(output_dir or cfg.output.dir).resolve()
+    with tempfile.TemporaryDirectory(prefix="privseg-flwr-") as tmp:
+        env = flower_env()
+        if connection is None:
+            env["FLWR_HOME"] = tmp
+            (Path(tmp) / "config.toml").write_text(connection_toml(superlink, root_certificates))
+        overrides = Path(tmp) / "run-config.toml"
+        overrides.write_text(run_config_toml(cfg, n_sites, output, round_timeout))
+        cmd = [flwr, "run", str(APP_DIR), connection or CONNECTION, "--run-config",
+               str(overrides), "--stream"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)  # noqa: S603
+    out = proc.stdout + proc.stderr
+    if log_path is not None:
+        Path(log_path).write_text(out)
+    m = re.search(r"Successfully started run (\d+)", out)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(f"`flwr run` failed (exit {proc.returncode}):\n{out[-3000:]}")
+    flower_run = int(m.group(1))
+    directory = run_dir(output, cfg.run_id())
+    deadline = time.monotonic() + 30  # the log stream can end just before the file lands
+    while True:
+        record = read_record(directory)
+        transport = (record or {}).get("federated", {}).get("transport", {})
+        if transport.get("flower_run_id") == flower_run:
+            return record
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Flower run {flower_run} left no record in {directory}; its "
+                               f"log ends:\n{out[-3000:]}")
+        time.sleep(0.5)

@@ -1,0 +1,248 @@
+"""A clinic's side of a SuperLink deployment: its site worker and its Flower SuperNode.
+
+``privseg federated supernode`` (:func:`serve_site`) loads the site's data from a local path,
+starts a :class:`SiteWorker` on a private Unix socket, and runs Flower's ``flower-supernode``
+(TLS towards the SuperLink, node authentication with the site's private key) with the socket
+in its node config. Flower runs the App's ``ClientApp`` in a new process per message; that
+process (:func:`privseg.federated.app.forward_to_site_worker`) hands the message to the worker,
+which answers it with the site's :class:`~privseg.federated.client.SiteClient`, one per run,
+inside the ``ClientApp`` of :func:`privseg.federated.secagg.site_app` (with SecAgg+: the
+``secaggplus_mod``/``fixedclipping_mod`` stack; otherwise no mods), exactly as the simulation
+does. The worker keeps the site's DP optimizer, loader position, accountant and random streams
+between rounds, so a deployed run computes what the simulation computes.
+
+Before its first answer in a run the worker checks that the federation's run config is the one
+this site agreed to (same :func:`agreement_id`: everything but machine-local paths), so a site
+never trains under a privacy budget it did not accept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.connection import Listener
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.common import serde
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+
+from privseg.config import ConfigError, RunConfig, parse_config
+from privseg.federated.app import CONFIG_KEY, SITE_KEY, WORKER_KEY, worker_authkey_path
+from privseg.federated.client import SiteClient
+from privseg.federated.federation import flower_command, flower_env
+from privseg.federated.secagg import site_app
+from privseg.federated.sites import SiteData, build_site, site_seed
+
+log = logging.getLogger("privseg")
+
+#: Flower error code for a reply the worker could not compute (ClientApp raised)
+WORKER_ERROR_CODE = 0
+
+
+def agreement_id(cfg: RunConfig) -> str:
+    """The run id of ``cfg`` without machine-local paths (data root, cache, device).
+
+    Two parties with the same agreement id run the same model, rounds, local steps, seed and
+    privacy target; only where each keeps its files (and which device it computes on) differs.
+    """
+    local = cfg.model_copy(update={
+        "dataset": cfg.dataset.model_copy(update={"root": None, "cache_dir": None}),
+        "training": cfg.training.model_copy(update={"device": "cpu"})})
+    return local.run_id()
+
+
+@dataclass
+class SiteRun:
+    """A site's state in one Flower run: its client, ClientApp and SecAgg+ random stream."""
+
+    client: SiteClient
+    app: ClientApp
+    np_state: tuple
+
+
+class SiteWorker:
+    """One site's long-lived worker: answers the SuperNode's messages with its SiteClient.
+
+    A site may agree to several run configs (studies); a run must carry one of them. Messages
+    are handled one at a time (a lock), so concurrent runs each see their own random streams
+    swapped in, as sites sharing one simulation process do.
+    """
+
+    def __init__(self, site: str, agreed: dict[str, tuple[RunConfig, SiteData, object]],
+                 keep_runs: int = 4):
+        self.site = site
+        #: agreement id -> (the site's config, its data under that config, the subject set)
+        self.agreed = agreed
+        self.runs: OrderedDict[int, SiteRun] = OrderedDict()
+        self.keep_runs = keep_runs
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, configs: list[RunConfig], site: str,
+             data_root: str | None = None) -> SiteWorker:
+        """Load the site's data (``data_root`` or ``dataset.root``) for every agreed config."""
+        from privseg.datasets import load_dataset
+        from privseg.engine import default_cache_dir
+
+        agreed = {}
+        for cfg in configs:
+            d = cfg.dataset
+            root = data_root if data_root is not None else d.root
+            subject_set = load_dataset(d.name, d.options, root, Path(d.cache_dir)
+                                       if d.cache_dir else default_cache_dir())
+            data = build_site(cfg, subject_set, site)
+            agreed[agreement_id(cfg)] = (cfg, data, subject_set)
+            log.info("site %s: run config %s (%s): %s subjects (train/val/test)", site,
+                     cfg.name, agreement_id(cfg), data.counts())
+        return cls(site, agreed)
+
+    def _site_run(self, context: Context) -> SiteRun:
+        run = self.runs.get(context.run_id)
+        if run is not None:
+            self.runs.move_to_end(context.run_id)
+            return run
+        federation = parse_config_json(str(context.run_config.get(CONFIG_KEY, "")))
+        aid = agreement_id(federation)
+        if aid not in self.agreed:
+            raise ConfigError(
+                f"site {self.site}: the federation's run config (agreement id {aid}) is not "
+                f"one this site agreed to ({', '.join(self.agreed)}); refusing to train")
+        cfg, data, subject_set = self.agreed[aid]
+        fed = cfg.setting.federated
+        client = SiteClient(cfg, data, subject_set)
+        app = site_app({context.node_id: client},
+                       fed.secagg_clipping_range if fed.secure_aggregation else None)
+        seed = site_seed(cfg.seed, f"{self.site}/secagg")  # as InProcessGrid's nodes
+        run = SiteRun(client, app, np.random.RandomState(seed % 2**32).get_state())
+        self.runs[context.run_id] = run
+        while len(self.runs) > self.keep_runs:
+            self.runs.popitem(last=False)
+        log.info("site %s: joined run %s", self.site, context.run_id)
+        return run
+
+    def handle(self, msg: Message, context: Context) -> Message:
+        """Answer one message (Flower's ``ClientApp`` call) with this site's state."""
+        with self.lock:
+            try:
+                run = self._site_run(context)
+                outer = np.random.get_state()
+                np.random.set_state(run.np_state)
+                try:
+                    return run.app(msg, context)
+                finally:
+                    run.np_state = np.random.get_state()
+                    np.random.set_state(outer)
+            except Exception as e:  # noqa: BLE001 - the server must learn that the site failed
+                log.error("site %s: %s", self.site, traceback.format_exc())
+                return Message(Error(code=WORKER_ERROR_CODE,
+                                     reason=f"site {self.site}: {type(e).__name__}: {e}"),
+                               reply_to=msg)
+
+    def serve(self, listener: Listener) -> None:
+        """Answer connections from the ClientApp processes until the listener is closed."""
+        while True:
+            try:
+                conn = listener.accept()
+            except (OSError, EOFError):
+                return  # closed
+            except Exception:  # noqa: BLE001 - a bad handshake must not stop the worker
+                log.warning("site %s: refused a worker connection", self.site)
+                continue
+            with conn:
+                try:
+                    msg = serde.message_from_proto(ProtoMessage.FromString(conn.recv_bytes()))
+                    context = serde.context_from_proto(ProtoContext.FromString(
+                        conn.recv_bytes()))
+                    reply = self.handle(msg, context)
+                    conn.send_bytes(serde.message_to_proto(reply).SerializeToString())
+                    conn.send_bytes(serde.context_to_proto(context).SerializeToString())
+                except (OSError, EOFError) as e:
+                    log.warning("site %s: worker connection dropped: %s", self.site, e)
+
+
+def parse_config_json(text: str) -> RunConfig:
+    """The federation's run config from the ServerApp's run config (JSON)."""
+    import json
+
+    if not text:
+        raise ConfigError(f"the run carries no {CONFIG_KEY!r}: start it with "
+                          "`privseg federated run`")
+    return parse_config(json.loads(text))
+
+
+def supernode_command(superlink: str, socket_path: Path, site: str,
+                      root_certificates: Path | None, auth_key: Path | None,
+                      runtime_port: int | None, max_wait: float | None) -> list[str]:
+    """The ``flower-supernode`` command line for this site (TLS unless no CA certificate)."""
+    cmd = [flower_command("flower-supernode"), "--superlink", superlink,
+           "--node-config", f'{WORKER_KEY}="{socket_path}" {SITE_KEY}="{site}"']
+    cmd += ["--root-certificates", str(root_certificates)] if root_certificates else [
+        "--insecure"]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if runtime_port is not None:
+        cmd += ["--port", str(runtime_port)]
+    if max_wait is not None:
+        cmd += ["--max-wait-time", str(max_wait)]
+    return cmd
+
+
+def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: str | None = None,
+               root_certificates: Path | None = None, auth_key: Path | None = None,
+               runtime_port: int | None = None, max_wait: float | None = None) -> int:
+    """Serve one site to a SuperLink until its SuperNode exits; return the SuperNode's code.
+
+    Data never leave this machine: the worker answers only through the ``ClientApp`` (model
+    parameters, subject counts, aggregate metrics). The worker's socket sits in a fresh
+    directory only this user can enter, behind a random shared secret (file mode 0600).
+    """
+    if root_certificates is None and auth_key is not None:
+        raise ConfigError("node authentication (--auth-key) needs TLS (--ca-cert): Flower "
+                          "refuses SuperNode authentication over an insecure channel")
+    worker = SiteWorker.load(configs, site, data_root)
+    sock_dir = Path(tempfile.mkdtemp(prefix="privseg-site-"))  # mode 0700
+    socket_path = sock_dir / "worker.sock"
+    key_path = worker_authkey_path(socket_path)
+    authkey = os.urandom(32)
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(authkey)
+    listener = Listener(str(socket_path), family="AF_UNIX", authkey=authkey)
+    threading.Thread(target=worker.serve, args=(listener,), daemon=True).start()
+    cmd = supernode_command(superlink, socket_path, site, root_certificates, auth_key,
+                            runtime_port, max_wait)
+    # Flower's SuperExec looks for new ClientApp tasks every second by default; a site answers
+    # several messages per round (SecAgg+: four), so look every 0.1 s.
+    env = flower_env()
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own argument list
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = proc.wait()
+        log.info("site %s: SuperNode exited with code %s", site, code)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        listener.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
