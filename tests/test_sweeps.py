@@ -207,7 +207,7 @@ def test_kill_dash_nine_mid_run_then_resume(tmp_path):
     path = write_sweep(tmp_path / "k.yaml", {
         "model.name": {"value": "unet"},
         "privacy": {"values": [{"enabled": False}]},
-        "training.epochs": {"value": 40},  # a few seconds: long enough to be killed mid-run
+        "training.epochs": {"value": 300},  # several seconds: long enough to be killed mid-run
         "output.dir": {"value": str(tmp_path / "out")},
     }, name="killme")
     env = {**os.environ, "COLUMNS": "200"}
