@@ -45,7 +45,7 @@ def server(
     output: Annotated[str | None, typer.Option(help="record folder (default output.dir)")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run the federation's server: strategy, DP-FedAvg noise, record. Holds no data."""
+    """Legacy transport (Flower start_server): the server; no node auth, no SecAgg+."""
     from privseg.federated.deploy import run_server
 
     cfg = _load(config, set_)
@@ -71,7 +71,7 @@ def site(
     max_wait: Annotated[float | None, typer.Option(help="give up connecting after s")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Serve one site: its data stay here; only model updates and metrics are sent."""
+    """Legacy transport (Flower start_client): one site; see `supernode` for the current one."""
     from privseg.federated.deploy import run_site
 
     cfg = _load(config, set_)
