@@ -159,6 +159,10 @@ class FederatedConfig(_Strict):
     def _check(self) -> FederatedConfig:
         if (self.local_epochs is None) == (self.local_steps is None):
             raise ValueError("set exactly one of local_epochs and local_steps")
+        if self.local_baseline and self.dp_mode == "site":
+            raise ValueError("setting.federated.local_baseline=true needs dp_mode sample or "
+                             "none: a site trained alone is a one-site federation, where "
+                             "site-level DP has no meaning (δ would have to be below 1/1)")
         if self.secure_aggregation:
             key = "setting.federated.secure_aggregation"
             if self.dp_mode != "site":

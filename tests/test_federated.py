@@ -94,6 +94,8 @@ def test_config_checks():
         parse_config(bad)
     with pytest.raises(ConfigError, match="local_epochs"):
         parse_config(tiny(Path("/tmp"), local_epochs=1))
+    with pytest.raises(ConfigError, match="local_baseline=true needs dp_mode"):
+        parse_config(tiny(Path("/tmp"), dp_mode="site", local_baseline=True))
     central = parse_config({"setting": {"kind": "central"}, "tracking": {"wandb": "off"}})
     assert "federated" not in central.model_dump(mode="json")["setting"] or (
         central.setting.federated is None)
