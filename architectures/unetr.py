@@ -165,13 +165,15 @@ class UNETR(nn.Module):
     paper="Hatamizadeh et al. 2022, 'UNETR: Transformers for 3D Medical Image Segmentation'",
 )
 def unetr(spatial_dims: int, in_channels: int, num_classes: int, *,
-          img_size: int | None = None, patch_size: int = 16, hidden_size: int = 256,
+          img_size: int | tuple[int, ...] | list[int] | None = None, patch_size: int = 16,
+          hidden_size: int = 256,
           layers: int = 8, heads: int = 8, mlp_ratio: float = 4.0,
           feature_size: int = 16) -> nn.Module:
     """Build UNETR (Hatamizadeh et al. 2022) from MONAI blocks, DP-compatible.
 
-    ``img_size``: side of the (square/cubic) training input, fixed because the learnable
-    position embedding has one entry per patch; None = 256 in 2D, 96 in 3D. ``patch_size``:
+    ``img_size``: the training input's spatial size (one side, or one per axis), fixed because
+    the learnable position embedding has one entry per patch; None = 256 in 2D, 96 in 3D;
+    the engine passes the crop size. ``patch_size``:
     a power of two (16 as in the paper). ``hidden_size``, ``layers``, ``heads``,
     ``mlp_ratio``: the ViT (the paper's ViT-B is 768 / 12 / 12 / 4.0; the default here is a
     smaller ViT for DP training). ``feature_size``: channels of the first decoder level.
@@ -179,7 +181,10 @@ def unetr(spatial_dims: int, in_channels: int, num_classes: int, *,
     """
     if img_size is None:
         img_size = 256 if spatial_dims == 2 else 96
-    model = UNETR(spatial_dims, in_channels, num_classes, img_size=(img_size,) * spatial_dims,
+    size = (img_size,) * spatial_dims if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != spatial_dims:
+        raise ValueError(f"UNETR img_size {img_size} needs {spatial_dims} sides")
+    model = UNETR(spatial_dims, in_channels, num_classes, img_size=size,
                   patch_size=patch_size, hidden_size=hidden_size, layers=layers, heads=heads,
                   mlp_dim=int(round(hidden_size * mlp_ratio)), feature_size=feature_size)
     return make_dp_compatible(model, forward_fixes={UnetResBlock: DPUnetResBlock})

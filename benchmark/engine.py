@@ -126,6 +126,15 @@ class TrainState:
     per_sample_loss: nn.Module = PerSampleDiceCE(reduction="none")
 
 
+def model_knobs(cfg: RunConfig, roi: tuple[int, ...]) -> dict:
+    """The model's builder knobs: the config's, plus ``img_size`` = the crop size for models
+    whose input size is fixed at build time (UNETR's position embedding) when not given."""
+    knobs = dict(cfg.model.options)
+    if "img_size" in get_entry(cfg.model.name).knobs() and knobs.get("img_size") is None:
+        knobs["img_size"] = tuple(roi[1:]) if cfg.dataset.dims == 2 else tuple(roi)
+    return knobs
+
+
 def place_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
     """Move the model to ``device``; channels-last for 2D on CUDA when the config asks.
 
@@ -303,11 +312,8 @@ def run_training(cfg: RunConfig, *, progress: bool = True, force: bool = False,
                              cfg.training.crops_per_subject, cfg.training.foreground_fraction,
                              subject_set.num_classes)
     roi = crop_size(d.dims, d.patch_size, subject_set.subjects[0].label.shape)
-    knobs = dict(cfg.model.options)
-    if "img_size" in get_entry(cfg.model.name).knobs() and knobs.get("img_size") is None:
-        knobs["img_size"] = roi[1:] if d.dims == 2 else roi  # e.g. UNETR's position embedding
     model = place_model(build(cfg.model.name, d.dims, subject_set.in_channels,
-                              subject_set.num_classes, **knobs), cfg, device)
+                              subject_set.num_classes, **model_knobs(cfg, roi)), cfg, device)
     state = prepare_training(cfg, model, train_set, device)
 
     tracker = Tracker(cfg.tracking, run_id, out, cfg.model_dump(mode="json"), cfg.name)

@@ -429,3 +429,36 @@ def test_secagg_fields_keep_earlier_run_ids():
     b = parse_config(tiny(Path("/tmp"), dp_mode="site", secure_aggregation=True,
                           secagg_clipping_range=4.0))
     assert a.run_id() != b.run_id()
+
+
+
+def test_unetr_is_built_for_the_crop_centrally_and_in_a_federation(tmp_path):
+    """UNETR's position embedding is fixed to its input size: the engine, the sites and the
+    server must all build it for the crop (a slice of the 16³ phantom: 16×16), not for the
+    builder's default 256×256 (which crashed the engine and mismatched server and sites)."""
+    import torch
+    from flwr.common import ndarrays_to_parameters
+
+    from privseg.architectures import build
+    from privseg.engine import run_training
+    from privseg.federated.server import payload_bytes
+
+    small = {"patch_size": 8, "hidden_size": 16, "layers": 1, "heads": 2, "feature_size": 4}
+    central = dict(tiny(tmp_path), setting={"kind": "central"},
+                   model={"name": "unetr", "options": small})
+    record = run_training(parse_config(central), progress=False)
+    weights = torch.load(tmp_path / "runs" / record["run_id"] / "model.pt")
+    (pos,) = [v for k, v in weights.items() if "position" in k]
+    assert pos.shape[1] == (16 // 8) ** 2  # one entry per 8×8 patch of a 16×16 crop
+
+    fed = tiny(tmp_path, rounds=1, local_steps=1, eval_every=0)
+    fed["model"] = {"name": "unetr", "options": small}
+    record = run_federated(parse_config(fed), progress=False)
+
+    def payload(**knobs) -> int:
+        model = build("unetr", 2, 1, 8, **small, **knobs)
+        return payload_bytes(ndarrays_to_parameters(
+            [v.numpy() for v in model.state_dict().values()]))
+
+    assert payload(img_size=16) != payload()  # the two sizes are told apart
+    assert record["federated"]["parameter_payload_bytes"] == payload(img_size=16)

@@ -32,7 +32,14 @@ from privseg.architectures import build
 from privseg.config import RunConfig
 from privseg.data import SubjectCrops, crop_size
 from privseg.datasets import SubjectSet
-from privseg.engine import place_model, prepare_training, resolve_device, train_step, unwrap
+from privseg.engine import (
+    model_knobs,
+    place_model,
+    prepare_training,
+    resolve_device,
+    train_step,
+    unwrap,
+)
 from privseg.evaluate import evaluate
 from privseg.federated.privacy import local_steps_per_round, plan_site_sample
 from privseg.federated.sites import SiteData, site_seed
@@ -83,7 +90,8 @@ class SiteClient(NumPyClient):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = place_model(build(cfg.model.name, d.dims, self.in_channels,
-                                      self.num_classes, **cfg.model.options), cfg, self.device)
+                                      self.num_classes, **model_knobs(cfg, self.roi)), cfg,
+                                self.device)
             train_set = SubjectCrops(data.train, d.dims, d.patch_size,
                                      cfg.training.crops_per_subject,
                                      cfg.training.foreground_fraction)
@@ -133,7 +141,7 @@ class SiteClient(NumPyClient):
         """Static facts the server needs to build the model (no data)."""
         return {"site": self.site, "in_channels": self.in_channels,
                 "num_classes": self.num_classes, "class_names": ",".join(self.class_names),
-                "dims": self.cfg.dataset.dims}
+                "dims": self.cfg.dataset.dims, "crop": "x".join(map(str, self.roi))}
 
     # -- Flower NumPyClient ---------------------------------------------------------------
     def get_properties(self, config):

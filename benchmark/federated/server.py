@@ -54,8 +54,9 @@ from flwr.server.strategy import (
     Strategy,
 )
 
-from privseg.architectures import build
+from privseg.architectures import build, get_entry
 from privseg.config import RunConfig
+from privseg.engine import model_knobs
 from privseg.federated.privacy import site_level_epsilon, site_level_plan, sites_per_round
 
 try:  # flwr's logger
@@ -132,12 +133,14 @@ class UniformWeights(Strategy):
         return self.strategy.evaluate(server_round, parameters)
 
 
-def initial_model_weights(cfg: RunConfig, in_channels: int, num_classes: int) -> list:
-    """The global model's initial weights: built on the server from the run seed."""
+def initial_model_weights(cfg: RunConfig, in_channels: int, num_classes: int,
+                          roi: tuple[int, ...] | None = None) -> list:
+    """The global model's initial weights: built on the server from the run seed, for the
+    sites' crop size ``roi`` where the model's input size is fixed (UNETR)."""
+    knobs = model_knobs(cfg, roi) if roi is not None else dict(cfg.model.options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = build(cfg.model.name, cfg.dataset.dims, in_channels, num_classes,
-                      **cfg.model.options)
+        model = build(cfg.model.name, cfg.dataset.dims, in_channels, num_classes, **knobs)
     return [v.detach().cpu().numpy().copy() for v in model.state_dict().values()]
 
 
@@ -189,8 +192,13 @@ class RecordingStrategy(Strategy):
             raise RuntimeError(f"sites disagree on channels/classes/dims: {props}")
         self.properties = props
         first = next(iter(props.values()))
+        crops = {str(p.get("crop")) for p in props.values()}
+        if "img_size" in get_entry(self.cfg.model.name).knobs() and len(crops) != 1:
+            raise RuntimeError(f"{self.cfg.model.name} is built for one input size, but the "
+                               f"sites' crops differ ({sorted(crops)}): set dataset.patch_size")
+        roi = tuple(int(v) for v in str(first["crop"]).split("x")) if "crop" in first else None
         weights = initial_model_weights(self.cfg, int(first["in_channels"]),
-                                        int(first["num_classes"]))
+                                        int(first["num_classes"]), roi)
         self.param_shapes = [tuple(w.shape) for w in weights]
         self.param_dtypes = [w.dtype for w in weights]
         initial = ndarrays_to_parameters(weights)
