@@ -208,7 +208,7 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
-               device: torch.device) -> float:
+               device: torch.device) -> torch.Tensor:
     """One logical step over a (Poisson) batch of subjects, in physical chunks.
 
     ``x`` is ``[B, k, C, *S]``; returns the mean per-subject loss as a detached 0-d tensor on
@@ -385,7 +385,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                    disable=not progress, transient=False)
-    with bar:
+    with bar, gpu_busy:  # sampling stops with training, also on an error
         steps_task = bar.add_task("steps", total=steps_per_epoch * t.epochs, info="")
         for epoch in range(1, t.epochs + 1):
             losses, data_time = [], 0.0
@@ -422,7 +422,6 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             history.append(row)
             tracker.log({f"train/{k}" if k != "epoch" else k: v for k, v in row.items()},
                         step=epoch)
-    gpu_busy.stop()
     test_metrics = evaluate(state.model, test, cfg.dataset.dims, roi, subject_set.class_names,
                             device, subject_set.eval_regions, hd95=True, amp=amp)
     total = time.perf_counter() - start

@@ -53,7 +53,10 @@ class StepTimer:
 
 
 class GpuBusySampler:
-    """Mean NVML GPU utilisation (%) while training runs; ``None`` on CPU or without NVML."""
+    """Mean NVML GPU utilisation (%) while training runs; ``None`` on CPU or without NVML.
+
+    Sampling starts on construction and stops on :meth:`stop` or when a ``with`` block exits.
+    """
 
     def __init__(self, device: torch.device, interval_s: float = 0.5):
         self.samples: list[float] = []
@@ -79,6 +82,12 @@ class GpuBusySampler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def __enter__(self) -> GpuBusySampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def mean_percent(self) -> float | None:
         """Mean of the samples taken, or ``None`` if none were."""

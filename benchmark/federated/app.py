@@ -167,8 +167,8 @@ def serve_federation(grid: Grid, context: Context) -> None:
     from privseg.config import parse_config
     from privseg.engine import seed_everything
     from privseg.federated.secagg import _fill_round_bytes, run_workflow
-    from privseg.federated.server import make_server
-    from privseg.record import environment, run_dir, write_record
+    from privseg.federated.server import deployment_record, make_server
+    from privseg.record import run_dir, write_record
 
     rc = context.run_config
     cfg = parse_config(json.loads(str(rc[CONFIG_KEY])))
@@ -182,16 +182,11 @@ def serve_federation(grid: Grid, context: Context) -> None:
     run_workflow(cfg, server, counting, round_timeout=timeout)
     if cfg.setting.federated.secure_aggregation:
         _fill_round_bytes(server, counting)
-    record = server.record()
-    record["timing"] = {"total_s": time.perf_counter() - t0,
-                        "site_compute_s": server.recorder.compute_s,
-                        "mode": "deployment (Flower SuperLink/SuperNode"
-                                + (", SecAgg+)" if cfg.setting.federated.secure_aggregation
-                                   else ")")}
-    record["federated"]["transport"] = {"runtime": "flower-superlink", "flower_run_id":
-                                        int(context.run_id), "wire_bytes_by_round":
-                                        counting.by_round}
-    record.update(run_id=cfg.run_id(), name=cfg.name, config=cfg.model_dump(mode="json"),
-                  environment=environment("server"))
-    path = write_record(run_dir(output, cfg.run_id()), record)
+    record = deployment_record(
+        cfg, server, time.perf_counter() - t0,
+        "deployment (Flower SuperLink/SuperNode"
+        + (", SecAgg+)" if cfg.setting.federated.secure_aggregation else ")"),
+        {"runtime": "flower-superlink", "flower_run_id": int(context.run_id),
+         "wire_bytes_by_round": counting.by_round})
+    path = write_record(run_dir(output, record["run_id"]), record)
     print(f"privseg: record written to {path}", flush=True)

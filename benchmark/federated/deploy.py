@@ -23,9 +23,9 @@ from privseg.config import ConfigError, RunConfig
 from privseg.datasets import load_dataset
 from privseg.engine import default_cache_dir, seed_everything
 from privseg.federated.client import SiteClient
-from privseg.federated.server import make_server
+from privseg.federated.server import deployment_record, make_server
 from privseg.federated.sites import build_site
-from privseg.record import environment, run_dir, write_record
+from privseg.record import run_dir, write_record
 
 log = logging.getLogger("privseg")
 
@@ -58,15 +58,10 @@ def run_server(cfg: RunConfig, address: str, n_sites: int,
         server_address=address, server=server,
         config=ServerConfig(num_rounds=cfg.setting.federated.rounds, round_timeout=round_timeout),
         certificates=certificates)
-    record = server.record()
-    run_id = cfg.run_id()
-    record["timing"] = {"total_s": time.perf_counter() - t0,
-                        "site_compute_s": server.recorder.compute_s,
-                        "mode": "deployment (gRPC, one process per site)"}
-    record["federated"]["transport"] = {"address": address, "tls": certificates is not None}
-    record.update(run_id=run_id, name=cfg.name, config=cfg.model_dump(mode="json"),
-                  environment=environment("server"))
-    out = run_dir(output_dir or cfg.output.dir, run_id)
+    record = deployment_record(cfg, server, time.perf_counter() - t0,
+                               "deployment (gRPC, one process per site)",
+                               {"address": address, "tls": certificates is not None})
+    out = run_dir(output_dir or cfg.output.dir, record["run_id"])
     write_record(out, record)
     log.info("record: %s", out / "record.json")
     return record

@@ -58,6 +58,7 @@ from privseg.architectures import build, get_entry
 from privseg.config import RunConfig
 from privseg.engine import model_knobs
 from privseg.federated.privacy import site_level_epsilon, site_level_plan, sites_per_round
+from privseg.record import environment
 
 try:  # flwr's logger
     from flwr.common.logger import log as flwr_log
@@ -558,6 +559,20 @@ def prefetch_site_properties(server: FederatedServer, grid, timeout: float | Non
         props = dict(compat.recorddict_to_getpropertiesres(content).properties)
         cm.props[str(nid)] = props
         cm.site_of[str(nid)] = str(props["site"])
+
+
+def deployment_record(cfg: RunConfig, server: FederatedServer, elapsed_s: float, mode: str,
+                      transport: dict) -> dict:
+    """A deployed run's record, as the server holds it: the same fields as a simulation's,
+    with the deployment's timing (no overhead figure: the sites' compute runs elsewhere) and
+    its transport."""
+    record = server.record()
+    record["timing"] = {"total_s": elapsed_s, "site_compute_s": server.recorder.compute_s,
+                        "mode": mode}
+    record["federated"]["transport"] = transport
+    record.update(run_id=cfg.run_id(), name=cfg.name, config=cfg.model_dump(mode="json"),
+                  environment=environment("server"))
+    return record
 
 
 def make_server(cfg: RunConfig, n_sites: int) -> FederatedServer:
