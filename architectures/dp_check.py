@@ -13,12 +13,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import (
-    GradSampleModule,
     GradSampleModuleExpandedWeights,
     GradSampleModuleFastGradientClipping,
 )
 from opacus.validators import ModuleValidator
 from torch import nn
+
+from privseg.grad_sample_module import LeanGradSampleModule
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -75,9 +76,9 @@ def reference_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> PerSa
 
 
 def _wrap(model: nn.Module, mode: str) -> nn.Module:
-    if mode in ("hooks", "functorch"):
-        return GradSampleModule(model, batch_first=True, loss_reduction="sum",
-                                force_functorch=mode == "functorch")
+    if mode in ("hooks", "functorch"):  # the grad-sample module training uses
+        return LeanGradSampleModule(model, batch_first=True, loss_reduction="sum",
+                                    force_functorch=mode == "functorch")
     if mode == "ew":
         return GradSampleModuleExpandedWeights(model, batch_first=True, loss_reduction="sum")
     if mode == "ghost":

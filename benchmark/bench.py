@@ -1,8 +1,10 @@
 """``privseg bench``: the price of DP-SGD in step time and memory, per grad-sample mode.
 
-In one process, the modes take turns step by step (non-private, hooks, functorch, ew, ghost,
-then again), so that machine noise (clock boost, other processes) hits all of them alike; the
-median step time of each mode and its ratio to the non-private step are reported. Steps are
+In one process, the modes take turns step by step (non-private, opacus, hooks, functorch, ew,
+ghost, then again), so that machine noise (clock boost, other processes) hits all of them
+alike; the median step time of each mode and its ratio to the non-private step are reported.
+``opacus`` is Opacus as shipped (hooks mode with its own samplers, grad-sample module and DP
+optimizer): the baseline that privseg's own pieces are measured against. Steps are
 the engine's own ``train_step`` on a fixed synthetic batch of subjects (k = 1), so what is
 measured is what training runs. A mode may name the conv grad sampler (``privacy.
 conv_grad_sampler``, see :mod:`privseg.grad_samplers`): ``hooks+opacus`` is hooks with Opacus'
@@ -42,7 +44,7 @@ from privseg.engine import (
 from privseg.grad_samplers import CONV_SAMPLERS
 from privseg.record import atomic_write_text, environment
 
-BASE_MODES = ("nonprivate", "hooks", "functorch", "ew", "ghost")
+BASE_MODES = ("nonprivate", "opacus", "hooks", "functorch", "ew", "ghost")
 #: modes whose conv layers go through Opacus' registries, so the conv sampler matters
 SAMPLER_MODES = ("hooks", "ghost")
 ALL_MODES = BASE_MODES + tuple(f"{m}+{s}" for m in SAMPLER_MODES for s in CONV_SAMPLERS)
@@ -52,6 +54,12 @@ def split_mode(mode: str) -> tuple[str, str | None]:
     """``"hooks+opacus"`` -> ``("hooks", "opacus")``; ``"ghost"`` -> ``("ghost", None)``."""
     base, _, sampler = mode.partition("+")
     return base, sampler or None
+
+
+def grad_sample_mode(mode: str) -> str:
+    """The Opacus grad-sample mode a bench mode runs (``opacus`` is stock hooks mode)."""
+    base = split_mode(mode)[0]
+    return "hooks" if base == "opacus" else base
 
 
 @dataclass
@@ -81,7 +89,7 @@ def _config(mode: str, batch: int, device: str, amp: bool, channels_last: bool =
     base, sampler = split_mode(mode)
     dp = base != "nonprivate"
     privacy = {"enabled": dp, "target_epsilon": None, "noise_multiplier": 1.0,
-               "grad_sample_mode": base if dp else "hooks", "delta": 1e-5}
+               "grad_sample_mode": grad_sample_mode(mode) if dp else "hooks", "delta": 1e-5}
     if sampler:
         privacy["conv_grad_sampler"] = sampler
     return parse_config({
@@ -175,7 +183,7 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
         x, y = x.pin_memory(), y.pin_memory()
     runners, skipped = [], {}
     for mode in modes:
-        if mode != "nonprivate" and split_mode(mode)[0] not in entry.dp_modes:
+        if mode != "nonprivate" and grad_sample_mode(mode) not in entry.dp_modes:
             skipped[mode] = f"{model} does not claim this mode"
             continue
         if split_mode(mode)[1] and split_mode(mode)[0] not in SAMPLER_MODES:
@@ -184,7 +192,8 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
         try:
             cfg = _config(mode, batch, dev.type, amp, channels_last, dims)
             m = place_model(copy.deepcopy(base_model), cfg, dev)
-            state = prepare_training(cfg, m, data, dev)
+            state = prepare_training(cfg, m, data, dev,
+                                     stock_opacus=split_mode(mode)[0] == "opacus")
             train_step(state, x, y, cfg, dev)
         except Exception as e:  # a mode that cannot run this model is reported, not fatal
             skipped[mode] = f"{type(e).__name__}: {str(e)[:200]}"

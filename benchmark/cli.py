@@ -151,8 +151,10 @@ def bench(
     batch: Annotated[int, typer.Option(help="Subjects per step (one crop each)")] = 32,
     size: Annotated[int | None, typer.Option(help="Crop edge (default 256 in 2D, 96 in 3D)")]
     = None,
-    modes: Annotated[str, typer.Option(help="Comma-separated: nonprivate,hooks,functorch,ew,"
-                                            "ghost")] = "nonprivate,hooks,functorch,ew,ghost",
+    modes: Annotated[str, typer.Option(help="Comma-separated: nonprivate, opacus (stock "
+                                            "Opacus hooks), hooks, functorch, ew, ghost; "
+                                            "hooks+opacus etc. pick the conv sampler")]
+    = "nonprivate,opacus,hooks,functorch,ew,ghost",
     steps: Annotated[int, typer.Option(help="Timed steps per mode")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed steps per mode first")] = 2,
     amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA)")] = False,

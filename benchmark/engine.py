@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from opacus.accountants import IAccountant, create_accountant
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import get_optimizer_class
+from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -38,6 +38,7 @@ from privseg.config import RunConfig
 from privseg.data import SubjectCrops, crop_size
 from privseg.datasets import SubjectSet, load_dataset
 from privseg.datasets.split import split_subjects
+from privseg.dp_optimizer import FlatDPOptimizer
 from privseg.evaluate import evaluate
 from privseg.gpu_timing import GpuBusySampler, StepTimer
 from privseg.grad_samplers import prepare_module
@@ -105,6 +106,18 @@ def upcast_grad_samples(model: nn.Module) -> None:
             p.grad_sample = gs.to(p.dtype)
 
 
+def grad_sample_reduction(grad_sample_mode: str) -> str:
+    """How the loss that DP backward passes start from is reduced over the chunk's crops.
+
+    ``"sum"`` (of per-crop losses) except for ghost clipping, whose loss wrapper averages:
+    with ``"mean"`` Opacus would multiply every layer's output gradient by the chunk size to
+    undo the mean, an activation-sized kernel per layer. Either way each crop's per-sample
+    gradient is the gradient of its own loss. The DP optimizer's own ``loss_reduction``
+    (dividing the noisy sum by the expected batch size) is separate and stays ``"mean"``.
+    """
+    return "mean" if grad_sample_mode == "ghost" else "sum"
+
+
 def _chunks(x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, ...]]:
     if len(x) == 0:
         yield x, y
@@ -124,6 +137,8 @@ class TrainState:
     accountant: IAccountant | None = None
     plan: PrivacyPlan | None = None
     per_sample_loss: nn.Module = PerSampleDiceCE(reduction="none")
+    #: how DP backward passes reduce the chunk's loss (:func:`grad_sample_reduction`)
+    grad_reduction: str = "sum"
 
 
 def model_knobs(cfg: RunConfig, roi: tuple[int, ...]) -> dict:
@@ -156,14 +171,17 @@ def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
 
 
 def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
-                     device: torch.device, plan: PrivacyPlan | None = None) -> TrainState:
+                     device: torch.device, plan: PrivacyPlan | None = None,
+                     stock_opacus: bool = False) -> TrainState:
     """Model, optimizer, loader and loss; wrapped by Opacus when privacy is enabled.
 
     The DP pieces are Opacus' own (grad-sample module, DP optimizer, Poisson ``DPDataLoader``,
     accountant hook), assembled here rather than by ``PrivacyEngine.make_private``, which
     derives q as 1/ceil(n/B) from a plain loader's length; we sample at exactly q = B/n and
     hand the accountant that same q. A given ``plan`` (a federated site's, over all its rounds)
-    replaces the central one.
+    replaces the central one. ``stock_opacus`` (for ``privseg bench``'s baseline) uses Opacus
+    as shipped: its grad-sample module, conv and GroupNorm samplers and DP optimizer, with a
+    mean-reduced loss.
     """
     t, p = cfg.training, cfg.privacy
     optimizer = make_optimizer(cfg, model.parameters())
@@ -185,12 +203,17 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
     loader = DPDataLoader(train_set, sample_rate=plan.sample_rate, generator=loader_gen,
                           **loader_kw)
     gsm_kw = {"max_grad_norm": p.max_grad_norm} if p.grad_sample_mode == "ghost" else {}
+    reduction = "mean" if stock_opacus else grad_sample_reduction(p.grad_sample_mode)
     model = prepare_module(model, grad_sample_mode=p.grad_sample_mode, batch_first=True,
-                           loss_reduction="mean", conv_sampler=p.conv_grad_sampler, **gsm_kw)
+                           loss_reduction=reduction, lean=not stock_opacus,
+                           conv_sampler="opacus" if stock_opacus else p.conv_grad_sampler,
+                           **gsm_kw)
     if p.grad_sample_mode in ("hooks", "functorch"):
         model.forbid_grad_accumulation()
     optim_cls = get_optimizer_class(clipping="flat", distributed=False,
                                     grad_sample_mode=p.grad_sample_mode)
+    if optim_cls is DPOptimizer and not stock_opacus:  # not ghost clipping's optimizer
+        optim_cls = FlatDPOptimizer
     optimizer = optim_cls(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=p.max_grad_norm,
         expected_batch_size=t.expected_batch_size, loss_reduction="mean",
@@ -204,7 +227,8 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
     if len(loader) != plan.steps_per_epoch:
         raise RuntimeError(f"Opacus loader has {len(loader)} steps/epoch, the privacy plan "
                            f"{plan.steps_per_epoch}")
-    return TrainState(model, optimizer, loader, criterion, accountant, plan)
+    return TrainState(model, optimizer, loader, criterion, accountant, plan,
+                      grad_reduction=reduction)
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
@@ -239,11 +263,17 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConf
                 total = total + loss.detach().float() * len(xc)
                 loss.backward()
             else:
-                subject_loss = per_subject(state.per_sample_loss(logits.float(), yc), k)
+                crop_loss = state.per_sample_loss(logits.float(), yc)
+                subject_loss = per_subject(crop_loss, k)
                 total = total + subject_loss.detach().float().sum()
-                # DP: mean over the chunk (Opacus rescales grad samples by the chunk size).
-                # Non-DP: sum over the logical batch / its size, accumulated over chunks.
-                (subject_loss.mean() if dp else subject_loss.sum() / batch).backward()
+                # DP: the sum of crop losses (see grad_sample_reduction). Non-DP: sum over
+                # the logical batch / its size, accumulated over chunks.
+                if not dp:
+                    (subject_loss.sum() / batch).backward()
+                elif state.grad_reduction == "sum":
+                    crop_loss.sum().backward()
+                else:  # Opacus rescales the per-sample gradients by the chunk size
+                    subject_loss.mean().backward()
                 if dp:
                     if amp:
                         upcast_grad_samples(state.model)

@@ -7,6 +7,8 @@ installed, against one-at-a-time autograd, in float64.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
@@ -203,3 +205,87 @@ def test_group_norm_sampler_equals_opacus(shape, groups):
         (layer(x[i:i + 1]) * g[i:i + 1]).sum().backward()
         torch.testing.assert_close(ours[layer.weight][i], layer.weight.grad, rtol=1e-10,
                                    atol=1e-12)
+
+
+class _TwiceConv(nn.Module):
+    """One conv applied twice in a forward (tied weights): Opacus must sum its two hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.tanh(self.conv(x))))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("kind", ["unet", "twice"])
+def test_lean_module_stores_what_opacus_stores(kind):
+    """LeanGradSampleModule's per-sample gradients equal Opacus' GradSampleModule's exactly
+    (same samplers), including a parameter used twice in one forward, and each sample's own
+    gradient."""
+    from opacus.grad_sample import GradSampleModule
+
+    from privseg.architectures.dp_check import per_sample_loss
+    from privseg.grad_sample_module import LeanGradSampleModule
+
+    torch.manual_seed(0)
+    model = (build("unet", 2, 2, 3, base_channels=4, depth=2) if kind == "unet"
+             else _TwiceConv()).double()
+    x = torch.randn(3, 2, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 16, 16))
+    got = {}
+    with conv_samplers("grouped"):
+        for cls in (GradSampleModule, LeanGradSampleModule):
+            wrapped = cls(copy.deepcopy(model), batch_first=True, loss_reduction="sum")
+            per_sample_loss(wrapped(x), y).sum().backward()
+            got[cls] = {n: p.grad_sample for n, p in wrapped._module.named_parameters()}
+    ref = reference_grads(model, x, y)
+    for n, r in ref.items():
+        assert torch.equal(got[LeanGradSampleModule][n], got[GradSampleModule][n]), n
+        torch.testing.assert_close(got[LeanGradSampleModule][n], r, rtol=1e-9, atol=1e-12)
+
+
+def test_store_grad_sample_copies_only_when_needed():
+    """No copy of a fresh full-batch result of a once-used parameter; Opacus' buffer for a
+    result aliasing the hook's inputs, a partial batch, or a parameter used twice."""
+    from privseg.grad_sample_module import store_grad_sample
+
+    def param(uses):
+        p = nn.Parameter(torch.zeros(3))
+        p._forward_counter = uses
+        return p
+
+    backprops = torch.randn(4, 3)
+    p, fresh = param(1), torch.randn(4, 3)
+    store_grad_sample(p, fresh, 4, [backprops])
+    assert p._current_grad_sample is fresh
+    p = param(1)
+    store_grad_sample(p, backprops, 4, [backprops])  # e.g. a bias sampler returning g itself
+    assert p._current_grad_sample is not backprops
+    assert p._current_grad_sample.untyped_storage().data_ptr() != \
+        backprops.untyped_storage().data_ptr()
+    assert torch.equal(p._current_grad_sample, backprops)
+    p = param(1)
+    store_grad_sample(p, fresh[:2], 4, [backprops])
+    assert p._current_grad_sample.shape == (4, 3)
+    assert torch.equal(p._current_grad_sample[:2], fresh[:2])
+    assert not p._current_grad_sample[2:].any()
+    p, other = param(2), torch.randn(4, 3)
+    store_grad_sample(p, fresh, 4, [backprops])
+    store_grad_sample(p, other, 4, [backprops])
+    torch.testing.assert_close(p._current_grad_sample, fresh + other)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_group_moments_both_ways(use_kernel):
+    """The GroupNorm sampler's moments (ATen's kernel on CPU, var_mean on CUDA) are each
+    sample's and group's mean and 1/sqrt(var + eps)."""
+    torch.manual_seed(0)
+    x = 3.0 + 2.0 * torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    mean, rstd = gsamp.group_moments(x, 3, 1e-5, use_kernel=use_kernel)
+    groups = x.reshape(3, 3, -1)
+    torch.testing.assert_close(mean, groups.mean(2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rstd, 1 / torch.sqrt(groups.var(2, unbiased=False) + 1e-5),
+                               rtol=1e-10, atol=1e-12)
