@@ -80,7 +80,9 @@ class FlatDPOptimizer(DPOptimizer):
         norms = [torch.linalg.vector_norm(f, dim=1) for f in flats]
         norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
         factor = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        parts = [factor @ f for f in flats]
+        # mv is a GEMV, never a TF32 GEMM (which `factor @ f` may become on CUDA where TF32
+        # matmuls are allowed): the clipped sum stays fp32, so each sample adds at most C.
+        parts = [f.t().mv(factor) for f in flats]
         clipped = parts[0] if len(parts) == 1 else torch.cat(parts)
         self._summed = clipped if self._summed is None else self._summed + clipped
         for p in params:
