@@ -35,6 +35,7 @@ import torch
 from privseg.architectures import build, get_entry
 from privseg.config import RunConfig, parse_config
 from privseg.engine import (
+    builder_knobs,
     place_model,
     prepare_training,
     resolve_device,
@@ -176,7 +177,8 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
     shape = (size,) * dims
     entry = get_entry(model)
     seed_everything(0)
-    base_model = build(model, dims, 1, num_classes, **(model_options or {}))
+    base_model = build(model, dims, 1, num_classes,
+                       **builder_knobs(model, model_options or {}, shape))
     data = _FixedBatch(batch, shape, num_classes)
     x, y = data.x, data.y
     if dev.type == "cuda":  # as the training loader does (pin_memory on CUDA)

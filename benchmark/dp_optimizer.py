@@ -57,7 +57,8 @@ class FlatDPOptimizer(DPOptimizer):
         if self.secure_mode:
             raise ValueError("FlatDPOptimizer draws plain Gaussian noise; use Opacus' "
                              "DPOptimizer for secure_mode")
-        self._summed: torch.Tensor | None = None
+        self._summed: torch.Tensor | None = None  # clipped sum, across skipped steps
+        self._flat_grad: torch.Tensor | None = None  # add_noise's result, for scale_grad
 
     def clip_and_accumulate(self) -> None:
         """Clip each sample's whole gradient to ``max_grad_norm`` and add the clipped sum to

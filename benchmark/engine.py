@@ -141,13 +141,20 @@ class TrainState:
     grad_reduction: str = "sum"
 
 
-def model_knobs(cfg: RunConfig, roi: tuple[int, ...]) -> dict:
-    """The model's builder knobs: the config's, plus ``img_size`` = the crop size for models
-    whose input size is fixed at build time (UNETR's position embedding) when not given."""
-    knobs = dict(cfg.model.options)
-    if "img_size" in get_entry(cfg.model.name).knobs() and knobs.get("img_size") is None:
-        knobs["img_size"] = tuple(roi[1:]) if cfg.dataset.dims == 2 else tuple(roi)
+def builder_knobs(name: str, options: dict, spatial: tuple[int, ...]) -> dict:
+    """Model ``name``'s builder knobs: ``options``, plus ``img_size`` = ``spatial`` (the input's
+    spatial size) for models whose input size is fixed at build time (UNETR's position
+    embedding) when not given."""
+    knobs = dict(options)
+    if "img_size" in get_entry(name).knobs() and knobs.get("img_size") is None:
+        knobs["img_size"] = tuple(spatial)
     return knobs
+
+
+def model_knobs(cfg: RunConfig, roi: tuple[int, ...]) -> dict:
+    """The config's model knobs for crops of size ``roi`` (:func:`builder_knobs`)."""
+    return builder_knobs(cfg.model.name, cfg.model.options,
+                         roi[1:] if cfg.dataset.dims == 2 else roi)
 
 
 def place_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:

@@ -1,0 +1,57 @@
+"""privseg bench: what it runs and reports (speed itself is measured, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from privseg.bench import run_bench, write_bench
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("model", ["unet", "unetr"])
+def test_bench_runs_every_mode_and_reports_ratios(model, tmp_path):
+    """Each requested mode runs (UNETR too, built for the bench's input size rather than its
+    default 256²) and its ratios are its own median over the non-private median."""
+    opts = {"base_channels": 4, "depth": 2} if model == "unet" else {
+        "feature_size": 4, "hidden_size": 16, "heads": 2, "layers": 2, "patch_size": 8}
+    report = run_bench(model, 2, "cpu", batch=2, size=16, modes=("nonprivate", "opacus", "hooks"),
+                       steps=2, warmup=0, num_classes=3, model_options=opts)
+    assert report["skipped"] == {}
+    res = report["results"]
+    assert set(res) == {"nonprivate", "opacus", "hooks"}
+    ref = res["nonprivate"]["median_step_s"]
+    for r in res.values():
+        assert len(r["step_times_s"]) == 2
+        assert r["median_step_s"] == statistics.median(r["step_times_s"])
+        assert r["time_ratio"] == pytest.approx(r["median_step_s"] / ref)
+    path = write_bench(report, tmp_path)
+    assert json.loads(path.read_text())["input_shape"] == [2, 1, 16, 16]
+
+
+def test_bench_opacus_mode_is_stock_opacus():
+    """The ``opacus`` baseline runs Opacus' own module, samplers and optimizer; ``hooks`` runs
+    privseg's."""
+    import copy
+
+    import torch
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from privseg.architectures import build
+    from privseg.bench import _config, _FixedBatch
+    from privseg.dp_optimizer import FlatDPOptimizer
+    from privseg.engine import prepare_training
+    from privseg.grad_sample_module import LeanGradSampleModule
+
+    model = build("unet", 2, 1, 3, base_channels=4, depth=2)
+    data = _FixedBatch(2, (16, 16), 3)
+    kinds = {}
+    for mode, stock in (("opacus", True), ("hooks", False)):
+        state = prepare_training(_config(mode, 2, "cpu", False), copy.deepcopy(model), data,
+                                 torch.device("cpu"), stock_opacus=stock)
+        kinds[mode] = (type(state.model), type(state.optimizer), state.grad_reduction)
+    assert kinds["opacus"] == (GradSampleModule, DPOptimizer, "mean")
+    assert kinds["hooks"] == (LeanGradSampleModule, FlatDPOptimizer, "sum")
