@@ -10,17 +10,21 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privseg.config import load_config
 from privseg.federated.privacy import plan_site_sample
 from privseg.privacy import (
     RDP_ORDERS,
+    IntegerOrderPRVAccountant,
+    accountant_kwargs,
     calibrate_noise,
     check_delta,
     default_delta,
     epsilon_for,
     epsilon_of_history,
     plan_privacy,
+    rdp_epsilon,
 )
 
 
@@ -106,3 +110,53 @@ def test_federated_site_plan_reports_at_most_its_target():
     plan = plan_site_sample(cfg, 9)
     assert plan.steps == 1 and plan.sample_rate == pytest.approx(8 / 9)
     assert epsilon_of_history([(plan.noise_multiplier, plan.sample_rate, 1)], plan.delta) <= 8.0
+
+
+HISTORIES = [  # accountant histories as Opacus' accountants record them: [(σ, q, steps), ...]
+    [(1.1, 0.1, 300)],
+    [(0.808, 0.25, 20)],
+    [(4.0, 0.05, 1000)],
+    [(0.9, 0.2, 40), (1.3, 0.1, 25)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_rdp_epsilon_is_opacus_rdp_at_integer_orders(history):
+    """The cached RDP path gives Opacus' number exactly, also when a (q, σ) already cached for
+    one step count is asked again for another (a cached array must not be scaled in place)."""
+    for steps_scale in (1, 3, 1):
+        h = [(s, q, n * steps_scale) for s, q, n in history]
+        acc = RDPAccountant()
+        acc.history = list(h)
+        assert rdp_epsilon(h, 1e-5) == acc.get_epsilon(delta=1e-5, alphas=RDP_ORDERS)
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+@pytest.mark.parametrize("delta", [1e-3, 1e-5])
+def test_prv_with_integer_order_domain_agrees_with_opacus_prv(history, delta):
+    """Sizing PRV's domain at integer orders (our accountant) moves ε only within the error
+    bound both are queried with, and the domain it truncates to covers the privacy loss's tail
+    as the independent dp_accounting RDP bounds it (remark 5.6 of Gopi et al. 2021)."""
+    kwargs = accountant_kwargs("prv", rdp_epsilon(history, delta))
+    stock = PRVAccountant()
+    stock.history = list(history)
+    ours = epsilon_of_history(history, delta)
+    assert ours == pytest.approx(stock.get_epsilon(delta=delta, **kwargs),
+                                 abs=kwargs["eps_error"] / 10)
+
+    delta_error = delta / 1000  # Opacus' default, which epsilon_of_history keeps
+    acc = IntegerOrderPRVAccountant()
+    acc.history = list(history)
+    total = sum(n for _, _, n in history)
+    prvs = [type("PRV", (), {"noise_multiplier": s, "sample_rate": q}) for s, q, _ in history]
+    domain = acc._get_domain(prvs, [n for _, _, n in history], kwargs["eps_error"], delta_error)
+    tail = rdp_privacy_accountant.RdpAccountant(orders=RDP_ORDERS)
+    for s, q, n in history:
+        tail.compose(dpa.SelfComposedDpEvent(
+            dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), n))
+    assert domain.t_max >= tail.get_epsilon(delta_error / 4) + 3
+    for s, q, _ in history:
+        one = rdp_privacy_accountant.RdpAccountant(orders=RDP_ORDERS)
+        one.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)))
+        assert domain.t_max >= one.get_epsilon(delta_error / (8 * total)) + 3
+    assert domain.t_min <= -domain.t_max + domain.dt

@@ -189,7 +189,7 @@ class SiteClient(NumPyClient):
             values = [v for v in (float(loss) for loss in losses) if not math.isnan(v)]
             metrics["train_loss"] = float(np.mean(values)) if values else float("nan")
         if self.plan is not None:
-            # The site's own accounting (a PRV query, ~0.1-1 s) is site work, timed as such.
+            # The site's own accounting (a PRV query, ~10-100 ms) is site work, timed as such.
             metrics.update(epsilon=self.epsilon(), delta=self.plan.delta,
                            noise_multiplier=self.plan.noise_multiplier,
                            sample_rate=self.plan.sample_rate, planned_steps=self.plan.steps,
