@@ -92,13 +92,17 @@ def test_zero_noise_is_infinite_epsilon():
     assert math.isinf(epsilon_for(0.0, 0.1, 10, 1e-5))
 
 
-@pytest.mark.parametrize("q,steps,delta", [(0.8, 1, 9**-1.1), (1.0, 15, 1e-3), (0.1, 300, 1e-5)])
-def test_reported_epsilon_of_a_calibrated_sigma_never_exceeds_the_target(q, steps, delta):
+@pytest.mark.parametrize("target,q,steps,delta", [
+    (8.0, 0.8, 1, 9**-1.1), (8.0, 1.0, 15, 1e-3), (8.0, 0.1, 300, 1e-5),
+    (8.0, 1 / 7, 21, 112**-1.1),  # phantom2d for 3 epochs: reported 8.004 before
+    (1.0, 1 / 7, 420, 56**-1.1),  # the quick Table 1's ε = 1 runs: reported 1.000045 before
+])
+def test_reported_epsilon_of_a_calibrated_sigma_never_exceeds_the_target(target, q, steps, delta):
     """The ε a run reports (default error bound) is at most the target σ was calibrated to,
     also with few steps and a large q, where RDP (which sizes PRV's error bound) is loose."""
-    sigma = calibrate_noise(8.0, delta, q, steps)
-    assert epsilon_of_history([(sigma, q, steps)], delta) <= 8.0
-    assert independent_epsilon(q, sigma, steps, delta, "prv") <= 8.0 * 1.001
+    sigma = calibrate_noise(target, delta, q, steps)
+    assert epsilon_of_history([(sigma, q, steps)], delta) <= target
+    assert independent_epsilon(q, sigma, steps, delta, "prv") <= target * 1.001
 
 
 def test_federated_site_plan_reports_at_most_its_target():
