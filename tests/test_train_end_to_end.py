@@ -116,7 +116,11 @@ def test_dp_run_learns_and_reports_subject_level_epsilon(tmp, nonprivate):
     assert p["delta"] == pytest.approx(n_train**-1.1)
     before = untrained_dice(cfg, rec["splits"]["test"])
     dice = rec["test"]["dice"]
-    assert rec["test"]["mean_dice"] > before + 0.1, (before, dice)
+    # Measured on this config: seeds 0-7 gave test Dice 0.239-0.279 (untrained 0.018-0.049);
+    # with seed 0 and 8 other noise generator seeds, 0.116-0.266. The margin sits below that
+    # spread and far above no learning, so another machine's float rounding (another noise
+    # path) does not flip it.
+    assert rec["test"]["mean_dice"] > before + 0.05, (before, dice)
     assert max(dice.values()) > 0.5, dice  # the large tissues are segmented under DP
     assert rec["test"]["mean_dice"] < nonprivate["test"]["mean_dice"]  # DP costs Dice
 
