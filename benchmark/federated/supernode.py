@@ -32,7 +32,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.common import serde
 from flwr.proto.message_pb2 import Context as ProtoContext
@@ -63,6 +63,45 @@ def agreement_id(cfg: RunConfig) -> str:
     return local.run_id()
 
 
+class TrainedRuns:
+    """The Flower runs in which this site has been asked to train: an append-only file.
+
+    A run's DP accountant lives in the worker's memory. Were that state lost (the worker
+    restarted, or the run dropped to make room for others), a fresh one would count the run's
+    steps from zero: the site would report less ε than it spent and could train past the steps
+    its σ was calibrated for. So every run is written here (and synced) before its first
+    training message is answered, and a run found here without state is refused.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.ids: set[int] = set()
+        if path is not None and path.exists():
+            self.ids = {int(line) for line in path.read_text().split()}
+
+    def __contains__(self, run_id: int) -> bool:
+        return run_id in self.ids
+
+    def add(self, run_id: int) -> None:
+        if run_id in self.ids:
+            return
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(f"{run_id}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.ids.add(run_id)
+
+
+def trained_runs_path(cfg: RunConfig, site: str) -> Path:
+    """Where a site's :class:`TrainedRuns` file lives: beside its data cache."""
+    from privseg.engine import default_cache_dir
+
+    cache = Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else default_cache_dir()
+    return cache / "site-runs" / f"{site}.runs"
+
+
 @dataclass
 class SiteRun:
     """A site's state in one Flower run: its client, ClientApp and SecAgg+ random stream."""
@@ -81,12 +120,13 @@ class SiteWorker:
     """
 
     def __init__(self, site: str, agreed: dict[str, tuple[RunConfig, SiteData, object]],
-                 keep_runs: int = 4):
+                 keep_runs: int = 4, trained: TrainedRuns | None = None):
         self.site = site
         #: agreement id -> (the site's config, its data under that config, the subject set)
         self.agreed = agreed
         self.runs: OrderedDict[int, SiteRun] = OrderedDict()
         self.keep_runs = keep_runs
+        self.trained = trained if trained is not None else TrainedRuns(None)
         self.lock = threading.Lock()
 
     @classmethod
@@ -106,13 +146,26 @@ class SiteWorker:
             agreed[agreement_id(cfg)] = (cfg, data, subject_set)
             log.info("site %s: run config %s (%s): %s subjects (train/val/test)", site,
                      cfg.name, agreement_id(cfg), data.counts())
-        return cls(site, agreed)
+        return cls(site, agreed, trained=TrainedRuns(trained_runs_path(configs[0], site)))
 
-    def _site_run(self, context: Context) -> SiteRun:
+    def _site_run(self, context: Context, trains: bool = False) -> SiteRun:
+        """The run's state (made on its first message); ``trains``: a training message."""
         run = self.runs.get(context.run_id)
         if run is not None:
             self.runs.move_to_end(context.run_id)
-            return run
+        else:
+            run = self._join(context)
+        if trains:
+            self.trained.add(context.run_id)
+        return run
+
+    def _join(self, context: Context) -> SiteRun:
+        if context.run_id in self.trained:
+            raise RuntimeError(
+                f"site {self.site} has trained in run {context.run_id} before but holds no "
+                "state for it (the worker restarted, or the run was dropped for newer ones): "
+                "its privacy accountant would count from zero and under-report ε; refusing. "
+                f"Trained runs are listed in {self.trained.path}")
         federation = parse_config_json(str(context.run_config.get(CONFIG_KEY, "")))
         aid = agreement_id(federation)
         if aid not in self.agreed:
@@ -128,15 +181,26 @@ class SiteWorker:
         run = SiteRun(client, app, np.random.RandomState(seed % 2**32).get_state())
         self.runs[context.run_id] = run
         while len(self.runs) > self.keep_runs:
-            self.runs.popitem(last=False)
+            self._drop_one(keep=context.run_id)
         log.info("site %s: joined run %s", self.site, context.run_id)
         return run
+
+    def _drop_one(self, keep: int) -> None:
+        """Make room for run ``keep``: drop a run that never trained here, else the least
+        recently used one (which is then refused if it comes back: see :class:`TrainedRuns`)."""
+        others = [rid for rid in self.runs if rid != keep]
+        victim = next((rid for rid in others if rid not in self.trained), others[0])
+        if victim in self.trained:
+            log.warning("site %s: dropping the state of run %s to serve newer runs; that run "
+                        "can no longer train at this site", self.site, victim)
+        del self.runs[victim]
 
     def handle(self, msg: Message, context: Context) -> Message:
         """Answer one message (Flower's ``ClientApp`` call) with this site's state."""
         with self.lock:
             try:
-                run = self._site_run(context)
+                run = self._site_run(context,
+                                     trains=msg.metadata.message_type == MessageType.TRAIN)
                 outer = np.random.get_state()
                 np.random.set_state(run.np_state)
                 try:

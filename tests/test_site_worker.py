@@ -1,0 +1,88 @@
+"""A deployed site's worker never lets a run's privacy accountant start again from zero.
+
+The worker keeps each Flower run's SiteClient (model, DP optimizer, accountant) in memory. If
+that state were lost mid-run (the worker restarted, or the run dropped to make room for newer
+runs), a fresh SiteClient would count the run's DP steps from zero: the site would report less
+ε than it spent and could train past the steps its σ was calibrated for.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from test_federated import tiny
+
+from privseg.config import parse_config
+from privseg.federated.app import CONFIG_KEY
+from privseg.federated.client import get_weights
+from privseg.federated.supernode import SiteWorker, trained_runs_path
+
+warnings.filterwarnings("ignore", module="opacus")
+SITE = "site-A"
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return parse_config(tiny(tmp_path_factory.mktemp("worker")))
+
+
+def context(cfg, run_id: int) -> Context:
+    return Context(run_id=run_id, node_id=1, node_config={}, state=RecordDict(),
+                   run_config={CONFIG_KEY: json.dumps(cfg.model_dump(mode="json"))})
+
+
+def train_once(worker: SiteWorker, cfg, run_id: int) -> dict:
+    client = worker._site_run(context(cfg, run_id), trains=True).client
+    return client.fit(get_weights(client.state.model), {})[2]
+
+
+def test_a_run_dropped_after_training_is_refused_not_restarted(cfg):
+    worker = SiteWorker.load([cfg], SITE)
+    worker.keep_runs = 2
+    first = train_once(worker, cfg, 101)
+    assert first["steps"] == 2
+    kept = worker.runs[101].client
+    worker._site_run(context(cfg, 102))  # joins, never trains: dropped first
+    worker._site_run(context(cfg, 103))
+    assert worker._site_run(context(cfg, 101)).client is kept
+    train_once(worker, cfg, 104)
+    train_once(worker, cfg, 105)  # no untrained run left to drop: 101 goes
+    assert 101 not in worker.runs
+    with pytest.raises(RuntimeError, match="under-report"):
+        worker._site_run(context(cfg, 101), trains=True)
+
+
+def test_a_restarted_worker_refuses_runs_it_trained_in_before(cfg):
+    worker = SiteWorker.load([cfg], SITE)
+    train_once(worker, cfg, 201)
+    assert "201" in trained_runs_path(cfg, SITE).read_text().split()
+    restarted = SiteWorker.load([cfg], SITE)
+    with pytest.raises(RuntimeError, match="under-report"):
+        restarted._site_run(context(cfg, 201))
+    assert train_once(restarted, cfg, 202)["steps"] == 2  # a new run is served
+
+
+def message(run_id: int, message_type: str) -> Message:
+    """A message as the SuperLink would deliver it for ``run_id`` (Flower takes the sender's
+    identity from TaskIdentity, set here as the ServerApp's runtime sets it)."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, 0
+    try:
+        return Message(RecordDict(), dst_node_id=1, message_type=message_type)
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_a_training_message_is_recorded_before_it_is_answered(cfg):
+    worker = SiteWorker.load([cfg], SITE)
+    ctx = context(cfg, 301)
+    worker.handle(message(301, MessageType.QUERY), ctx)
+    assert 301 in worker.runs and 301 not in worker.trained
+    # an empty train message fails in the ClientApp, after the run was recorded
+    worker.handle(message(301, MessageType.TRAIN), ctx)
+    assert 301 in worker.trained
+    assert "301" in trained_runs_path(cfg, SITE).read_text().split()
