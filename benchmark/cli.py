@@ -94,7 +94,8 @@ def _print_summary(record: dict, out: Path) -> None:
 def privacy(
     subjects: Annotated[int, typer.Option(help="Number of training subjects n")],
     batch: Annotated[int, typer.Option(help="Expected subjects per step")],
-    epochs: Annotated[int, typer.Option(help="Epochs (each = int(n/batch) Poisson steps)")],
+    epochs: Annotated[int, typer.Option(
+        help="Epochs, each int(1/q) Poisson steps with q = batch/n (Opacus DPDataLoader)")],
     epsilon: Annotated[float | None, typer.Option(help="Target ε -> σ")] = None,
     sigma: Annotated[float | None, typer.Option(help="Noise multiplier σ -> ε")] = None,
     delta: Annotated[float | None, typer.Option(help="δ (default 1/n^1.1)")] = None,

@@ -68,6 +68,16 @@ def _finish(ax, agg: pd.DataFrame, title: str, legend_title: str) -> None:
             color="grey", va="bottom")
 
 
+def epsilon_axis_label(df: pd.DataFrame) -> str:
+    """What ε counts: per subject, or per whole site for site-level federated DP."""
+    units = set(df["privacy.unit"].dropna()) if "privacy.unit" in df else set()
+    if units == {"site"}:
+        return "privacy budget ε per site"
+    if "site" in units:
+        return "privacy budget ε per subject (per site for site-level DP)"
+    return "privacy budget ε per subject"
+
+
 def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     """Utility vs privacy: one line per architecture, x = ε (log), non-private at the right."""
     if df.empty or df["epsilon"].nunique() < 2:
@@ -95,7 +105,7 @@ def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     ticks = sorted(pos.items(), key=lambda kv: kv[1])
     ax.set_xticks([p for _, p in ticks])
     ax.set_xticklabels(["non-private\n(ε = ∞)" if math.isinf(e) else f"{e:g}" for e, _ in ticks])
-    ax.set_xlabel("privacy budget ε per subject (log scale; smaller = more private)")
+    ax.set_xlabel(f"{epsilon_axis_label(df)} (log scale; smaller = more private)")
     _finish(ax, agg, f"Segmentation quality vs privacy budget{_title_suffix(df)}",
             "architecture")
     return fig
@@ -146,7 +156,7 @@ def _eps_sorted(values) -> list[float]:
 
 
 def _panels(agg: pd.DataFrame, hue: str, metric: str, ylabel: str, title: str,
-            legend_title: str) -> Figure:
+            legend_title: str, xlabel: str) -> Figure:
     """One panel per architecture; x = ε (non-private first); one bar per ``hue`` value."""
     models = sorted(agg["model"].unique())
     fig, axes = plt.subplots(1, len(models), figsize=(max(6.4, 3.6 * len(models)), 4.2),
@@ -158,7 +168,7 @@ def _panels(agg: pd.DataFrame, hue: str, metric: str, ylabel: str, title: str,
         a = a.sort_values(["where", hue])
         _grouped_bars(ax, a, "where", hue, metric, group_label=eps_label)
         ax.set_title(model)
-        ax.set_xlabel("privacy budget ε per subject")
+        ax.set_xlabel(xlabel)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(title=legend_title, fontsize="small")
@@ -172,7 +182,8 @@ def central_vs_federated(df: pd.DataFrame, metric: str = METRIC) -> Figure | Non
         return None
     agg = aggregate(df, [metric], ["model", "setting"])
     return _panels(agg, "setting", metric, DICE_LABEL,
-                   f"Central vs federated training{_title_suffix(df)}", "setting")
+                   f"Central vs federated training{_title_suffix(df)}", "setting",
+                   epsilon_axis_label(df))
 
 
 def per_site(df: pd.DataFrame) -> Figure | None:
@@ -184,9 +195,11 @@ def per_site(df: pd.DataFrame) -> Figure | None:
     long = df.melt(id_vars=["model", "epsilon", "seed", "setting"], value_vars=site_cols,
                    var_name="site", value_name="site_dice").dropna(subset=["site_dice"])
     long["site"] = long["site"].str.slice(len("test.site."), -len(".mean_dice"))
+    if long["setting"].nunique() > 1:  # one panel per architecture and setting, never mixed
+        long["model"] = long["model"] + " / " + long["setting"]
     agg = aggregate(long, ["site_dice"], ["model", "site"])
     return _panels(agg, "site", "site_dice", "Test Dice on the site's subjects (0–1)",
-                   f"Per-site test Dice{_title_suffix(df)}", "site")
+                   f"Per-site test Dice{_title_suffix(df)}", "site", epsilon_axis_label(df))
 
 
 FIGURES = {

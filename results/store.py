@@ -77,6 +77,29 @@ def _width(model: str | None, options: dict) -> float | None:
     return _num(knobs.get("width"))
 
 
+def _accounting_columns(priv: dict) -> dict[str, Any]:
+    """δ, σ, q and steps behind the reported ε.
+
+    A central run and a site-level DP run have one of each (site level: steps = rounds done).
+    Sample-level federated DP has them per site and reports the worst site's ε: its values are
+    the ones behind that ε.
+    """
+    if priv.get("epsilon_per_site"):
+        eps = priv["epsilon_per_site"]
+        worst = max(eps, key=lambda s: _num(eps[s]) or 0.0)
+
+        def pick(key):
+            return (priv.get(key) or {}).get(worst)
+
+        delta, sigma, q, steps = (pick("delta_per_site"), pick("noise_multiplier_per_site"),
+                                  pick("sample_rate_per_site"), pick("steps_per_site"))
+    else:
+        delta, sigma, q = priv.get("delta"), priv.get("noise_multiplier"), priv.get("sample_rate")
+        steps = priv.get("steps", priv.get("rounds_done"))
+    return {"privacy.delta": _num(delta), "privacy.sigma": _num(sigma),
+            "privacy.sample_rate": _num(q), "privacy.steps": steps}
+
+
 def record_row(record: dict) -> dict[str, Any]:
     """One run record -> one flat row."""
     cfg = record.get("config") or {}
@@ -94,6 +117,10 @@ def record_row(record: dict) -> dict[str, Any]:
         eps_axis = _num(privacy_cfg.get("target_epsilon"))
     else:
         eps_axis = spent
+    unit = priv.get("unit", "subject") if private else None
+    setting = record.get("setting") or (cfg.get("setting") or {}).get("kind")
+    if unit == "site":  # ε per whole site: not comparable with ε per subject, so its own group
+        setting = f"{setting} (site-level DP)"
     row: dict[str, Any] = {
         "run_id": record.get("run_id"),
         "name": record.get("name") or cfg.get("name"),
@@ -103,7 +130,7 @@ def record_row(record: dict) -> dict[str, Any]:
             "name"),
         "model": model_cfg.get("name"),
         "width": _width(model_cfg.get("name"), model_cfg.get("options") or {}),
-        "setting": record.get("setting") or (cfg.get("setting") or {}).get("kind"),
+        "setting": setting,
         "seed": cfg.get("seed"),
         "epsilon": eps_axis,
         "private": private,
@@ -111,10 +138,9 @@ def record_row(record: dict) -> dict[str, Any]:
         "test.mean_hd95": _num(test.get("mean_hd95")),
         "test.n_subjects": test.get("n_subjects"),
         "privacy.epsilon": spent,
-        "privacy.delta": _num(priv.get("delta")),
-        "privacy.sigma": _num(priv.get("noise_multiplier")),
-        "privacy.sample_rate": _num(priv.get("sample_rate")),
-        "privacy.steps": priv.get("steps"),
+        "privacy.unit": unit,
+        "privacy.mode": priv.get("mode") if private else None,
+        **_accounting_columns(priv),
         "privacy.accountant": priv.get("accountant"),
         "privacy.guarantee": priv.get("guarantee"),
     }

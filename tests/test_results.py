@@ -241,3 +241,54 @@ def test_table_and_plot_commands(store, tmp_path):
     assert (tmp_path / "f" / f"{store.name}_dice_vs_epsilon.pdf").stat().st_size > 1000
     res = runner.invoke(app, ["table", str(tmp_path / "nothing-here")])
     assert res.exit_code != 0
+
+
+def federated_record(mode: str, seed: int) -> dict:
+    """A federated record at ε = 8 with the privacy block the server writes for ``mode``."""
+    rec = make_record("unet", 8.0, seed, setting="federated")
+    rec["run_id"] = rec["name"] = f"{rec['run_id']}-{mode}"
+    rec["test"]["mean_dice"] += 0.1 if mode == "site" else 0.0
+    if mode == "sample":
+        rec["privacy"] = {
+            "enabled": True, "mode": "sample", "unit": "subject", "epsilon": 7.9,
+            "epsilon_per_site": {"site-A": 7.9, "site-B": 6.0},
+            "delta_per_site": {"site-A": 0.02, "site-B": 0.03},
+            "noise_multiplier_per_site": {"site-A": 1.1, "site-B": 1.2},
+            "sample_rate_per_site": {"site-A": 0.25, "site-B": 0.2},
+            "steps_per_site": {"site-A": 12, "site-B": 8}, "accountant": "prv"}
+    else:
+        rec["privacy"] = {"enabled": True, "mode": "site", "unit": "site", "epsilon": 7.95,
+                          "delta": 0.2, "noise_multiplier": 0.9, "sample_rate": 1.0,
+                          "rounds": 15, "rounds_done": 15, "accountant": "prv"}
+    return rec
+
+
+def test_site_level_and_subject_level_dp_are_never_averaged_together(tmp_path):
+    """ε per whole site (DP-FedAvg) and ε per subject are different guarantees: a table row or
+    figure bar never pools them, and the columns behind each ε are filled."""
+    from privseg.results.figures import central_vs_federated, per_site
+
+    for seed in [0, 1]:
+        for rec in (make_record("unet", 8.0, seed), federated_record("sample", seed),
+                    federated_record("site", seed)):
+            write_record(tmp_path / rec["run_id"], rec)
+    df = load(tmp_path)
+    sample = df[df["privacy.mode"] == "sample"].iloc[0]
+    assert (sample["privacy.unit"], sample["setting"]) == ("subject", "federated")
+    assert (sample["privacy.delta"], sample["privacy.sigma"], sample["privacy.sample_rate"],
+            sample["privacy.steps"]) == (0.02, 1.1, 0.25, 12)  # the worst site's (site-A)
+    site = df[df["privacy.mode"] == "site"].iloc[0]
+    assert site["setting"] == "federated (site-level DP)" and site["privacy.unit"] == "site"
+    assert (site["privacy.delta"], site["privacy.steps"]) == (0.2, 15)
+
+    agg = aggregate(df).set_index("setting")
+    assert agg.loc["federated", "test.mean_dice.mean"] == pytest.approx(
+        statistics.mean(dice_of("unet", 8.0, s, "federated") for s in [0, 1]))
+    assert agg.loc["federated (site-level DP)", "test.mean_dice.mean"] == pytest.approx(
+        statistics.mean(dice_of("unet", 8.0, s, "federated") + 0.1 for s in [0, 1]))
+    fig = central_vs_federated(df)
+    assert {t.get_text() for t in fig.axes[-1].get_legend().get_texts()} == {
+        "central", "federated", "federated (site-level DP)"}
+    assert "per site for site-level DP" in fig.axes[0].get_xlabel()
+    assert {ax.get_title() for ax in per_site(df).axes} == {
+        "unet / central", "unet / federated", "unet / federated (site-level DP)"}
