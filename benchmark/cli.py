@@ -63,6 +63,10 @@ def train(
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
     warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
+    from privseg.record import read_record, run_dir
+
+    if not force and read_record(run_dir(cfg.output.dir, cfg.run_id())) is not None:
+        typer.echo("already complete: this config's record is below (--force reruns it)")
     try:
         record = run_training(cfg, progress=progress, force=force)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
@@ -166,6 +170,8 @@ def bench(
     from privseg.bench import ALL_MODES, format_bench, run_bench, write_bench
 
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not chosen:
+        fail(f"--modes is empty; allowed: {', '.join(ALL_MODES)}")
     if bad := [m for m in chosen if m not in ALL_MODES]:
         fail(f"unknown mode(s) {', '.join(bad)}; allowed: {', '.join(ALL_MODES)}")
     if dims not in (2, 3):

@@ -394,11 +394,21 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def read_config_mapping(path: Path) -> dict:
-    """The YAML mapping in ``path``; a ConfigError names the file when it is not one."""
+    """The YAML mapping in ``path``; a ConfigError names the file when it is not one.
+
+    An empty file is refused too: every key would take its default, which is never what a
+    config file was written for.
+    """
+    if Path(path).is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty config (no keys); see `privseg configs` for examples")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -408,4 +418,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
     """Read, override and validate a run config from a YAML file or built-in name."""
     path = resolve_config_path(name_or_path)
     data = read_config_mapping(path)
-    return parse_config(apply_overrides(data, overrides or []), source=str(path))
+    if not overrides:
+        return parse_config(data, source=str(path))
+    parse_config(data, source=str(path))  # a fault in the file is named as the file's
+    return parse_config(apply_overrides(data, overrides),
+                        source=f"{path} with --set {' '.join(overrides)}")

@@ -98,6 +98,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     PRV query (Opacus' ``get_noise_multiplier`` starts from [0, 10] and costs many more PRV
     queries).
     """
+    if not (0 < target_epsilon < math.inf) or steps < 1 or not (0 < sample_rate <= 1):
+        raise ValueError(f"cannot calibrate σ to ε={target_epsilon} over {steps} steps at "
+                         f"q={sample_rate}: need 0 < ε < inf, steps >= 1, 0 < q <= 1")
     hi = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                               sample_rate=sample_rate, steps=steps, accountant="rdp",
                               epsilon_tolerance=tolerance * target_epsilon, alphas=RDP_ORDERS)
@@ -183,6 +186,16 @@ def plan_privacy(
     """Calibrate σ to ``target_epsilon`` (or take a fixed σ) for this many subjects and steps."""
     if n_subjects < 2:
         raise ValueError("DP training needs at least 2 training subjects")
+    if expected_batch_size < 1:
+        raise ValueError(f"expected batch size must be >= 1, got {expected_batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if target_epsilon is not None and not (0 < target_epsilon < math.inf):
+        raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
+    if noise_multiplier is not None and not (0 <= noise_multiplier < math.inf):
+        raise ValueError(f"noise multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if delta is not None and not (0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
     if expected_batch_size > n_subjects:
         raise ValueError(
             f"expected_batch_size={expected_batch_size} exceeds the {n_subjects} training subjects"

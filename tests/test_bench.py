@@ -55,3 +55,15 @@ def test_bench_opacus_mode_is_stock_opacus():
         kinds[mode] = (type(state.model), type(state.optimizer), state.grad_reduction)
     assert kinds["opacus"] == (GradSampleModule, DPOptimizer, "mean")
     assert kinds["hooks"] == (LeanGradSampleModule, FlatDPOptimizer, "sum")
+
+
+@pytest.mark.parametrize("modes,message", [("", "--modes is empty"),
+                                           ("hooks,nope", "unknown mode(s) nope")])
+def test_bench_refuses_bad_mode_lists_and_writes_nothing(tmp_path, modes, message):
+    from typer.testing import CliRunner
+
+    from privseg.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--modes", modes, "--out", str(tmp_path)])
+    assert result.exit_code != 0 and message in result.output
+    assert not list(tmp_path.iterdir())

@@ -89,3 +89,19 @@ def test_delta_not_below_one_over_n_stops_before_training(tmp_path):
 def test_grad_sample_mode_must_be_one_the_model_passed():
     with pytest.raises(ConfigError, match="grad_sample_mode.*unet.*hooks"):
         parse_config({"privacy": {"grad_sample_mode": "ew"}})
+
+
+def test_empty_file_and_directory_are_not_configs(tmp_path):
+    """An empty file used to start a full default training run; a directory, a traceback."""
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml: empty config"):
+        load_config(str(tmp_path / "empty.yaml"))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+
+
+def test_a_bad_override_is_blamed_on_the_override_not_the_file():
+    with pytest.raises(ConfigError, match=r"phantom2d.yaml with --set training.epochz=1: "
+                                          r"training.epochz: unknown key"):
+        load_config("phantom2d", ["training.epochz=1"])
+    assert load_config("phantom2d", ["training.epochs=5"]).training.epochs == 5

@@ -164,3 +164,24 @@ def test_prv_with_integer_order_domain_agrees_with_opacus_prv(history, delta):
         one.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)))
         assert domain.t_max >= one.get_epsilon(delta_error / (8 * total)) + 3
     assert domain.t_min <= -domain.t_max + domain.dt
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"target_epsilon": 0.0}, "target epsilon"),
+    ({"target_epsilon": math.nan}, "target epsilon"),
+    ({"target_epsilon": math.inf}, "target epsilon"),
+    ({"noise_multiplier": -1.0}, "noise multiplier"),
+    ({"noise_multiplier": math.nan}, "noise multiplier"),
+    ({"target_epsilon": 8.0, "delta": 0.0}, "delta"),
+    ({"target_epsilon": 8.0, "epochs": 0}, "epochs"),
+    ({"target_epsilon": 8.0, "expected_batch_size": 0}, "batch"),
+])
+def test_impossible_privacy_plans_are_refused_by_name(kwargs, match):
+    """Before: ε = 0 / nan and zero epochs never left calibration's search (nan grew memory
+    without bound); a zero batch divided by zero; σ < 0 failed inside Opacus."""
+    args = {"n_subjects": 100, "expected_batch_size": 10, "epochs": 10, **kwargs}
+    n, b, e = args.pop("n_subjects"), args.pop("expected_batch_size"), args.pop("epochs")
+    with pytest.raises(ValueError, match=match):
+        plan_privacy(n, b, e, **args)
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        calibrate_noise(0.0, 1e-5, 0.1, 10)
