@@ -59,19 +59,30 @@ def train(
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
         fail(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    show_info_logs()
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
     warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
-    from privseg.record import read_record, run_dir
-
-    if not force and read_record(run_dir(cfg.output.dir, cfg.run_id())) is not None:
-        typer.echo("already complete: this config's record is below (--force reruns it)")
     try:
         record = run_training(cfg, progress=progress, force=force)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(f"{cfg.name or config}: {e}", code=1)
     _print_summary(record, Path(cfg.output.dir) / record["run_id"])
+
+
+def show_info_logs() -> None:
+    """Show privseg's own INFO messages (data cache, a run already complete) on stderr.
+
+    ``logging.basicConfig`` cannot: a dependency imported with the engine has already given
+    the root logger a handler, which makes ``basicConfig`` do nothing.
+    """
+    log = logging.getLogger("privseg")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _print_summary(record: dict, out: Path) -> None:

@@ -418,8 +418,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> RunCon
     """Read, override and validate a run config from a YAML file or built-in name."""
     path = resolve_config_path(name_or_path)
     data = read_config_mapping(path)
-    if not overrides:
-        return parse_config(data, source=str(path))
-    parse_config(data, source=str(path))  # a fault in the file is named as the file's
-    return parse_config(apply_overrides(data, overrides),
-                        source=f"{path} with --set {' '.join(overrides)}")
+    source = str(path)
+    if overrides:
+        parse_config(data, source=source)  # a fault in the file is named as the file's
+        data, source = apply_overrides(data, overrides), f"{path} with --set {' '.join(overrides)}"
+    return parse_config(data, source=source)

@@ -310,7 +310,7 @@ def completed_record(out: Path) -> dict | None:
     """The complete record in run directory ``out`` (logged), or None."""
     existing = read_record(out)
     if existing is not None:
-        log.info("run %s already complete: %s", out.name, out)
+        log.info("run %s already complete, not rerun (--force reruns it): %s", out.name, out)
     return existing
 
 
