@@ -7,7 +7,7 @@ alike; the median step time of each mode and its ratio to the non-private step a
 optimizer): the baseline that privseg's own pieces are measured against. Steps are
 the engine's own ``train_step`` on a fixed synthetic batch of subjects (k = 1), so what is
 measured is what training runs. A mode may name the conv grad sampler (``privacy.
-conv_grad_sampler``, see :mod:`privseg.grad_samplers`): ``hooks+opacus`` is hooks with Opacus'
+conv_grad_sampler``, see :mod:`privseg.dp.grad_samplers`): ``hooks+opacus`` is hooks with Opacus'
 own conv sampler, ``ghost+grouped`` ghost clipping with the grouped sampler and mixed ghost
 norm; a bare ``hooks``/``ghost`` uses the config default. Peak memory is measured per mode in a
 separate pass, as the growth during one step over what was allocated before it:
@@ -34,16 +34,10 @@ import torch
 
 from privseg.architectures import build, get_entry
 from privseg.config import RunConfig, parse_config
-from privseg.engine import (
-    builder_knobs,
-    place_model,
-    prepare_training,
-    resolve_device,
-    seed_everything,
-    train_step,
-)
-from privseg.grad_samplers import CONV_SAMPLERS
+from privseg.dp.grad_samplers import CONV_SAMPLERS
 from privseg.record import atomic_write_text, environment
+from privseg.training.setup import builder_knobs, place_model, resolve_device, seed_everything
+from privseg.training.step import prepare_training, train_step
 
 BASE_MODES = ("nonprivate", "opacus", "hooks", "functorch", "ew", "ghost")
 #: modes whose conv layers go through Opacus' registries, so the conv sampler matters

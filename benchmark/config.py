@@ -97,7 +97,7 @@ class PrivacyConfig(_Strict):
     conv_grad_sampler: Literal["opacus", "grouped"] = Field(
         "grouped", exclude=True,
         description="per-sample conv gradients (hooks) and norms (ghost): Opacus' unfold "
-        "sampler, or privseg.grad_samplers' grouped-conv sampler + mixed ghost norm; exact "
+        "sampler, or privseg.dp.grad_samplers' grouped-conv sampler + mixed ghost norm; exact "
         "either way, so excluded from dumps and the run id",
     )
 

@@ -11,8 +11,10 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from privseg.cli import app, console, fail
+from privseg.cli_common import console, fail
 from privseg.config import ConfigError
+
+app = typer.Typer()
 
 
 def load_target(target: str, output: str | None = None) -> tuple[pd.DataFrame, str]:

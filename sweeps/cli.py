@@ -15,7 +15,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from privseg.cli import _print_summary, app, console, fail
+from privseg.cli_common import console, fail, print_summary
 from privseg.config import ConfigError
 from privseg.sweeps.spec import (
     EPSILON_KEY,
@@ -26,6 +26,8 @@ from privseg.sweeps.spec import (
     parse_agent_args,
     to_wandb,
 )
+
+app = typer.Typer()
 
 
 def parse_set(items: list[str] | None) -> dict:
@@ -142,7 +144,7 @@ def sweep_run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Train one sweep point (the command a W&B agent runs): base=NAME plus dotted keys."""
-    from privseg.engine import run_training
+    from privseg.run import run
 
     try:
         p = parse_agent_args(params)
@@ -153,10 +155,10 @@ def sweep_run(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", module="opacus")
     try:
-        record = run_training(cfg, progress=progress)
+        record = run(cfg, progress=progress)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(f"{cfg.name}: {e}", code=1)
-    _print_summary(record, Path(cfg.output.dir) / record["run_id"])
+    print_summary(record, Path(cfg.output.dir) / record["run_id"])
 
 
 def find_offline_runs(root: str | Path, include_synced: bool = False) -> list[Path]:

@@ -63,8 +63,8 @@ def main() -> int:
         proto.flush()
 
     from privseg.config import parse_config
-    from privseg.engine import run_training
     from privseg.record import read_record, run_dir
+    from privseg.run import run
 
     send(event="ready", pid=os.getpid())
     for line in sys.stdin:
@@ -82,7 +82,7 @@ def main() -> int:
                 continue
             send(event="started", index=index, run_id=cfg.run_id(), pid=os.getpid())
             print(f"=== run {index} {cfg.run_id()} {cfg.name}", file=sys.stderr, flush=True)
-            record = run_training(cfg, progress=False)
+            record = run(cfg, progress=False)
             send(event="finished", index=index, status="complete", summary=summarize(record),
                  seconds=time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - a failed run is reported, the worker goes on

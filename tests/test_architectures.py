@@ -16,13 +16,8 @@ from torch import nn
 from torchvision.models import resnet18
 
 from privseg.architectures import build, get_entry, list_models
-from privseg.architectures.dp_check import (
-    MODES,
-    assert_dp_compatible,
-    dp_problems,
-    per_sample_grad_error,
-    reference_grads,
-)
+from privseg.architectures.dp_check import assert_dp_compatible, dp_problems
+from privseg.dp.exactness import MODES, per_sample_grad_error, reference_grads
 
 #: small knobs per builder (by function name), applied to every entry using that builder
 SMALL = {

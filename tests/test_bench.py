@@ -42,9 +42,9 @@ def test_bench_opacus_mode_is_stock_opacus():
 
     from privseg.architectures import build
     from privseg.bench import _config, _FixedBatch
-    from privseg.dp_optimizer import FlatDPOptimizer
-    from privseg.engine import prepare_training
-    from privseg.grad_sample_module import LeanGradSampleModule
+    from privseg.dp.grad_sample_module import LeanGradSampleModule
+    from privseg.dp.optimizer import FlatDPOptimizer
+    from privseg.training.step import prepare_training
 
     model = build("unet", 2, 1, 3, base_channels=4, depth=2)
     data = _FixedBatch(2, (16, 16), 3)

@@ -79,7 +79,7 @@ def test_bad_config_exits_nonzero_names_key_and_writes_no_record(tmp_path):
 
 def test_delta_not_below_one_over_n_stops_before_training(tmp_path):
     cfg = tiny_config(tmp_path, privacy={"delta": 0.5})
-    from privseg.engine import run_training
+    from privseg.run import run as run_training
 
     with pytest.raises(ValueError, match="delta"):
         run_training(cfg, progress=False)

@@ -6,7 +6,7 @@ import pytest
 from datamakers import make_brats, make_feta, make_msd, make_pets
 
 from privseg.config import parse_config
-from privseg.engine import run_training
+from privseg.run import run as run_training
 
 LAYOUTS = {
     "feta": (lambda root: make_feta(root, n_subjects=6), {}),

@@ -1,4 +1,4 @@
-"""privseg.dp_optimizer.FlatDPOptimizer: Opacus' flat clipping and Gaussian noise, fused.
+"""privseg.dp.optimizer.FlatDPOptimizer: Opacus' flat clipping and Gaussian noise, fused.
 
 Invariant 4 (one clipped contribution per subject) and the noise the accountant assumes
 (N(0, σ²C²) per coordinate of the clipped sum) must hold exactly as in Opacus' own
@@ -14,7 +14,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from privseg.dp_optimizer import FlatDPOptimizer, _buckets
+from privseg.dp.optimizer import FlatDPOptimizer, _buckets
 
 
 def _model() -> nn.Module:
@@ -146,9 +146,9 @@ def test_engine_uses_flat_optimizer_except_for_ghost_clipping(tmp_path):
     from spine_helpers import TINY_PHANTOM, tiny_config
 
     from privseg.architectures import build
-    from privseg.data import SubjectCrops
     from privseg.datasets import load_dataset
-    from privseg.engine import prepare_training
+    from privseg.datasets.crops import SubjectCrops
+    from privseg.training.step import prepare_training
 
     ss = load_dataset("phantom", TINY_PHANTOM, None, tmp_path / "cache")
     train = SubjectCrops(ss.subjects[:8], 2, None, 1, 0.9)

@@ -6,10 +6,11 @@ import torch
 from spine_helpers import TINY_PHANTOM, tiny_config
 
 from privseg.architectures import build
-from privseg.data import SubjectCrops
 from privseg.datasets import load_dataset
-from privseg.engine import prepare_training, seed_everything, train_step
-from privseg.losses import PerSampleDiceCE
+from privseg.datasets.crops import SubjectCrops
+from privseg.training.losses import PerSampleDiceCE
+from privseg.training.setup import seed_everything
+from privseg.training.step import prepare_training, train_step
 
 
 def _setup(tmp_path, k=1, mode="hooks", physical=4, clip=1.0, batch=4, sigma=0.0):

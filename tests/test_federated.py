@@ -17,8 +17,8 @@ import yaml
 
 from privseg.config import ConfigError, parse_config
 from privseg.datasets import load_dataset
-from privseg.federated.privacy import plan_site_sample, site_level_epsilon, site_level_plan
 from privseg.federated.simulation import run_federated
+from privseg.federated.site_plans import plan_site_sample, site_level_epsilon, site_level_plan
 from privseg.federated.sites import build_sites
 
 warnings.filterwarnings("ignore", module="opacus")
@@ -58,7 +58,7 @@ def dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> f
     """Google's dp_accounting (independent of Opacus) at the same integer RDP orders."""
     from dp_accounting import dp_event, rdp
 
-    from privseg.privacy import RDP_ORDERS
+    from privseg.dp.accounting import RDP_ORDERS
 
     acc = rdp.RdpAccountant(orders=RDP_ORDERS)
     event = dp_event.GaussianDpEvent(sigma)
@@ -446,8 +446,8 @@ def test_unetr_is_built_for_the_crop_centrally_and_in_a_federation(tmp_path):
     from flwr.common import ndarrays_to_parameters
 
     from privseg.architectures import build
-    from privseg.engine import run_training
     from privseg.federated.server import payload_bytes
+    from privseg.run import run as run_training
 
     small = {"patch_size": 8, "hidden_size": 16, "layers": 1, "heads": 2, "feature_size": 4}
     central = dict(tiny(tmp_path), setting={"kind": "central"},

@@ -1,4 +1,4 @@
-"""privseg.grad_samplers: exact per-sample conv gradients and norms, selected per wrapped model.
+"""privseg.dp.grad_samplers: exact per-sample conv gradients and norms, selected per wrapped model.
 
 Exactness (invariant 1) is checked through Opacus' own hooks (``per_sample_grad_error`` wraps
 with ``GradSampleModule`` / ``GradSampleModuleFastGradientClipping``) with the grouped samplers
@@ -16,13 +16,12 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 
-import privseg.grad_samplers as gsamp
+import privseg.dp.grad_samplers as gsamp
 from privseg.architectures import build
-from privseg.architectures.dp_check import per_sample_grad_error, reference_grads
 from privseg.bench import _config, _FixedBatch
 from privseg.config import parse_config
-from privseg.engine import prepare_training
-from privseg.grad_samplers import (
+from privseg.dp.exactness import per_sample_grad_error, reference_grads
+from privseg.dp.grad_samplers import (
     active_conv_samplers,
     conv_samplers,
     ghost_conv_weight_norm,
@@ -30,6 +29,7 @@ from privseg.grad_samplers import (
     mixed_conv_norm_sample,
     prepare_module,
 )
+from privseg.training.step import prepare_training
 
 TOL = 1e-4  # float64
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -227,8 +227,8 @@ def test_lean_module_stores_what_opacus_stores(kind):
     gradient."""
     from opacus.grad_sample import GradSampleModule
 
-    from privseg.architectures.dp_check import per_sample_loss
-    from privseg.grad_sample_module import LeanGradSampleModule
+    from privseg.dp.exactness import per_sample_loss
+    from privseg.dp.grad_sample_module import LeanGradSampleModule
 
     torch.manual_seed(0)
     model = (build("unet", 2, 2, 3, base_channels=4, depth=2) if kind == "unet"
@@ -250,7 +250,7 @@ def test_lean_module_stores_what_opacus_stores(kind):
 def test_store_grad_sample_copies_only_when_needed():
     """No copy of a fresh full-batch result of a once-used parameter; Opacus' buffer for a
     result aliasing the hook's inputs, a partial batch, or a parameter used twice."""
-    from privseg.grad_sample_module import store_grad_sample
+    from privseg.dp.grad_sample_module import store_grad_sample
 
     def param(uses):
         p = nn.Parameter(torch.zeros(3))

@@ -13,8 +13,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privseg.config import load_config
-from privseg.federated.privacy import plan_site_sample
-from privseg.privacy import (
+from privseg.dp.accounting import (
     RDP_ORDERS,
     IntegerOrderPRVAccountant,
     accountant_kwargs,
@@ -26,6 +25,7 @@ from privseg.privacy import (
     plan_privacy,
     rdp_epsilon,
 )
+from privseg.federated.site_plans import plan_site_sample
 
 
 def independent_epsilon(q: float, sigma: float, steps: int, delta: float, accountant: str):

@@ -227,9 +227,8 @@ def test_load_from_wandb_api_object():
 def test_table_and_plot_commands(store, tmp_path):
     from typer.testing import CliRunner
 
-    from privseg.cli import _register_commands, app
+    from privseg.cli import app
 
-    _register_commands()
     runner = CliRunner()
     res = runner.invoke(app, ["table", str(store)])
     assert res.exit_code == 0, res.output
@@ -292,3 +291,4 @@ def test_site_level_and_subject_level_dp_are_never_averaged_together(tmp_path):
     assert "per site for site-level DP" in fig.axes[0].get_xlabel()
     assert {ax.get_title() for ax in per_site(df).axes} == {
         "unet / central", "unet / federated", "unet / federated (site-level DP)"}
+

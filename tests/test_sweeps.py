@@ -241,7 +241,7 @@ def test_kill_dash_nine_mid_run_then_resume(tmp_path):
 def test_sync_finds_offline_runs(tmp_path):
     from typer.testing import CliRunner
 
-    from privseg.cli import _register_commands, app
+    from privseg.cli import app
     from privseg.sweeps.cli import find_offline_runs, sync_command
 
     for rid, synced in [("aaa", False), ("bbb", True)]:
@@ -256,7 +256,6 @@ def test_sync_finds_offline_runs(tmp_path):
     assert len(find_offline_runs(tmp_path, include_synced=True)) == 2
     cmd = sync_command(found, project="p")
     assert cmd[-1] == str(found[0]) and "sync" in cmd and "--project" in cmd
-    _register_commands()
     res = CliRunner().invoke(app, ["sync", str(tmp_path), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "offline-run-20250101_000000-aaa" in res.output and "bbb" not in res.output
@@ -266,7 +265,7 @@ def test_wandb_flag_creates_the_sweep_with_the_converted_config(tmp_path, monkey
     import wandb
     from typer.testing import CliRunner
 
-    from privseg.cli import _register_commands, app
+    from privseg.cli import app
 
     got = {}
 
@@ -275,7 +274,6 @@ def test_wandb_flag_creates_the_sweep_with_the_converted_config(tmp_path, monkey
         return "swp123"
 
     monkeypatch.setattr(wandb, "sweep", fake_sweep)
-    _register_commands()
     path = write_sweep(tmp_path / "w.yaml", {"privacy.target_epsilon": {"values": ["inf", 1]}})
     res = CliRunner().invoke(app, ["sweep", str(path), "--wandb", "--entity", "me",
                                    "--project", "p", "--set", "training.epochs=3"])
@@ -285,3 +283,4 @@ def test_wandb_flag_creates_the_sweep_with_the_converted_config(tmp_path, monkey
     assert params["training.epochs"] == {"value": 3}
     assert params["privacy.target_epsilon"] == {"values": ["inf", 1]}
     assert got["config"]["command"][:2] == ["privseg", "sweep-run"]
+

@@ -9,9 +9,10 @@ import torch
 from privseg.architectures import build
 from privseg.config import parse_config
 from privseg.datasets import load_dataset
-from privseg.engine import run_training, seed_everything
-from privseg.evaluate import evaluate
 from privseg.record import read_record
+from privseg.run import run as run_training
+from privseg.training.evaluate import evaluate
+from privseg.training.setup import seed_everything
 
 # Small enough for CPU CI, large enough that a U-Net must learn every FeTA class.
 PHANTOM = {"n_subjects": 40, "size": 32, "n_sites": 3}
@@ -94,9 +95,9 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path, privacy):
 
 
 def test_finished_config_is_not_rerun(nonprivate, tmp, monkeypatch):
-    import privseg.engine as engine
+    import privseg.central as central
 
-    monkeypatch.setattr(engine, "prepare_training", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(central, "prepare_training", lambda *a, **k: pytest.fail("retrained"))
     assert run_training(config(tmp), progress=False)["run_id"] == nonprivate["run_id"]
 
 

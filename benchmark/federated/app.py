@@ -165,10 +165,10 @@ class CountingGrid(Grid):
 def serve_federation(grid: Grid, context: Context) -> None:
     """ServerApp main: the rounds, the final test and the run record (see the module doc)."""
     from privseg.config import parse_config
-    from privseg.engine import seed_everything
     from privseg.federated.secagg import _fill_round_bytes, run_workflow
     from privseg.federated.server import deployment_record, make_server
     from privseg.record import run_dir, write_record
+    from privseg.training.setup import seed_everything
 
     rc = context.run_config
     cfg = parse_config(json.loads(str(rc[CONFIG_KEY])))

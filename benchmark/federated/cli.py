@@ -9,12 +9,11 @@ from typing import Annotated
 
 import typer
 
-from privseg.cli import app, fail
+from privseg.cli_common import fail
 from privseg.config import ConfigError, load_config
 
-fed_app = typer.Typer(help="Federated training on Flower: server, site, simulation.",
-                      no_args_is_help=True)
-app.add_typer(fed_app, name="federated")
+app = typer.Typer(help="Federated training on Flower: server, site, simulation.",
+                  no_args_is_help=True)
 
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key, e.g. --set setting.federated.rounds=5")]
@@ -33,7 +32,7 @@ def _load(config: str, set_: list[str] | None):
     return cfg
 
 
-@fed_app.command()
+@app.command()
 def server(
     config: Annotated[str, typer.Argument(help="federated run config (YAML or built-in name)")],
     address: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0:8080",
@@ -59,7 +58,7 @@ def server(
                f"privacy: {p['guarantee']}")
 
 
-@fed_app.command()
+@app.command()
 def site(
     config: Annotated[str, typer.Argument(help="the federation's run config (same as server's)")],
     name: Annotated[str, typer.Option("--site", help="this site's name, e.g. site-A")],
@@ -82,7 +81,7 @@ def site(
         fail(str(e), code=1)
 
 
-@fed_app.command()
+@app.command()
 def simulate(
     config: Annotated[str, typer.Argument(help="federated run config")],
     force: Annotated[bool, typer.Option(help="Rerun even if a complete record exists")] = False,
@@ -101,7 +100,7 @@ def simulate(
 
 # -- SuperLink / SuperNode deployment (Flower's runtime; TLS and node authentication) -------
 
-@fed_app.command()
+@app.command()
 def supernode(
     config: Annotated[list[str], typer.Argument(
         help="the run config(s) this site agreed to; a run must carry one of them")],
@@ -134,7 +133,7 @@ def supernode(
     raise typer.Exit(code)
 
 
-@fed_app.command("run")
+@app.command("run")
 def run_cmd(
     config: Annotated[str, typer.Argument(help="federated run config (YAML or built-in name)")],
     superlink: Annotated[str | None, typer.Option(

@@ -6,8 +6,8 @@ model parameters, its number of training subjects (the FedAvg weight), and scala
 (aggregate Dice/HD95 of its held-out subjects; its privacy spent; timings). No subject id, image,
 label, prediction or per-subject value is returned.
 
-Local training reuses :func:`privseg.engine.prepare_training` and
-:func:`~privseg.engine.train_step`: in ``sample`` mode that is Opacus DP-SGD with Poisson
+Local training reuses :func:`privseg.training.step.prepare_training` and
+:func:`~privseg.training.step.train_step`: in ``sample`` mode that is Opacus DP-SGD with Poisson
 sampling of this site's subjects. The DP
 optimizer, its Poisson loader and the accountant persist across rounds, so the accountant
 composes every local step of every round; the site refuses to step past its planned total (its
@@ -30,20 +30,14 @@ from flwr.client import NumPyClient
 
 from privseg.architectures import build
 from privseg.config import RunConfig
-from privseg.data import SubjectCrops, crop_size
 from privseg.datasets import SubjectSet
-from privseg.engine import (
-    model_knobs,
-    place_model,
-    prepare_training,
-    resolve_device,
-    train_step,
-    unwrap,
-)
-from privseg.evaluate import evaluate
-from privseg.federated.privacy import local_steps_per_round, plan_site_sample
+from privseg.datasets.crops import SubjectCrops, crop_size
+from privseg.dp.accounting import epsilon_of_history
+from privseg.federated.site_plans import local_steps_per_round, plan_site_sample
 from privseg.federated.sites import SiteData, site_seed
-from privseg.privacy import epsilon_of_history
+from privseg.training.evaluate import evaluate
+from privseg.training.setup import model_knobs, place_model, resolve_device
+from privseg.training.step import prepare_training, train_step, unwrap
 
 
 def get_weights(model: torch.nn.Module) -> list[np.ndarray]:

@@ -16,16 +16,17 @@ refused here (:func:`refuse_secure_aggregation`); it runs in the simulation only
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from pathlib import Path
 
 from privseg.config import ConfigError, RunConfig
 from privseg.datasets import load_dataset
-from privseg.engine import default_cache_dir, seed_everything
 from privseg.federated.client import SiteClient
 from privseg.federated.server import deployment_record, make_server
 from privseg.federated.sites import build_site
 from privseg.record import run_dir, write_record
+from privseg.training.setup import default_cache_dir, seed_everything
 
 log = logging.getLogger("privseg")
 
@@ -67,6 +68,25 @@ def run_server(cfg: RunConfig, address: str, n_sites: int,
     return record
 
 
+def wait_for_server(address: str, max_wait_time: float | None, poll_s: float = 0.5) -> None:
+    """Wait until ``address`` (host:port) accepts TCP connections, for at most ``max_wait_time``.
+
+    Flower's legacy ``start_client`` gives up at once when the server is not yet listening
+    (gRPC ``UNAVAILABLE`` on its first read), whatever its ``max_wait_time``: a site started a
+    moment before its server would exit instead of joining.
+    """
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + (max_wait_time if max_wait_time is not None else 0.0)
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=poll_s):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                return  # let Flower report the failure in its own words
+            time.sleep(poll_s)
+
+
 def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | None = None,
              root_certificates: bytes | None = None, max_wait_time: float | None = None) -> None:
     """Serve one site's data to the federation: train and evaluate locally when asked."""
@@ -81,6 +101,7 @@ def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | No
     client = SiteClient(cfg, data, subject_set)
     log.info("site %s: %s subjects (train/val/test), connecting to %s", site, data.counts(),
              server_address)
+    wait_for_server(server_address, max_wait_time)
     flwr.client.start_client(server_address=server_address, client=client.to_client(),
                              insecure=root_certificates is None,
                              root_certificates=root_certificates,

@@ -50,8 +50,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from privseg.config import ConfigError, RunConfig
 from privseg.federated.client import SiteClient
-from privseg.federated.privacy import sites_per_round
 from privseg.federated.server import FederatedServer, make_server, prefetch_site_properties
+from privseg.federated.site_plans import sites_per_round
 from privseg.federated.sites import site_seed
 
 KEY = "setting.federated.secure_aggregation"

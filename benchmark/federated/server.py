@@ -56,9 +56,9 @@ from flwr.server.strategy import (
 
 from privseg.architectures import build, get_entry
 from privseg.config import RunConfig
-from privseg.engine import model_knobs
-from privseg.federated.privacy import site_level_epsilon, site_level_plan, sites_per_round
+from privseg.federated.site_plans import site_level_epsilon, site_level_plan, sites_per_round
 from privseg.record import environment
+from privseg.training.setup import model_knobs
 
 try:  # flwr's logger
     from flwr.common.logger import log as flwr_log

@@ -39,12 +39,12 @@ from flwr.server.client_proxy import ClientProxy
 
 from privseg.config import RunConfig
 from privseg.datasets import SubjectSet
-from privseg.engine import completed_record, load_subjects, seed_everything
 from privseg.federated.client import SiteClient
 from privseg.federated.secagg import SiteLink, secagg_plan, simulate_secagg
 from privseg.federated.server import FederatedServer, make_server
 from privseg.federated.sites import build_sites
 from privseg.record import environment, run_dir, write_record
+from privseg.training.setup import completed_record, load_subjects, seed_everything
 
 log = logging.getLogger("privseg")
 

@@ -96,7 +96,7 @@ class TrainedRuns:
 
 def trained_runs_path(cfg: RunConfig, site: str) -> Path:
     """Where a site's :class:`TrainedRuns` file lives: beside its data cache."""
-    from privseg.engine import default_cache_dir
+    from privseg.training.setup import default_cache_dir
 
     cache = Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else default_cache_dir()
     return cache / "site-runs" / f"{site}.runs"
@@ -134,7 +134,7 @@ class SiteWorker:
              data_root: str | None = None) -> SiteWorker:
         """Load the site's data (``data_root`` or ``dataset.root``) for every agreed config."""
         from privseg.datasets import load_dataset
-        from privseg.engine import default_cache_dir
+        from privseg.training.setup import default_cache_dir
 
         agreed = {}
         for cfg in configs:

@@ -58,7 +58,7 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 
-from privseg.grad_sample_module import LeanGradSampleModule
+from privseg.dp.grad_sample_module import LeanGradSampleModule
 
 ConvSampler = Literal["opacus", "grouped"]
 CONV_SAMPLERS: tuple[str, ...] = ("opacus", "grouped")
@@ -299,7 +299,7 @@ def prepare_module(model: nn.Module, grad_sample_mode: str, conv_sampler: ConvSa
                    lean: bool = True, **kwargs):
     """Opacus' ``prepare_module`` with the ``conv_sampler`` conv samplers pinned to the result.
 
-    Hooks and functorch modes wrap in :class:`~privseg.grad_sample_module.LeanGradSampleModule`
+    Hooks and functorch modes wrap in :class:`~privseg.dp.grad_sample_module.LeanGradSampleModule`
     (Opacus' ``GradSampleModule`` minus a copy of every per-sample gradient) unless not
     ``lean``.
 

@@ -18,7 +18,7 @@ McMahan et al. make; with fraction 1 (q = 1) there is no sampling and the bound 
 from __future__ import annotations
 
 from privseg.config import RunConfig
-from privseg.privacy import (
+from privseg.dp.accounting import (
     PrivacyPlan,
     calibrate_noise,
     check_delta,

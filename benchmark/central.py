@@ -1,0 +1,229 @@
+"""The central run: one loop for private and non-private training on pooled data.
+
+Loads and splits the subjects, builds the model, trains through the shared step
+(:mod:`privseg.training.step`; DP-SGD with Poisson subject sampling when privacy is enabled),
+evaluates whole volumes and writes the run record and checkpoint. Federated runs are
+:mod:`privseg.federated`'s; :func:`privseg.run.run` dispatches a config to either.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from privseg.architectures import build
+from privseg.config import RunConfig
+from privseg.datasets import SubjectSet
+from privseg.datasets.crops import SubjectCrops, crop_size
+from privseg.datasets.split import split_subjects
+from privseg.dp.accounting import epsilon_of_history
+from privseg.record import environment, run_dir, write_record
+from privseg.tracking import Tracker
+from privseg.training.evaluate import evaluate
+from privseg.training.setup import (
+    completed_record,
+    load_subjects,
+    model_knobs,
+    place_model,
+    resolve_device,
+    seed_everything,
+)
+from privseg.training.step import TrainState, prepare_training, train_step, unwrap
+from privseg.training.timing import GpuBusySampler, StepTimer
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
+                subject_set: SubjectSet | None = None) -> dict:
+    """Train and evaluate one central run; write its checkpoint and record; return the record.
+
+    A finished run (same run id, complete record) is not rerun unless ``force``.
+    """
+    run_id = cfg.run_id()
+    out = run_dir(cfg.output.dir, run_id)
+    if not force and (existing := completed_record(out)) is not None:
+        return existing
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.training.device)
+    d = cfg.dataset
+    subject_set = subject_set or load_subjects(cfg)
+    by_id = subject_set.by_id()
+    train_ids, val_ids, test_ids = split_subjects(
+        by_id, d.val_fraction, d.test_fraction, cfg.seed,
+        stratify_by={s.subject_id: s.site for s in subject_set.subjects})
+    if not train_ids:
+        raise ValueError(f"the split leaves no training subjects out of {len(by_id)}")
+    train_set = SubjectCrops([by_id[i] for i in train_ids], d.dims, d.patch_size,
+                             cfg.training.crops_per_subject, cfg.training.foreground_fraction,
+                             subject_set.num_classes)
+    roi = crop_size(d.dims, d.patch_size, subject_set.subjects[0].label.shape)
+    model = place_model(build(cfg.model.name, d.dims, subject_set.in_channels,
+                              subject_set.num_classes, **model_knobs(cfg, roi)), cfg, device)
+    state = prepare_training(cfg, model, train_set, device)
+
+    tracker = Tracker(cfg.tracking, run_id, out, cfg.model_dump(mode="json"), cfg.name)
+    try:
+        record = _loop(cfg, state, subject_set, by_id, (train_ids, val_ids, test_ids), roi,
+                       device, tracker, progress)
+        record.update(run_id=run_id, name=cfg.name, config=cfg.model_dump(mode="json"),
+                      environment=environment(str(device)))
+        if cfg.output.save_checkpoint:
+            _save_checkpoint(unwrap(state.model), out / "model.pt")
+            record["checkpoint"] = "model.pt"
+        tracker.summary(summary_scalars(record))
+        tracker.finish(0)
+    except BaseException:
+        tracker.finish(1)
+        raise
+    write_record(out, record)
+    return record
+
+
+def summary_scalars(record: dict) -> dict[str, float]:
+    """The record's final scalars, flattened for W&B's run summary (``test/dice/<class>``...)."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(node, int | float) and not isinstance(node, bool):
+            out[prefix] = node
+
+    test = {k: v for k, v in record["test"].items() if k != "per_subject"}
+    walk("test", test)
+    walk("privacy", {k: v for k, v in record["privacy"].items() if k != "accountant_history"})
+    walk("timing", record["timing"])
+    return out
+
+
+def _save_checkpoint(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+
+
+def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dict,
+          splits: tuple[list[str], list[str], list[str]], roi: tuple, device: torch.device,
+          tracker: Tracker, progress: bool) -> dict:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    t = cfg.training
+    train_ids, val_ids, test_ids = splits
+    val = [by_id[i] for i in val_ids]
+    test = [by_id[i] for i in test_ids]
+    amp = t.amp
+    history, step_times, subjects_seen, batch_sizes = [], [], 0, []
+    steps_per_epoch = len(state.loader)
+    train_time = 0.0
+    step_timer = StepTimer(device)
+    gpu_busy = GpuBusySampler(device)
+    start = time.perf_counter()
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   disable=not progress, transient=False)
+    with bar, gpu_busy:  # sampling stops with training, also on an error
+        steps_task = bar.add_task("steps", total=steps_per_epoch * t.epochs, info="")
+        for epoch in range(1, t.epochs + 1):
+            losses, data_time = [], 0.0
+            epoch_start = time.perf_counter()
+            fetch_start = epoch_start
+            pending = None  # the previous step's loss, read once this step is queued
+            for x, y in state.loader:
+                s0 = time.perf_counter()
+                data_time += s0 - fetch_start
+                with step_timer.step():
+                    loss = train_step(state, x, y, cfg, device)
+                batch_sizes.append(len(x))
+                subjects_seen += len(x)
+                if pending is not None:
+                    _note_loss(losses, pending, bar, steps_task, epoch, t.epochs)
+                pending = loss
+                fetch_start = time.perf_counter()
+            if pending is not None:
+                _note_loss(losses, pending, bar, steps_task, epoch, t.epochs)
+            step_times.extend(step_timer.collect())
+            train_time += time.perf_counter() - epoch_start
+            row = {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else None,
+                   "epoch_time_s": time.perf_counter() - epoch_start,
+                   "data_time_s": data_time}
+            checkpoint_epoch = epoch == t.epochs or (t.eval_every and epoch % t.eval_every == 0)
+            if state.accountant is not None and checkpoint_epoch:
+                row["epsilon"] = _spent(state)  # PRV queries cost ~0.3 s: not every epoch
+            if val and checkpoint_epoch:
+                m = evaluate(state.model, val, cfg.dataset.dims, roi, subject_set.class_names,
+                             device, subject_set.eval_regions, hd95=False, amp=amp)
+                row["val_mean_dice"] = m["mean_dice"]
+                row["val_dice"] = m["dice"]
+                bar.update(steps_task, info=f"epoch {epoch} val dice {m['mean_dice']:.3f}")
+            history.append(row)
+            tracker.log({f"train/{k}" if k != "epoch" else k: v for k, v in row.items()},
+                        step=epoch)
+    test_metrics = evaluate(state.model, test, cfg.dataset.dims, roi, subject_set.class_names,
+                            device, subject_set.eval_regions, hd95=True, amp=amp)
+    total = time.perf_counter() - start
+    privacy = {"enabled": False, "epsilon": math.inf, "unit": "subject",
+               "guarantee": "none (non-private)"}
+    if state.accountant is not None:
+        plan = state.plan
+        steps_done = sum(n for _, _, n in state.accountant.history)
+        if steps_done != plan.steps:
+            raise RuntimeError(f"accountant saw {steps_done} steps, plan had {plan.steps}")
+        privacy = {"enabled": True, **plan.as_dict(), "epsilon": _spent(state),
+                   "crops_per_subject": t.crops_per_subject,
+                   "grad_sample_mode": cfg.privacy.grad_sample_mode,
+                   "accountant_history": state.accountant.history,
+                   "guarantee": f"({_spent(state):.4g}, {plan.delta:.3g})-DP per subject "
+                                "(central DP-SGD, Poisson subject sampling)"}
+    return {
+        "setting": cfg.setting.kind,
+        "dataset": {"name": subject_set.name, "class_names": subject_set.class_names,
+                    "n_subjects": len(subject_set.subjects),
+                    "sites": sorted({s.site for s in subject_set.subjects})},
+        "splits": {"train": train_ids, "val": val_ids, "test": test_ids},
+        "history": history,
+        "test": test_metrics,
+        "privacy": privacy,
+        "timing": {
+            "total_s": total, "train_s": train_time,
+            "median_step_s": statistics.median(step_times) if step_times else None,
+            "steps": len(step_times),
+            "subjects_per_s": subjects_seen / train_time if train_time else None,
+            "mean_batch_subjects": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "data_s": sum(row["data_time_s"] for row in history),
+            "gpu_busy_percent": gpu_busy.mean_percent(),
+        },
+    }
+
+
+def _note_loss(losses: list[float], loss: torch.Tensor, bar, task, epoch: int,
+               epochs: int) -> None:
+    value = float(loss)
+    if not math.isnan(value):
+        losses.append(value)
+    bar.update(task, advance=1, info=f"epoch {epoch}/{epochs} loss {value:.3f}")
+
+
+def _spent(state: TrainState) -> float:
+    return epsilon_of_history(state.accountant.history, state.plan.delta,
+                              state.plan.accountant)

@@ -1,0 +1,170 @@
+"""The core commands: ``train``, ``privacy``, ``configs``, ``models``, ``bench``, ``data check``.
+
+A sub-app of the ``privseg`` command tree, assembled in :mod:`privseg.cli`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from privseg.cli_common import fail, print_summary, show_info_logs
+from privseg.config import ConfigError, builtin_configs, load_config
+
+app = typer.Typer()
+data_app = typer.Typer(help="Inspect and validate data sets.", no_args_is_help=True)
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Argument(help="YAML run config, or a built-in name "
+                                               "(see `privseg configs`)")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override a config key, e.g. --set training.epochs=5 "
+                            "--set privacy.target_epsilon=1")] = None,
+    force: Annotated[bool, typer.Option(help="Rerun even if a complete record exists")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Train one model as the config says; write a checkpoint and a run record.
+
+    The record lands in OUTPUT_DIR/RUN_ID/record.json, where RUN_ID is the hash of the config;
+    rerunning a finished config does nothing unless --force.
+    """
+    from privseg.run import run
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        fail(str(e))
+    show_info_logs()
+    warnings.filterwarnings("ignore", module="opacus")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+    warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")
+    try:
+        record = run(cfg, progress=progress, force=force)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(f"{cfg.name or config}: {e}", code=1)
+    print_summary(record, Path(cfg.output.dir) / record["run_id"])
+
+
+@app.command()
+def privacy(
+    subjects: Annotated[int, typer.Option(help="Number of training subjects n")],
+    batch: Annotated[int, typer.Option(help="Expected subjects per step")],
+    epochs: Annotated[int, typer.Option(
+        help="Epochs, each int(1/q) Poisson steps with q = batch/n (Opacus DPDataLoader)")],
+    epsilon: Annotated[float | None, typer.Option(help="Target ε -> σ")] = None,
+    sigma: Annotated[float | None, typer.Option(help="Noise multiplier σ -> ε")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ (default 1/n^1.1)")] = None,
+    accountant: Annotated[str, typer.Option(help="prv or rdp")] = "prv",
+) -> None:
+    """Privacy calculator: σ for a target ε, or ε spent for a given σ (per subject)."""
+    from privseg.dp.accounting import epsilon_for, plan_privacy
+
+    if (epsilon is None) == (sigma is None):
+        fail("give exactly one of --epsilon and --sigma")
+    if accountant not in ("prv", "rdp"):
+        fail("--accountant must be prv or rdp")
+    warnings.filterwarnings("ignore")
+    try:
+        plan = plan_privacy(subjects, batch, epochs, target_epsilon=epsilon, noise_multiplier=sigma,
+                            delta=delta, accountant=accountant)
+    except ValueError as e:
+        fail(str(e))
+    eps = epsilon_for(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta, accountant)
+    typer.echo(f"subjects n        {plan.n_subjects}")
+    typer.echo(f"sample rate q     {plan.sample_rate:.6f}  (expected batch {batch})")
+    typer.echo(f"steps             {plan.steps}  ({plan.steps_per_epoch} per epoch × {epochs})")
+    typer.echo(f"delta             {plan.delta:.4g}")
+    typer.echo(f"noise multiplier  {plan.noise_multiplier:.6f}")
+    typer.echo(f"epsilon           {eps:.4f}  ({accountant})" if math.isfinite(eps)
+               else "epsilon           inf")
+
+
+@app.command()
+def configs() -> None:
+    """List the built-in run configs."""
+    for name, path in sorted(builtin_configs().items()):
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        typer.echo(f"{name:24s} {first.lstrip('# ')}")
+
+
+@app.command()
+def models(
+    format: Annotated[str, typer.Option("--format", help="markdown or csv")] = "markdown",
+) -> None:
+    """Table of registered architectures: dims, parameters, MACs, DP modes, paper."""
+    from privseg.architectures.table import models_table
+
+    if format not in ("markdown", "csv"):
+        fail("--format must be markdown or csv")
+    typer.echo(models_table(format))
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Registry model name")] = "unet",
+    dims: Annotated[int, typer.Option(help="2 (slices) or 3 (patches)")] = 2,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    batch: Annotated[int, typer.Option(help="Subjects per step (one crop each)")] = 32,
+    size: Annotated[int | None, typer.Option(help="Crop edge (default 256 in 2D, 96 in 3D)")]
+    = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated: nonprivate, opacus (stock "
+                                            "Opacus hooks), hooks, functorch, ew, ghost; "
+                                            "hooks+opacus etc. pick the conv sampler")]
+    = "nonprivate,opacus,hooks,functorch,ew,ghost",
+    steps: Annotated[int, typer.Option(help="Timed steps per mode")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed steps per mode first")] = 2,
+    amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA)")] = False,
+    channels_last: Annotated[bool, typer.Option(help="Channels-last 2D models (CUDA)")] = False,
+    out: Annotated[Path, typer.Option(help="Directory for the JSON report")] = Path("runs/bench"),
+) -> None:
+    """Time non-private vs each DP mode step by step, alternating, in one process."""
+    from privseg.bench import ALL_MODES, format_bench, run_bench, write_bench
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not chosen:
+        fail(f"--modes is empty; allowed: {', '.join(ALL_MODES)}")
+    if bad := [m for m in chosen if m not in ALL_MODES]:
+        fail(f"unknown mode(s) {', '.join(bad)}; allowed: {', '.join(ALL_MODES)}")
+    if dims not in (2, 3):
+        fail("--dims must be 2 or 3")
+    warnings.filterwarnings("ignore")
+    try:
+        report = run_bench(model, dims, device, batch, size, chosen, steps, warmup, amp,
+                           channels_last=channels_last)
+    except (KeyError, ValueError, RuntimeError) as e:
+        fail(str(e.args[0]) if e.args else str(e))
+    typer.echo(format_bench(report))
+    typer.echo(f"wrote {write_bench(report, out)}")
+
+
+@data_app.command("check")
+def data_check(
+    target: Annotated[str, typer.Argument(help="A run config (or built-in name), or a data "
+                                               "folder together with --dataset")],
+    dataset: Annotated[str | None, typer.Option(help="Data set name when TARGET is a folder "
+                                                     "(feta, msd, brats, pets)")] = None,
+) -> None:
+    """Validate every subject (files, decoding, shapes, affines, labels, NaN); write nothing."""
+    from privseg.datasets.check import data_check_report
+
+    if dataset is not None:
+        name, options, root = dataset, {}, target
+    else:
+        try:
+            cfg = load_config(target)
+        except ConfigError as e:
+            fail(str(e))
+        name, options, root = cfg.dataset.name, cfg.dataset.options, cfg.dataset.root
+    try:
+        text, ok = data_check_report(name, options, root)
+    except (KeyError, ValueError) as e:
+        fail(str(e.args[0]) if e.args else str(e))
+    typer.echo(text)
+    if not ok:
+        raise typer.Exit(1)

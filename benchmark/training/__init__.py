@@ -1,0 +1,1 @@
+"""The training step central and federated runs share: setup, step, losses, evaluation."""
