@@ -23,6 +23,7 @@ from privseg.datasets import SubjectSet
 from privseg.datasets.crops import SubjectCrops, crop_size
 from privseg.datasets.split import split_subjects
 from privseg.dp.accounting import epsilon_of_history
+from privseg.dp.randomness import noise_note
 from privseg.record import environment, run_dir, write_record
 from privseg.tracking import Tracker
 from privseg.training.evaluate import evaluate
@@ -36,6 +37,15 @@ from privseg.training.setup import (
 )
 from privseg.training.step import TrainState, prepare_training, train_step, unwrap
 from privseg.training.timing import GpuBusySampler, StepTimer
+
+#: what a central DP run's record discloses outside its guarantee
+CENTRAL_NOT_COVERED = [
+    "the training subjects' ids (splits.train): membership of the training set is disclosed "
+    "outright by the record",
+    "per-epoch training loss (history[].train_loss; un-noised, computed on training subjects)",
+    "validation and test metrics (un-noised; computed on held-out subjects, not on training "
+    "subjects)",
+]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -132,7 +142,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     val = [by_id[i] for i in val_ids]
     test = [by_id[i] for i in test_ids]
     amp = t.amp
-    history, step_times, subjects_seen, batch_sizes = [], [], 0, []
+    history, step_times, subjects_seen = [], [], 0
     steps_per_epoch = len(state.loader)
     train_time = 0.0
     step_timer = StepTimer(device)
@@ -153,7 +163,6 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                 data_time += s0 - fetch_start
                 with step_timer.step():
                     loss = train_step(state, x, y, cfg, device)
-                batch_sizes.append(len(x))
                 subjects_seen += len(x)
                 if pending is not None:
                     _note_loss(losses, pending, bar, steps_task, epoch, t.epochs)
@@ -188,12 +197,21 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
         steps_done = sum(n for _, _, n in state.accountant.history)
         if steps_done != plan.steps:
             raise RuntimeError(f"accountant saw {steps_done} steps, plan had {plan.steps}")
-        privacy = {"enabled": True, **plan.as_dict(), "epsilon": _spent(state),
+        eps = _spent(state)
+        noise_seed = cfg.privacy.noise_seed
+        replay = ("" if noise_seed is None else
+                  " Not against whoever holds the config: its noise_seed replays the noise.")
+        privacy = {"enabled": True, **plan.as_dict(), "epsilon": eps,
                    "crops_per_subject": t.crops_per_subject,
                    "grad_sample_mode": cfg.privacy.grad_sample_mode,
                    "accountant_history": state.accountant.history,
-                   "guarantee": f"({_spent(state):.4g}, {plan.delta:.3g})-DP per subject "
-                                "(central DP-SGD, Poisson subject sampling)"}
+                   "sampling": "Poisson sampling of subjects (secret coins)",
+                   "neighbouring": "add or remove one subject",
+                   "noise": noise_note(noise_seed),
+                   "guarantee": f"({eps:.4g}, {plan.delta:.3g})-DP per subject (central DP-SGD, "
+                                f"Poisson subject sampling) for the released model; "
+                                f"{noise_note(noise_seed)}.{replay}",
+                   "not_covered": CENTRAL_NOT_COVERED}
     return {
         "setting": cfg.setting.kind,
         "dataset": {"name": subject_set.name, "class_names": subject_set.class_names,
@@ -207,8 +225,10 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             "total_s": total, "train_s": train_time,
             "median_step_s": statistics.median(step_times) if step_times else None,
             "steps": len(step_times),
-            "subjects_per_s": subjects_seen / train_time if train_time else None,
-            "mean_batch_subjects": statistics.fmean(batch_sizes) if batch_sizes else 0.0,
+            # DP: expected subjects (steps × B); the exact count of Poisson draws is private
+            "subjects_per_s": (subjects_seen if state.accountant is None else
+                               len(step_times) * t.expected_batch_size) / train_time
+            if train_time else None,
             "peak_memory_mb": _peak_memory_mb(device),
             "data_s": sum(row["data_time_s"] for row in history),
             "gpu_busy_percent": gpu_busy.mean_percent(),

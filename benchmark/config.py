@@ -90,7 +90,13 @@ class PrivacyConfig(_Strict):
     noise_multiplier: float | None = Field(
         None, ge=0.0, description="fixed sigma instead of a target epsilon"
     )
-    delta: float | None = Field(None, gt=0.0, lt=1.0, description="default 1/n^1.1")
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="default min(1e-5, 1/n^1.1); n = training subjects "
+        "(sites in site-level DP)")
+    noise_seed: int | None = Field(
+        None, ge=0, description="opt into DP noise and sampling reproducible from the config "
+        "(benchmarks only: whoever holds the config can replay the noise); default: a secret "
+        "seed from the operating system's entropy for every run")
     max_grad_norm: float = Field(1.0, gt=0.0)
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: GradSampleMode = "hooks"
@@ -271,6 +277,8 @@ class RunConfig(_Strict):
         data = self.model_dump(mode="json", exclude={"tracking", "output", "name"})
         if data["setting"].get("federated") is None:  # central run ids predate the field
             data["setting"].pop("federated", None)
+        if not data["privacy"]["enabled"]:  # no DP noise: its seed determines nothing
+            data["privacy"].pop("noise_seed", None)
         for (*path, key), default in _ADDED_LATER.items():  # keep earlier runs' ids
             node = data
             for part in path:
@@ -284,6 +292,7 @@ class RunConfig(_Strict):
 #: fields added after runs were recorded: at these values they leave the run id unchanged
 _ADDED_LATER = {
     ("training", "channels_last"): False,
+    ("privacy", "noise_seed"): None,
     ("setting", "federated", "secagg_num_shares"): None,
     ("setting", "federated", "secagg_reconstruction_threshold"): None,
     ("setting", "federated", "secagg_clipping_range"): 8.0,

@@ -23,7 +23,9 @@ def _config(tmp_path, name, root, options, dims=2, patch=(16, 16)):
                     "val_fraction": 0.0, "test_fraction": 0.2},
         "model": {"name": "unet", "options": {"base_channels": 4, "depth": 2}},
         "training": {"epochs": 2, "expected_batch_size": 2, "physical_batch_size": 2},
-        "privacy": {"enabled": True, "target_epsilon": None, "noise_multiplier": 1.0},
+        # noise_seed: the second, cached run must reproduce the first
+        "privacy": {"enabled": True, "target_epsilon": None, "noise_multiplier": 1.0,
+                    "noise_seed": 0},
         "tracking": {"wandb": "off"},
         "output": {"dir": str(tmp_path / "runs")},
     })

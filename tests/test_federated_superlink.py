@@ -176,7 +176,7 @@ def federation(tmp_path_factory, request):
             "supernode", str(paths["plain"]), str(paths["secagg"]), "--site", site, "--superlink",
             f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
             "--auth-key", str(certs / f"site-{s}"), "--runtime-port", str(_free_port()),
-            "--max-wait", "60"], work / f"home-site-{s}")
+            "--max-wait", "60", "--allow-reproducible-noise"], work / f"home-site-{s}")
     return SimpleNamespace(work=work, port=port, certs=certs, procs=procs, logs=logs,
                            paths=paths, cfg=cfg, simulated=simulated, start=start)
 

@@ -80,7 +80,9 @@ def test_calibrated_sigma_spends_target_epsilon(accountant, target):
 
 
 def test_default_delta_and_rejection():
-    assert default_delta(100) == pytest.approx(100**-1.1)
+    # min(1e-5, 1/n^1.1): 1e-5 for clinical cohorts (1/n^1.1 was 0.026 for 28 subjects)
+    assert default_delta(28) == 1e-5 and default_delta(3) == 1e-5
+    assert default_delta(10**6) == pytest.approx(10**-6.6)
     check_delta(default_delta(100), 100)
     with pytest.raises(ValueError, match="delta"):
         check_delta(1 / 100, 100)
@@ -185,3 +187,12 @@ def test_impossible_privacy_plans_are_refused_by_name(kwargs, match):
         plan_privacy(n, b, e, **args)
     with pytest.raises(ValueError, match="cannot calibrate"):
         calibrate_noise(0.0, 1e-5, 0.1, 10)
+
+
+def test_a_weak_user_delta_is_allowed_but_warned_in_the_plan(caplog):
+    n = 100
+    weak = plan_privacy(n, 10, 1, target_epsilon=8.0, delta=1 / (10 * n))  # at 1/(10n)
+    assert weak.delta_warning is not None and "1/(10·n)" in weak.delta_warning
+    assert any("1/(10·n)" in r.getMessage() for r in caplog.records)
+    assert plan_privacy(n, 10, 1, target_epsilon=8.0, delta=0.5 / (10 * n)).delta_warning is None
+    assert plan_privacy(n, 10, 1, target_epsilon=8.0).delta_warning is None  # the default

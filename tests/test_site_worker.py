@@ -17,17 +17,26 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_federated import tiny
 
 from privseg.config import parse_config
+from privseg.dp.accounting import epsilon_of_history
+from privseg.dp.ledger import BudgetExceeded, SiteLedger
 from privseg.federated.app import CONFIG_KEY
 from privseg.federated.client import get_weights
-from privseg.federated.supernode import SiteWorker, trained_runs_path
+from privseg.federated.supernode import SiteWorker, ledger_path, trained_runs_path
 
 warnings.filterwarnings("ignore", module="opacus")
 SITE = "site-A"
 
 
+def deployable(tmp) -> dict:
+    """The tiny federation as a deployed site accepts it: no replayable noise seed."""
+    d = tiny(tmp)
+    d["privacy"].pop("noise_seed")
+    return d
+
+
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-    return parse_config(tiny(tmp_path_factory.mktemp("worker")))
+    return parse_config(deployable(tmp_path_factory.mktemp("worker")))
 
 
 def context(cfg, run_id: int) -> Context:
@@ -86,3 +95,41 @@ def test_a_training_message_is_recorded_before_it_is_answered(cfg):
     worker.handle(message(301, MessageType.TRAIN), ctx)
     assert 301 in worker.trained
     assert "301" in trained_runs_path(cfg, SITE).read_text().split()
+
+
+def test_a_site_refuses_a_config_whose_noise_is_replayable(tmp_path):
+    replayable = parse_config(tiny(tmp_path))  # privacy.noise_seed set
+    with pytest.raises(ValueError, match="noise_seed"):
+        SiteWorker.load([replayable], SITE)
+    SiteWorker.load([replayable], SITE, allow_reproducible_noise=True)  # the operator's opt-in
+
+
+def test_the_ledger_composes_runs_and_refuses_the_one_past_the_budget(tmp_path):
+    cfg = parse_config(deployable(tmp_path))
+    probe = SiteWorker.load([cfg], SITE)
+    plan = probe._site_run(context(cfg, 1)).client.plan  # joins; nothing trains or is charged
+    one = [(plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    e2, e3 = (epsilon_of_history(one * k, 1e-5) for k in (2, 3))
+    budget = (e2 + e3) / 2  # room for two runs on this site's data, not three
+
+    worker = SiteWorker.load([cfg], SITE, budget_epsilon=budget)
+    train_once(worker, cfg, 401)
+    train_once(worker, cfg, 402)
+    with pytest.raises(BudgetExceeded) as refused:
+        worker._site_run(context(cfg, 403), trains=True)
+    text = str(refused.value)
+    assert f"ε = {budget:g}" in text and "2 earlier run(s)" in text
+    assert f"{e2:.4g}" in text and f"{e3:.4g}" in text  # the spend so far and with this run
+    assert 403 not in worker.trained  # refused before training
+
+    # the refusal reaches the server as the site's error reply
+    reply = worker.handle(message(404, MessageType.TRAIN), context(cfg, 404))
+    assert reply.has_error() and "privacy budget" in reply.error.reason
+
+    restarted = SiteWorker.load([cfg], SITE, budget_epsilon=budget)
+    with pytest.raises(BudgetExceeded):
+        restarted._site_run(context(cfg, 405), trains=True)
+    ledger = SiteLedger(ledger_path(cfg, SITE))
+    assert [e["run_id"] for e in ledger.entries] == ["401", "402"]
+    assert ledger.spent() == pytest.approx(e2)
+    assert "composed: ε = " in ledger.report()

@@ -84,7 +84,7 @@ def test_record_is_complete_and_self_contained(nonprivate, tmp):
 
 @pytest.mark.parametrize("privacy", [{"enabled": False},
                                      {"enabled": True, "noise_multiplier": 1.0,
-                                      "target_epsilon": None}])
+                                      "target_epsilon": None, "noise_seed": 7}])
 def test_same_config_and_seed_give_identical_metrics(tmp_path, privacy):
     cfg = config(tmp_path, training={"epochs": 3}, privacy=privacy)
     first = run_training(cfg, progress=False)
@@ -114,7 +114,7 @@ def test_dp_run_learns_and_reports_subject_level_epsilon(tmp, nonprivate):
     assert p["n_subjects"] == n_train == 56
     assert p["sample_rate"] == pytest.approx(8 / n_train)
     assert p["steps"] == rec["timing"]["steps"] == int(n_train / 8) * 60
-    assert p["delta"] == pytest.approx(n_train**-1.1)
+    assert p["delta"] == min(1e-5, n_train**-1.1)
     before = untrained_dice(cfg, rec["splits"]["test"])
     dice = rec["test"]["dice"]
     # Measured on this config: seeds 0-7 gave test Dice 0.239-0.279 (untrained 0.018-0.049);

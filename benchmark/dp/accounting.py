@@ -8,6 +8,7 @@ over all steps (Opacus ``get_noise_multiplier``); accounting reports the ε actu
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ from opacus.accountants.utils import get_noise_multiplier
 RDP_ORDERS = [float(a) for a in range(2, 128)] + [128.0, 256.0, 512.0]
 PRV_RELATIVE_ERROR = 2e-3
 PRV_MIN_EPS_ERROR = 1e-3
+
+log = logging.getLogger("privseg")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -148,23 +151,57 @@ class PrivacyPlan:
     accountant: str
     max_grad_norm: float
     unit: str = "subject"
+    #: :func:`delta_warning` for a user-set δ, or None
+    delta_warning: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+#: the default δ never exceeds this, however few the subjects (clinical cohorts are small)
+MAX_DEFAULT_DELTA = 1e-5
+
+
 def default_delta(n_subjects: int) -> float:
-    """δ = 1/n^1.1: below 1/n, so that releasing one whole subject is not 'private'."""
-    return 1.0 / n_subjects**1.1
+    """δ = min(1e-5, 1/n^1.1).
+
+    1/n^1.1 alone is weak for clinical cohorts (0.026 for 28 subjects, about 0.7/n): a
+    mechanism that publishes one random subject's data outright is (0, 1/n)-DP. 1e-5 is the
+    usual ceiling in the DP-SGD literature (Abadi et al. 2016); the n-dependent term only
+    matters for cohorts beyond ~35,000.
+    """
+    return min(MAX_DEFAULT_DELTA, 1.0 / n_subjects**1.1)
 
 
-def check_delta(delta: float, n_subjects: int) -> None:
-    """Reject δ ≥ 1/n (such a δ permits leaking one subject's data outright)."""
+def check_delta(delta: float, n_subjects: int, unit: str = "subject") -> None:
+    """Reject δ ≥ 1/n (such a δ permits leaking one unit's data outright)."""
     if delta >= 1.0 / n_subjects:
         raise ValueError(
             f"privacy.delta={delta:g} must be < 1/n = {1.0 / n_subjects:g} for n={n_subjects} "
-            "training subjects"
+            f"training {unit}s"
         )
+
+
+def delta_warning(delta: float, n_units: int, unit: str = "subject") -> str | None:
+    """A warning for a δ at or above 1/(10·n), which the log and the record carry; else None.
+
+    Such a δ is allowed (below 1/n) but weak: a mechanism that leaks each unit's data with
+    probability δ is (0, δ)-DP, so δ ≈ 0.1/n leaks about one unit in ten runs.
+    """
+    if delta < 1.0 / (10 * n_units):
+        return None
+    return (f"δ = {delta:.3g} is at or above 1/(10·n) = {1 / (10 * n_units):.3g} for n = "
+            f"{n_units} {unit}s: a mechanism leaking one {unit} in {1 / (delta * n_units):.3g} "
+            "runs would meet it; prefer the default min(1e-5, 1/n^1.1)")
+
+
+def checked_user_delta(delta: float, n_units: int, unit: str = "subject") -> str | None:
+    """Check a δ the user set (:func:`check_delta`); log and return its :func:`delta_warning`."""
+    check_delta(delta, n_units, unit)
+    warning = delta_warning(delta, n_units, unit)
+    if warning:
+        log.warning("warning: %s", warning)
+    return warning
 
 
 def steps_per_epoch(sample_rate: float) -> int:
@@ -200,6 +237,7 @@ def plan_privacy(
         raise ValueError(
             f"expected_batch_size={expected_batch_size} exceeds the {n_subjects} training subjects"
         )
+    warning = None if delta is None else checked_user_delta(delta, n_subjects)
     delta = default_delta(n_subjects) if delta is None else delta
     check_delta(delta, n_subjects)
     q = expected_batch_size / n_subjects
@@ -210,7 +248,8 @@ def plan_privacy(
             raise ValueError("give a target epsilon or a noise multiplier")
         noise_multiplier = calibrate_noise(target_epsilon, delta, q, steps, accountant)
     return PrivacyPlan(n_subjects, expected_batch_size, q, spe, epochs, steps, delta,
-                       float(noise_multiplier), target_epsilon, accountant, max_grad_norm)
+                       float(noise_multiplier), target_epsilon, accountant, max_grad_norm,
+                       delta_warning=warning)
 
 
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,

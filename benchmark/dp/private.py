@@ -26,6 +26,7 @@ from privseg.config import RunConfig
 from privseg.dp.accounting import PrivacyPlan, plan_privacy
 from privseg.dp.grad_samplers import prepare_module
 from privseg.dp.optimizer import FlatDPOptimizer
+from privseg.dp.randomness import dp_seed
 
 
 def group_crop_grad_samples(model: nn.Module, crops_per_subject: int) -> None:
@@ -86,11 +87,14 @@ class PrivateTraining:
 
 def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  train_set: Dataset, criterion: nn.Module, device: torch.device,
-                 loader_gen: torch.Generator, loader_kw: dict,
-                 plan: PrivacyPlan | None = None, stock_opacus: bool = False) -> PrivateTraining:
+                 loader_kw: dict, plan: PrivacyPlan | None = None,
+                 stock_opacus: bool = False) -> PrivateTraining:
     """Opacus' grad-sample module, DP optimizer, Poisson ``DPDataLoader`` and accountant hook.
 
-    A given ``plan`` (a federated site's, over all its rounds) replaces the central one.
+    The Poisson sampler and the Gaussian noise draw from their own generators, seeded by
+    :func:`privseg.dp.randomness.dp_seed`: secret per run unless ``privacy.noise_seed`` opts
+    into reproducible streams. A given ``plan`` (a federated site's, over all its rounds)
+    replaces the central one.
     ``stock_opacus`` (for ``privseg bench``'s baseline) uses Opacus as shipped: its grad-sample
     module, conv and GroupNorm samplers and DP optimizer, with a mean-reduced loss.
     """
@@ -103,7 +107,8 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
         if p.noise_multiplier is None else None, noise_multiplier=p.noise_multiplier,
         delta=p.delta, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
     )
-    loader = DPDataLoader(train_set, sample_rate=plan.sample_rate, generator=loader_gen,
+    sampler_gen = torch.Generator().manual_seed(dp_seed(p.noise_seed, "sampler", cfg.seed))
+    loader = DPDataLoader(train_set, sample_rate=plan.sample_rate, generator=sampler_gen,
                           **loader_kw)
     gsm_kw = {"max_grad_norm": p.max_grad_norm} if p.grad_sample_mode == "ghost" else {}
     reduction = "mean" if stock_opacus else grad_sample_reduction(p.grad_sample_mode)
@@ -120,7 +125,8 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     optimizer = optim_cls(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=p.max_grad_norm,
         expected_batch_size=t.expected_batch_size, loss_reduction="mean",
-        generator=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        generator=torch.Generator(device=device).manual_seed(dp_seed(p.noise_seed, "noise",
+                                                                     cfg.seed)),
     )
     accountant = create_accountant(p.accountant)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))

@@ -15,6 +15,9 @@ from privseg.config import ConfigError, load_config
 app = typer.Typer(help="Federated training on Flower: server, site, simulation.",
                   no_args_is_help=True)
 
+AllowNoiseOpt = Annotated[bool, typer.Option(
+    help="accept a config with privacy.noise_seed (its DP noise is then replayable by whoever "
+         "holds the config): for loopback tests and benchmarks, never for patients' data")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key, e.g. --set setting.federated.rounds=5")]
 
@@ -68,6 +71,7 @@ def site(
     ca_cert: Annotated[Path | None, typer.Option(help="TLS: CA certificate of the server")]
     = None,
     max_wait: Annotated[float | None, typer.Option(help="give up connecting after s")] = None,
+    allow_reproducible_noise: AllowNoiseOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Legacy transport (Flower start_client): one site; see `supernode` for the current one."""
@@ -76,7 +80,8 @@ def site(
     cfg = _load(config, set_)
     try:
         run_site(cfg, name, server_address, data,
-                 ca_cert.read_bytes() if ca_cert is not None else None, max_wait)
+                 ca_cert.read_bytes() if ca_cert is not None else None, max_wait,
+                 allow_reproducible_noise)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e), code=1)
 
@@ -116,21 +121,54 @@ def supernode(
     runtime_port: Annotated[int | None, typer.Option(
         help="local port of the SuperNode's runtime API (default Flower's 9094)")] = None,
     max_wait: Annotated[float | None, typer.Option(help="give up connecting after s")] = None,
+    budget_epsilon: Annotated[float | None, typer.Option(
+        help="this site's total privacy budget ε over all runs on its data (composed in its "
+             "ledger); a run that would exceed it is refused before training")] = None,
+    budget_delta: Annotated[float, typer.Option(help="δ at which the ledger composes")] = 1e-5,
+    allow_reproducible_noise: AllowNoiseOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Serve one site as a Flower SuperNode: its data stay here; it answers every run.
 
     Starts the site's worker (data loaded from --data) and Flower's flower-supernode; runs
     until stopped. Only model updates (masked with SecAgg+) and aggregate metrics leave.
+    Every run that trains here is charged to the site's ledger first (see `privseg federated
+    ledger`). Example:
+
+        privseg federated supernode study.yaml --site site-A --superlink hub:9092
+        --data /data/feta --ca-cert ca.pem --auth-key site-A.key --budget-epsilon 10
     """
     from privseg.federated.supernode import serve_site
 
     configs = [_load(c, set_) for c in config]
     try:
-        code = serve_site(configs, name, superlink, data, ca_cert, auth_key, runtime_port, max_wait)
+        code = serve_site(configs, name, superlink, data, ca_cert, auth_key, runtime_port,
+                          max_wait, budget_epsilon, budget_delta, allow_reproducible_noise)
     except (ValueError, FileNotFoundError, ConfigError) as e:
         fail(str(e), code=1)
     raise typer.Exit(code)
+
+
+@app.command()
+def ledger(
+    config: Annotated[str, typer.Argument(help="one run config this site agreed to (its "
+                                               "dataset.cache_dir locates the ledger)")],
+    name: Annotated[str, typer.Option("--site", help="this site's name, e.g. site-A")],
+    budget_delta: Annotated[float, typer.Option(help="δ at which the ledger composes")] = 1e-5,
+    set_: SetOpt = None,
+) -> None:
+    """Print this site's privacy ledger: every run trained on its data and the composed ε.
+
+    Example:  privseg federated ledger study.yaml --site site-A
+    """
+    from privseg.dp.ledger import SiteLedger
+    from privseg.federated.supernode import ledger_path
+
+    cfg = _load(config, set_)
+    try:
+        typer.echo(SiteLedger(ledger_path(cfg, name), budget_delta=budget_delta).report())
+    except ValueError as e:
+        fail(str(e), code=1)
 
 
 @app.command("run")

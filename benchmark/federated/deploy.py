@@ -22,6 +22,7 @@ from pathlib import Path
 
 from privseg.config import ConfigError, RunConfig
 from privseg.datasets import load_dataset
+from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.client import SiteClient
 from privseg.federated.server import deployment_record, make_server
 from privseg.federated.sites import build_site
@@ -88,11 +89,16 @@ def wait_for_server(address: str, max_wait_time: float | None, poll_s: float = 0
 
 
 def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | None = None,
-             root_certificates: bytes | None = None, max_wait_time: float | None = None) -> None:
-    """Serve one site's data to the federation: train and evaluate locally when asked."""
+             root_certificates: bytes | None = None, max_wait_time: float | None = None,
+             allow_reproducible_noise: bool = False) -> None:
+    """Serve one site's data to the federation: train and evaluate locally when asked.
+
+    A config with ``privacy.noise_seed`` is refused unless ``allow_reproducible_noise``."""
     import flwr
 
     refuse_secure_aggregation(cfg)
+    if not allow_reproducible_noise:
+        refuse_replayable_noise(cfg, f"site {site}")
     d = cfg.dataset
     root = data_root if data_root is not None else d.root
     subject_set = load_dataset(d.name, d.options, root,

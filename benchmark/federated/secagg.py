@@ -49,8 +49,10 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from privseg.config import ConfigError, RunConfig
+from privseg.dp.randomness import dp_seed
 from privseg.federated.client import SiteClient
 from privseg.federated.server import FederatedServer, make_server, prefetch_site_properties
+from privseg.federated.site_dp import seed_server_noise
 from privseg.federated.site_plans import sites_per_round
 from privseg.federated.sites import site_seed
 
@@ -63,6 +65,11 @@ MessageObserver = Callable[[Message, Message], None]
 UpdateObserver = Callable[[int, int, NDArrays], None]
 
 
+def secagg_rounding_seed(cfg: RunConfig, site: str) -> int:
+    """The seed of a site's SecAgg+ stochastic-rounding stream (secret unless opted out)."""
+    return dp_seed(cfg.privacy.noise_seed, "secagg-rounding", site_seed(cfg.seed, site))
+
+
 def secagg_plan(cfg: RunConfig, n_sites: int) -> dict:
     """SecAgg+ parameters for ``n_sites`` sites, checked; a ConfigError names the bad key.
 
@@ -71,6 +78,10 @@ def secagg_plan(cfg: RunConfig, n_sites: int) -> dict:
     its own update from the sum and read the other's.
     """
     fed = cfg.setting.federated
+    if fed.fraction_fit != 1:
+        raise ConfigError(f"{KEY}=true needs setting.federated.fraction_fit=1 (got "
+                          f"{fed.fraction_fit:g}): site-level DP samples sites by Poisson "
+                          "coins, and SecAgg+ needs a fixed set of sites in every round")
     m = sites_per_round(n_sites, fed.fraction_fit)
     if n_sites < 3 or m < 3:
         raise ConfigError(f"{KEY}=true needs at least 3 sites in every round; this federation "
@@ -273,7 +284,7 @@ def run_workflow(cfg: RunConfig, server: FederatedServer, grid: Grid,
         config=ServerConfig(num_rounds=fed.rounds, round_timeout=round_timeout),
         strategy=server.recorder, client_manager=server.client_manager())
     prefetch_site_properties(server, grid, round_timeout)
-    np.random.seed(cfg.seed)  # the server's DP noise, as in FederatedServer.fit
+    seed_server_noise(cfg)  # the server's DP noise, as in FederatedServer.fit
     workflow(grid, context)
     server.parameters = compat.arrayrecord_to_parameters(
         context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
@@ -298,7 +309,7 @@ def simulate_secagg(cfg: RunConfig, clients: dict[str, SiteClient], *,
     node_of = {name: 1001 + i for i, name in enumerate(names)}  # Flower node ids
     app = site_app({node_of[n]: clients[n] for n in names}, plan["clipping_range"],
                    on_site_update)
-    grid = InProcessGrid(app, {node_of[n]: site_seed(cfg.seed, f"{n}/secagg") for n in names})
+    grid = InProcessGrid(app, {node_of[n]: secagg_rounding_seed(cfg, n) for n in names})
     if on_message is not None:
         grid.observers.append(on_message)
     server = make_server(cfg, len(clients))

@@ -47,7 +47,6 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server import Server, SimpleClientManager
 from flwr.server.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
     FedProx,
@@ -56,6 +55,14 @@ from flwr.server.strategy import (
 
 from privseg.architectures import build, get_entry
 from privseg.config import RunConfig
+from privseg.dp.randomness import noise_note
+from privseg.federated.site_dp import (
+    PoissonSiteDP,
+    PoissonSiteSampler,
+    UniformWeights,
+    seed_server_noise,
+    site_sampler,
+)
 from privseg.federated.site_plans import site_level_epsilon, site_level_plan, sites_per_round
 from privseg.record import environment
 from privseg.training.setup import model_knobs
@@ -66,6 +73,25 @@ except ImportError:  # pragma: no cover
     flwr_log = None
 
 
+#: what a sample-level DP run discloses outside its guarantee (the record says so)
+SAMPLE_NOT_COVERED = [
+    "each site's exact number of training subjects (FedAvg weight, num_examples) and its split "
+    "counts, sent to the server and in the record",
+    "each site's local wall time per round and its per-round training loss (un-noised, "
+    "computed on training subjects), sent to the server",
+    "per-round validation and final test metrics of every site's held-out subjects "
+    "(un-noised aggregates), sent to the server and in the record",
+]
+#: what a site-level DP run discloses outside its guarantee (the record says so)
+SITE_NOT_COVERED = [
+    "which sites took part in each round (history[].sites): ε assumes the server keeps the "
+    "coins secret, so do not publish the record's history rows",
+    "every site's training loss, wall time and held-out metrics per round (un-noised), sent "
+    "to the server",
+    "the sites' numbers of training subjects, sent to the server",
+]
+
+
 def payload_bytes(parameters: Parameters) -> int:
     """Bytes of a Flower ``Parameters`` payload (the serialised arrays)."""
     return sum(len(t) for t in parameters.tensors)
@@ -74,10 +100,12 @@ def payload_bytes(parameters: Parameters) -> int:
 class SiteClientManager(SimpleClientManager):
     """Flower's client manager, sampling by site name with its own seeded RNG."""
 
-    def __init__(self, n_sites: int, seed: int):
+    def __init__(self, n_sites: int, seed: int, poisson: PoissonSiteSampler | None = None):
         super().__init__()
         self.n_sites = n_sites
         self.rng = random.Random(seed)
+        #: site-level DP: each site drawn independently (secret coins) instead of m of N
+        self.poisson = poisson
         self.site_of: dict[str, str] = {}
         self.props: dict[str, dict] = {}
 
@@ -102,36 +130,12 @@ class SiteClientManager(SimpleClientManager):
         self.wait_for(max(min_num_clients or num_clients, self.n_sites))
         by_site = self.sites()
         names = list(by_site)
-        chosen = names if num_clients >= len(names) else sorted(
-            self.rng.sample(names, num_clients))
+        if self.poisson is not None:
+            chosen = self.poisson.draw(names)
+        else:
+            chosen = names if num_clients >= len(names) else sorted(
+                self.rng.sample(names, num_clients))
         return [self.clients[by_site[n]] for n in chosen]
-
-
-class UniformWeights(Strategy):
-    """Give every site weight 1 in the inner average (DP-FedAvg's sensitivity needs it)."""
-
-    def __init__(self, strategy: Strategy):
-        super().__init__()
-        self.strategy = strategy
-
-    def initialize_parameters(self, client_manager):
-        return self.strategy.initialize_parameters(client_manager)
-
-    def configure_fit(self, server_round, parameters, client_manager):
-        return self.strategy.configure_fit(server_round, parameters, client_manager)
-
-    def aggregate_fit(self, server_round, results, failures):
-        equal = [(c, FitRes(r.status, r.parameters, 1, r.metrics)) for c, r in results]
-        return self.strategy.aggregate_fit(server_round, equal, failures)
-
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round, parameters):
-        return self.strategy.evaluate(server_round, parameters)
 
 
 def initial_model_weights(cfg: RunConfig, in_channels: int, num_classes: int,
@@ -205,14 +209,17 @@ class RecordingStrategy(Strategy):
         initial = ndarrays_to_parameters(weights)
         strategy = inner_strategy(self.cfg, self.n_sites, initial)
         if self.fed.dp_mode == "site":
-            self.dp_site = site_level_plan(self.cfg, self.n_sites)
-            # With SecAgg+ the server never holds a single update: the sites clip
-            # (fixedclipping_mod) and the wrapper only adds the noise to the unmasked mean.
-            wrapper = (DifferentialPrivacyClientSideFixedClipping if self.fed.secure_aggregation
-                       else DifferentialPrivacyServerSideFixedClipping)
-            strategy = wrapper(
-                UniformWeights(strategy), self.dp_site["noise_multiplier"],
-                self.dp_site["clipping_norm"], self.dp_site["sites_per_round"])
+            d = self.dp_site = site_level_plan(self.cfg, self.n_sites)
+            if self.fed.secure_aggregation:
+                # The server never holds a single update: the sites clip (fixedclipping_mod)
+                # and Flower's wrapper adds N(0, (σC/N)²) to the unmasked mean of all N sites
+                # (secure aggregation runs with every site in every round: q = 1).
+                strategy = DifferentialPrivacyClientSideFixedClipping(
+                    UniformWeights(strategy), d["noise_multiplier"], d["clipping_norm"],
+                    self.n_sites)
+            else:
+                strategy = PoissonSiteDP(strategy, d["noise_multiplier"], d["clipping_norm"],
+                                         d["denominator"])
         self.strategy = strategy
         return initial
 
@@ -244,14 +251,26 @@ class RecordingStrategy(Strategy):
             self.audit["violations"].append(f"parameters not decodable: {e}")
         if shapes != self.param_shapes:
             self.audit["violations"].append("parameters are not the model's arrays")
+        elif (not self.fed.secure_aggregation  # SecAgg+'s unmasked sum is dequantised
+              and [a.dtype for a in parameters_to_ndarrays(res.parameters)] != self.param_dtypes):
+            self.audit["violations"].append("parameters are not of the model's dtypes")
         if not isinstance(res.num_examples, int):
             self.audit["violations"].append("num_examples is not an int")
         self._check_metrics(res.metrics)
 
     def _check_metrics(self, metrics: dict) -> None:
+        """Content, not only types: numbers, plus strings the server already knows (the site's
+        own name, the split it asked for, the config's accountant). Any other string could
+        carry data."""
+        known = {"site": set(self.properties), "split": {"val", "test"},
+                 "accountant": {"prv", "rdp"}}
         for k, v in metrics.items():
             self.audit["metric_types"].add(type(v).__name__)
-            if not isinstance(v, (bool, int, float, str)):
+            if isinstance(v, str):
+                if v not in known.get(k, ()):
+                    self.audit["violations"].append(f"metric {k} is a string the server did "
+                                                    "not send")
+            elif not isinstance(v, (bool, int, float)):
                 self.audit["violations"].append(f"metric {k} is a {type(v).__name__}")
 
     def aggregate_fit(self, server_round, results, failures):
@@ -318,6 +337,7 @@ class RecordingStrategy(Strategy):
     def privacy(self) -> dict:
         """The privacy block of the run record, with the guarantee in words."""
         mode = self.fed.dp_mode
+        noise = noise_note(self.cfg.privacy.noise_seed)
         if mode == "none":
             return {"enabled": False, "mode": "none", "epsilon": math.inf, "unit": "subject",
                     "guarantee": "none (non-private federated training; only model parameters "
@@ -326,6 +346,8 @@ class RecordingStrategy(Strategy):
             m = self.site_fit_metrics
             eps = {s: float(v["epsilon"]) for s, v in m.items()}
             worst = max(eps.values()) if eps else math.inf
+            replay = ("" if self.cfg.privacy.noise_seed is None else
+                      " NOT against whoever holds the config: its noise_seed replays the noise.")
             return {
                 "enabled": True, "mode": "sample", "unit": "subject",
                 "epsilon": worst, "epsilon_per_site": eps,
@@ -338,36 +360,38 @@ class RecordingStrategy(Strategy):
                 "accountant": self.cfg.privacy.accountant,
                 "max_grad_norm": self.cfg.privacy.max_grad_norm,
                 "crops_per_subject": self.cfg.training.crops_per_subject,
+                "sampling": "Poisson sampling of each site's subjects (secret coins at the site)",
+                "neighbouring": "add or remove one subject of a site",
+                "noise": noise,
                 "guarantee": (
                     f"sample-level: each site's training is ({worst:.4g}, δ_site)-DP or better "
                     "per subject of that site (DP-SGD inside the site, Poisson sampling of its "
                     "subjects, its accountant composing all its local steps over all rounds; "
                     "max over sites reported). Holds against the server and other sites for "
-                    "the model updates; the sites' numbers of training subjects (FedAvg "
-                    "weights) and held-out evaluation metrics are disclosed un-noised."),
+                    f"the model updates; {noise}.{replay}"),
+                "not_covered": SAMPLE_NOT_COVERED,
             }
         d = self.dp_site
-        rounds_done = len([r for r in self.rounds if r["sites"]])
+        rounds_done = len(self.rounds)
         eps = site_level_epsilon(d["noise_multiplier"], d["sample_rate"], rounds_done,
                                  d["delta"], d["accountant"])
+        common = {"enabled": True, "mode": "site", **d, "rounds_done": rounds_done,
+                  "epsilon": eps, "noise": noise, "not_covered": SITE_NOT_COVERED}
         if self.fed.secure_aggregation:
-            return {"enabled": True, "mode": "site", **d, "rounds_done": rounds_done,
-                    "epsilon": eps, "secure_aggregation": True, "secagg": dict(self.secagg or {}),
+            return {**common, "secure_aggregation": True, "secagg": dict(self.secagg or {}),
                     "guarantee": self._secagg_guarantee(eps)}
         return {
-            "enabled": True, "mode": "site", **d, "rounds_done": rounds_done, "epsilon": eps,
-            "secure_aggregation": False,
+            **common, "secure_aggregation": False,
             "guarantee": (
                 f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to adding or "
-                "removing one whole site's data (DP-FedAvg, McMahan et al. 2018): each site's "
-                f"update clipped to L2 norm {d['clipping_norm']:g}, equal-weight average of "
-                f"{d['sites_per_round']} of {d['n_sites']} sites per round, Gaussian noise "
-                f"σ·C/m (σ = {d['noise_multiplier']:.4g}) added by the server (Flower "
-                "DifferentialPrivacyServerSideFixedClipping); the server is trusted with raw "
-                "updates; the guarantee covers the released global models; site sampling "
-                f"(m of N without replacement) is accounted as Poisson with q = "
-                f"{d['sample_rate']:.3g} ({d['accountant']}). Evaluation metrics are not "
-                "covered."),
+                "removing one whole site's data (DP-FedAvg, McMahan et al. 2018): "
+                f"{d['sampling']}; each taking part site's update clipped to L2 norm "
+                f"{d['clipping_norm']:g}; Gaussian noise σ·C (σ = {d['noise_multiplier']:.4g}) "
+                f"added by the server to their sum, divided by the fixed q·N = "
+                f"{d['denominator']:g}; accounted as {rounds_done} Poisson-subsampled Gaussian "
+                f"steps at q = {d['sample_rate']:g} ({d['accountant']}); {noise}. The server is "
+                "trusted with raw updates and with the coins; the guarantee covers the "
+                "released global models against everyone else."),
         }
 
     def _secagg_guarantee(self, eps: float) -> str:
@@ -380,17 +404,15 @@ class RecordingStrategy(Strategy):
             f"each site clips its own update to L2 norm {d['clipping_norm']:g} (Flower "
             "fixedclipping_mod) and sends it masked under SecAgg+ (secaggplus_mod; "
             f"{sa.get('reconstruction_threshold')} of {sa.get('num_shares')} shares unmask), so "
-            "the server learns only the equal-weight sum of the "
-            f"{d['sites_per_round']} of {d['n_sites']} sites chosen per round, to which it adds "
-            f"Gaussian noise σ·C/m (σ = {d['noise_multiplier']:.4g}; Flower "
-            "DifferentialPrivacyClientSideFixedClipping). Trust: the server is trusted to add "
+            f"the server learns only the equal-weight sum of all {d['n_sites']} sites (every "
+            "site in every round: no amplification), to which it adds Gaussian noise σ·C/N "
+            f"(σ = {d['noise_multiplier']:.4g}; Flower DifferentialPrivacyClientSideFixedClipping; "
+            f"{noise_note(self.cfg.privacy.noise_seed)}). Trust: the server is trusted to add "
             "the noise, not with single updates; masking holds against an honest-but-curious "
             "server colluding with fewer than the threshold of sites. SecAgg+ quantises model "
             f"values in ±{sa.get('clipping_range')} with stochastic rounding (step {step:.3g}); "
             "that rounding (at most √d·step in L2 norm per site) is not accounted. The "
-            "guarantee covers the released global models; site sampling (m of N without "
-            f"replacement) is accounted as Poisson with q = {d['sample_rate']:.3g} "
-            f"({d['accountant']}). Evaluation metrics are not covered.")
+            "guarantee covers the released global models.")
 
     def bytes_per_round(self) -> list[dict]:
         return [{"round": r["round"], "down": r["bytes_down"], "up": r["bytes_up"],
@@ -433,8 +455,9 @@ class FederatedServer(Server):
 
     def __init__(self, cfg: RunConfig, n_sites: int):
         self.recorder = RecordingStrategy(cfg, n_sites)
-        super().__init__(client_manager=SiteClientManager(n_sites, cfg.seed),
-                         strategy=self.recorder)
+        site_dp = cfg.setting.federated.dp_mode == "site" and cfg.privacy.enabled
+        super().__init__(client_manager=SiteClientManager(
+            n_sites, cfg.seed, site_sampler(cfg) if site_dp else None), strategy=self.recorder)
         self.cfg = cfg
         self.n_sites = n_sites
         self.test_metrics: dict[str, dict] = {}
@@ -442,11 +465,20 @@ class FederatedServer(Server):
 
     def fit(self, num_rounds, timeout):
         t0 = time.perf_counter()
-        np.random.seed(self.cfg.seed)  # Flower's DP wrapper draws its noise from NumPy
+        seed_server_noise(self.cfg)  # the DP-FedAvg noise is drawn from NumPy's generator
         history, elapsed = super().fit(num_rounds, timeout)
         self.final_test(num_rounds, timeout)
         self.wall_s = time.perf_counter() - t0
         return history, elapsed
+
+    def fit_round(self, server_round, timeout):
+        """Flower's round; in site-level DP a round whose coins drew no site still releases
+        the noise (Flower's loop would skip it: an empty Poisson sample is a step too)."""
+        res = super().fit_round(server_round, timeout)
+        if res is None and self.recorder.dp_site is not None:
+            params, metrics = self.strategy.aggregate_fit(server_round, [], [])
+            return params, metrics, ([], [])
+        return res
 
     def final_test(self, num_rounds: int, timeout: float | None = None, grid=None) -> None:
         """Every site evaluates the final global model (``self.parameters``) on its test set.

@@ -1,18 +1,20 @@
-"""Privacy plans and accounting for the two federated DP modes (Opacus accountants).
+"""Privacy plans for the two federated DP modes; the accounting itself is :mod:`privseg.dp`'s.
 
 ``sample``: each site runs DP-SGD on its own subjects. Its σ is calibrated, at the site, from
 its number of training subjects n, its q = B / n and its total local steps over *all* rounds
 (local epochs × ⌊1/q⌋ or local steps, × rounds), as if it were chosen every round; its
 accountant composes every step it actually takes, so a site chosen less often spends less.
 
-``site``: DP-FedAvg (McMahan et al. 2018). Each round m = max(1, ⌊fraction × N⌋) of N sites
-are chosen; each site's model update is clipped to norm C, the server averages the clipped
-updates with equal weights and adds N(0, (σC/m)²) noise (Flower's
-``DifferentialPrivacyServerSideFixedClipping``), i.e. the sum of clipped updates has
-sensitivity C under adding or removing one site. Flower has no accountant: ε comes from
-Opacus' accountant for ``rounds`` subsampled Gaussian steps with q = m / N. Flower picks m sites
-without replacement; accounting it as Poisson sampling at q = m / N is the approximation
-McMahan et al. make; with fraction 1 (q = 1) there is no sampling and the bound is exact.
+``site``: DP-FedAvg (McMahan et al. 2018, arXiv 1710.06963), as privseg runs it
+(:mod:`privseg.federated.site_dp`): every round each of the N sites takes part independently
+with probability q = ``fraction_fit``, by secret coins at the server; each taking part clips
+its model update to norm C; the server adds N(0, σ²C²) to the sum of clipped updates and
+divides by the fixed, public q·N. Under adding or removing one whole site the sum moves by at
+most C and nothing else depends on the data, so each round is a Poisson-subsampled Gaussian
+mechanism and Opacus' accountant composes ``rounds`` of them. With q = 1 every site is in every
+round: no amplification, and the same accountant then composes plain Gaussian mechanisms.
+(Flower's own fixed-size sampling of ⌊q·N⌋ sites without replacement is *not* Poisson
+sampling, and accounting it as such is optimistic; Lebeda et al. 2024, arXiv 2405.20769.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from privseg.dp.accounting import (
     PrivacyPlan,
     calibrate_noise,
     check_delta,
+    checked_user_delta,
     default_delta,
     epsilon_of_history,
     steps_per_epoch,
@@ -48,6 +51,7 @@ def plan_site_sample(cfg: RunConfig, n_train: int) -> PrivacyPlan:
     if t.expected_batch_size > n_train:
         raise ValueError(f"training.expected_batch_size={t.expected_batch_size} exceeds this "
                          f"site's {n_train} training subjects")
+    warning = None if p.delta is None else checked_user_delta(p.delta, n_train)
     delta = default_delta(n_train) if p.delta is None else p.delta
     check_delta(delta, n_train)
     q = t.expected_batch_size / n_train
@@ -56,7 +60,8 @@ def plan_site_sample(cfg: RunConfig, n_train: int) -> PrivacyPlan:
     if sigma is None:  # as a central run: the same calibration, so the reported ε ≤ target
         sigma = calibrate_noise(p.target_epsilon, delta, q, steps, p.accountant)
     return PrivacyPlan(n_train, t.expected_batch_size, q, steps_per_epoch(q), fed.rounds, steps,
-                       delta, float(sigma), p.target_epsilon, p.accountant, p.max_grad_norm)
+                       delta, float(sigma), p.target_epsilon, p.accountant, p.max_grad_norm,
+                       delta_warning=warning)
 
 
 def sites_per_round(n_sites: int, fraction: float) -> int:
@@ -65,21 +70,31 @@ def sites_per_round(n_sites: int, fraction: float) -> int:
 
 
 def site_level_plan(cfg: RunConfig, n_sites: int) -> dict:
-    """σ, q, δ, rounds of DP-FedAvg (site mode); σ calibrated to privacy.target_epsilon."""
+    """σ, q, δ, rounds of DP-FedAvg (site mode); σ calibrated to privacy.target_epsilon.
+
+    q = ``fraction_fit`` is each site's chance of taking part in a round (Poisson sampling);
+    the noisy sum is divided by q·N, the expected number of sites, fixed before training.
+    """
     p, fed = cfg.privacy, cfg.setting.federated
-    m = sites_per_round(n_sites, fed.fraction_fit)
-    q = m / n_sites
+    q = float(fed.fraction_fit)
+    warning = None if p.delta is None else checked_user_delta(p.delta, n_sites, "site")
     delta = default_delta(n_sites) if p.delta is None else p.delta
-    check_delta(delta, n_sites)
     sigma = p.noise_multiplier
     if sigma is None:
         sigma = calibrate_noise(p.target_epsilon, delta, q, fed.rounds, p.accountant)
-    return {"n_sites": n_sites, "sites_per_round": m, "sample_rate": q, "rounds": fed.rounds,
-            "delta": delta, "noise_multiplier": float(sigma), "clipping_norm": fed.site_clip_norm,
-            "target_epsilon": p.target_epsilon, "accountant": p.accountant, "unit": "site"}
+    sampling = ("every site in every round (no subsampling, no amplification)" if q == 1 else
+                f"Poisson: each site independently with probability q = {q:g} per round, "
+                "secret coins at the server")
+    return {"n_sites": n_sites, "sample_rate": q, "denominator": q * n_sites,
+            "rounds": fed.rounds, "delta": delta, "noise_multiplier": float(sigma),
+            "clipping_norm": fed.site_clip_norm, "target_epsilon": p.target_epsilon,
+            "accountant": p.accountant, "unit": "site", "sampling": sampling,
+            "neighbouring": "add or remove one whole site (sum sensitivity C)",
+            "delta_warning": warning}
 
 
 def site_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
                        accountant: str = "prv") -> float:
-    """ε of DP-FedAvg after ``rounds`` rounds (Opacus accountant)."""
+    """ε of ``rounds`` rounds of DP-FedAvg with Poisson site sampling at ``sample_rate``
+    (Opacus' accountant; ``sample_rate`` 1: every site every round)."""
     return epsilon_of_history([(noise_multiplier, sample_rate, rounds)], delta, accountant)

@@ -19,6 +19,7 @@ never trains under a privacy budget it did not accept.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -39,11 +40,15 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from privseg.config import ConfigError, RunConfig, parse_config
+from privseg.dp.accounting import MAX_DEFAULT_DELTA, epsilon_of_history
+from privseg.dp.ledger import SiteLedger, Spend
+from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.app import CONFIG_KEY, SITE_KEY, WORKER_KEY, worker_authkey_path
 from privseg.federated.client import SiteClient
 from privseg.federated.federation import flower_command, flower_env
-from privseg.federated.secagg import site_app
-from privseg.federated.sites import SiteData, build_site, site_seed
+from privseg.federated.secagg import secagg_rounding_seed, site_app
+from privseg.federated.site_plans import site_level_epsilon, site_level_plan
+from privseg.federated.sites import SiteData, build_site, partition
 
 log = logging.getLogger("privseg")
 
@@ -102,6 +107,27 @@ def trained_runs_path(cfg: RunConfig, site: str) -> Path:
     return cache / "site-runs" / f"{site}.runs"
 
 
+def ledger_path(cfg: RunConfig, site: str) -> Path:
+    """Where a site's privacy ledger (:class:`privseg.dp.ledger.SiteLedger`) lives."""
+    return trained_runs_path(cfg, site).parent.parent / "site-ledger" / f"{site}.jsonl"
+
+
+def run_spend(cfg: RunConfig, client: SiteClient, n_sites: int) -> Spend:
+    """What one run may spend on this site's data, from its plan (all planned steps)."""
+    p, fed = cfg.privacy, cfg.setting.federated
+    if not p.enabled or fed.dp_mode == "none":
+        return Spend(0.0, 1.0, 0, 0.0, math.inf, "none (non-private)")
+    if fed.dp_mode == "sample":
+        plan = client.plan
+        return Spend(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta,
+                     epsilon_of_history([(plan.noise_multiplier, plan.sample_rate, plan.steps)],
+                                        plan.delta, plan.accountant))
+    d = site_level_plan(cfg, n_sites)
+    return Spend(d["noise_multiplier"], d["sample_rate"], d["rounds"], d["delta"],
+                 site_level_epsilon(d["noise_multiplier"], d["sample_rate"], d["rounds"],
+                                    d["delta"], d["accountant"]), "site")
+
+
 @dataclass
 class SiteRun:
     """A site's state in one Flower run: its client, ClientApp and SecAgg+ random stream."""
@@ -120,8 +146,11 @@ class SiteWorker:
     """
 
     def __init__(self, site: str, agreed: dict[str, tuple[RunConfig, SiteData, object]],
-                 keep_runs: int = 4, trained: TrainedRuns | None = None):
+                 keep_runs: int = 4, trained: TrainedRuns | None = None,
+                 ledger: SiteLedger | None = None):
         self.site = site
+        #: every run trained on this site's data, composed; refuses runs past the budget
+        self.ledger = ledger
         #: agreement id -> (the site's config, its data under that config, the subject set)
         self.agreed = agreed
         self.runs: OrderedDict[int, SiteRun] = OrderedDict()
@@ -130,9 +159,18 @@ class SiteWorker:
         self.lock = threading.Lock()
 
     @classmethod
-    def load(cls, configs: list[RunConfig], site: str,
-             data_root: str | None = None) -> SiteWorker:
-        """Load the site's data (``data_root`` or ``dataset.root``) for every agreed config."""
+    def load(cls, configs: list[RunConfig], site: str, data_root: str | None = None,
+             budget_epsilon: float | None = None, budget_delta: float = MAX_DEFAULT_DELTA,
+             allow_reproducible_noise: bool = False) -> SiteWorker:
+        """Load the site's data (``data_root`` or ``dataset.root``) for every agreed config.
+
+        A config whose DP noise is replayable (``privacy.noise_seed``) is refused: a deployed
+        site's noise must be its own secret (``allow_reproducible_noise``: the operator's
+        explicit opt-in, for loopback tests and benchmark deployments). The site's ledger
+        (:func:`ledger_path`) holds the operator's budget."""
+        for cfg in configs:
+            if not allow_reproducible_noise:
+                refuse_replayable_noise(cfg, f"site {site}")
         from privseg.datasets import load_dataset
         from privseg.training.setup import default_cache_dir
 
@@ -146,7 +184,10 @@ class SiteWorker:
             agreed[agreement_id(cfg)] = (cfg, data, subject_set)
             log.info("site %s: run config %s (%s): %s subjects (train/val/test)", site,
                      cfg.name, agreement_id(cfg), data.counts())
-        return cls(site, agreed, trained=TrainedRuns(trained_runs_path(configs[0], site)))
+        ledger = SiteLedger(ledger_path(configs[0], site), budget_epsilon, budget_delta)
+        log.info("site %s: %s", site, ledger.report().splitlines()[-1])
+        return cls(site, agreed, trained=TrainedRuns(trained_runs_path(configs[0], site)),
+                   ledger=ledger)
 
     def _site_run(self, context: Context, trains: bool = False) -> SiteRun:
         """The run's state (made on its first message); ``trains``: a training message."""
@@ -155,7 +196,15 @@ class SiteWorker:
             self.runs.move_to_end(context.run_id)
         else:
             run = self._join(context)
-        if trains:
+        if trains and context.run_id not in self.trained:
+            if self.ledger is not None:
+                cfg = run.client.cfg
+                subject_set = self.agreed[agreement_id(cfg)][2]
+                n_sites = len(set(partition(cfg, subject_set)[0].values()))
+                total = self.ledger.charge(context.run_id, agreement_id(cfg),
+                                           run_spend(cfg, run.client, n_sites))
+                log.info("site %s: run %s charged to the ledger; composed ε = %.4g",
+                         self.site, context.run_id, total)
             self.trained.add(context.run_id)
         return run
 
@@ -177,7 +226,7 @@ class SiteWorker:
         client = SiteClient(cfg, data, subject_set)
         app = site_app({context.node_id: client},
                        fed.secagg_clipping_range if fed.secure_aggregation else None)
-        seed = site_seed(cfg.seed, f"{self.site}/secagg")  # as InProcessGrid's nodes
+        seed = secagg_rounding_seed(cfg, self.site)  # as InProcessGrid's nodes
         run = SiteRun(client, app, np.random.RandomState(seed % 2**32).get_state())
         self.runs[context.run_id] = run
         while len(self.runs) > self.keep_runs:
@@ -265,7 +314,9 @@ def supernode_command(superlink: str, socket_path: Path, site: str,
 
 def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: str | None = None,
                root_certificates: Path | None = None, auth_key: Path | None = None,
-               runtime_port: int | None = None, max_wait: float | None = None) -> int:
+               runtime_port: int | None = None, max_wait: float | None = None,
+               budget_epsilon: float | None = None, budget_delta: float = MAX_DEFAULT_DELTA,
+               allow_reproducible_noise: bool = False) -> int:
     """Serve one site to a SuperLink until its SuperNode exits; return the SuperNode's code.
 
     Data never leave this machine: the worker answers only through the ``ClientApp`` (model
@@ -275,7 +326,8 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
     if root_certificates is None and auth_key is not None:
         raise ConfigError("node authentication (--auth-key) needs TLS (--ca-cert): Flower "
                           "refuses SuperNode authentication over an insecure channel")
-    worker = SiteWorker.load(configs, site, data_root)
+    worker = SiteWorker.load(configs, site, data_root, budget_epsilon, budget_delta,
+                             allow_reproducible_noise)
     sock_dir = Path(tempfile.mkdtemp(prefix="privseg-site-"))  # mode 0700
     socket_path = sock_dir / "worker.sock"
     key_path = worker_authkey_path(socket_path)

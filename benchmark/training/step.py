@@ -66,15 +66,14 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
     (:func:`privseg.dp.private.make_private`, which takes ``plan`` and ``stock_opacus``)."""
     t, p = cfg.training, cfg.privacy
     optimizer = make_optimizer(cfg, model.parameters())
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
     loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0,
                      pin_memory=device.type == "cuda")
     if not p.enabled:
         loader = DataLoader(train_set, batch_size=t.expected_batch_size, shuffle=True,
-                            generator=loader_gen, **loader_kw)
+                            generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
         return TrainState(model, optimizer, loader, PerSampleDiceCE(reduction="mean"))
     dp = make_private(cfg, model, optimizer, train_set, PerSampleDiceCE(reduction="mean"),
-                      device, loader_gen, loader_kw, plan=plan, stock_opacus=stock_opacus)
+                      device, loader_kw, plan=plan, stock_opacus=stock_opacus)
     return TrainState(dp.model, dp.optimizer, dp.loader, dp.criterion, dp.accountant, dp.plan,
                       grad_reduction=dp.grad_reduction)
 
@@ -99,9 +98,14 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConf
         xc = xc.to(device, non_blocking=True).flatten(0, 1)
         yc = yc.to(device, non_blocking=True).flatten(0, 1)
         if len(xc) == 0:
-            # An empty Poisson batch is still a DP step: zero gradient plus noise.
+            # An empty Poisson batch is still a DP step: zero gradient plus noise. Ghost
+            # clipping's optimizer reads the clipped sum from .grad, the others per-sample
+            # gradients from .grad_sample.
+            ghost = cfg.privacy.grad_sample_mode == "ghost"
             for p in state.model.parameters():
-                if p.requires_grad:
+                if p.requires_grad and ghost:
+                    p.grad = torch.zeros_like(p)
+                elif p.requires_grad:
                     p.grad_sample = torch.zeros(0, *p.shape, device=device, dtype=p.dtype)
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():

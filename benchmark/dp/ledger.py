@@ -1,0 +1,127 @@
+"""A site's privacy ledger: every DP run trained on its data, composed into one total spend.
+
+The same patients take part in every run and every study a site joins, so their privacy loss
+composes across runs: a site that answers any number of runs of a config it agreed to, each
+spending the full ε, has spent the sum (and more, were the runs' noise related). The ledger is
+an append-only JSON-lines file on the site's own disk, each line fsynced before the site
+trains in the run, listing what the run may spend (σ, q, steps, δ and its ε alone). The total
+is the composition of all the runs' Gaussian steps by Opacus' accountant (PRV), at the
+ledger's δ; a run whose planned steps would take the total past the operator's budget is
+refused before it trains. A restart reads the file back, so nothing is spent twice unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from privseg.dp.accounting import MAX_DEFAULT_DELTA, epsilon_of_history
+
+
+class BudgetExceeded(RuntimeError):
+    """A run would take the site's composed privacy spend past its operator's budget."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What one run may spend on the site's data: its Gaussian steps and its own (ε, δ)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon: float
+    unit: str = "subject"
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The run's steps as an Opacus accountant history."""
+        return [(self.noise_multiplier, self.sample_rate, self.steps)]
+
+
+class SiteLedger:
+    """The append-only ledger of one site (see the module's docstring).
+
+    ``budget_epsilon`` None records and composes without refusing anything.
+    """
+
+    def __init__(self, path: Path, budget_epsilon: float | None = None,
+                 budget_delta: float = MAX_DEFAULT_DELTA, accountant: str = "prv"):
+        if budget_epsilon is not None and not budget_epsilon > 0:
+            raise ValueError(f"--budget-epsilon must be > 0, got {budget_epsilon}")
+        if not 0 < budget_delta < 1:
+            raise ValueError(f"--budget-delta must be in (0, 1), got {budget_delta}")
+        self.path = Path(path)
+        self.budget_epsilon = budget_epsilon
+        self.budget_delta = budget_delta
+        self.accountant = accountant
+        self.entries: list[dict] = []
+        if self.path.exists():
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    self.entries.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}: line {n} is not a ledger entry ({e}); the "
+                                     "ledger is append-only and must not be edited") from None
+
+    def __contains__(self, run_id: object) -> bool:
+        return any(e["run_id"] == str(run_id) for e in self.entries)
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """Every recorded run's steps, composed in order."""
+        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries]
+
+    def spent(self, extra: Spend | None = None) -> float:
+        """ε at the ledger's δ of every recorded run (plus ``extra``), composed."""
+        history = self.history() + (extra.history() if extra else [])
+        if any(not math.isfinite(e.get("epsilon", 0.0)) for e in self.entries) or (
+                extra is not None and not math.isfinite(extra.epsilon)):
+            return math.inf
+        return epsilon_of_history(history, self.budget_delta, self.accountant)
+
+    def charge(self, run_id: object, agreement_id: str, spend: Spend) -> float:
+        """Record run ``run_id`` before it trains, or raise :class:`BudgetExceeded`.
+
+        A run already in the ledger is not charged twice. Returns the composed total.
+        """
+        if run_id in self:
+            return self.spent()
+        before = self.spent()
+        after = self.spent(spend)
+        if self.budget_epsilon is not None and after > self.budget_epsilon:
+            raise BudgetExceeded(
+                f"privacy budget ε = {self.budget_epsilon:g} (δ = {self.budget_delta:g}) would "
+                f"be exceeded: {len(self.entries)} earlier run(s) on this site's data spent "
+                f"ε = {before:.4g}, and run {run_id} (agreement {agreement_id}, ε = "
+                f"{spend.epsilon:.4g} alone) would bring the composed total to {after:.4g}; "
+                f"refused before training (ledger {self.path})")
+        entry = {"run_id": str(run_id), "agreement_id": agreement_id,
+                 "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
+                 "steps": spend.steps, "delta": spend.delta, "epsilon": spend.epsilon,
+                 "unit": spend.unit, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.append(entry)
+        return after
+
+    def report(self) -> str:
+        """The ledger as a table, with the composed total and the budget."""
+        lines = [f"ledger {self.path}: {len(self.entries)} run(s)",
+                 f"{'run id':>22} {'agreement':>12} {'σ':>8} {'q':>8} {'steps':>6} "
+                 f"{'δ':>9} {'ε alone':>8}"]
+        for e in self.entries:
+            lines.append(f"{e['run_id']:>22} {e['agreement_id']:>12} "
+                         f"{e['noise_multiplier']:>8.4g} {e['sample_rate']:>8.4g} "
+                         f"{e['steps']:>6} {e['delta']:>9.3g} {e['epsilon']:>8.4g}")
+        budget = "none set" if self.budget_epsilon is None else f"ε = {self.budget_epsilon:g}"
+        lines.append(f"composed: ε = {self.spent():.4g} at δ = {self.budget_delta:g} "
+                     f"({self.accountant}); budget {budget}")
+        return "\n".join(lines)
