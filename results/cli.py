@@ -62,16 +62,19 @@ def table(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Sweep output dir "
                                                "(when TARGET is a sweep)")] = None,
 ) -> None:
-    """Mean ± std over seeds per architecture × ε (non-private first) of the test Dice."""
-    from privseg.results.tables import render
+    """Mean ± std over seeds per architecture × ε (non-private first) of the test Dice.
+
+    A cell pools only runs equal in all but the seed; runs differing otherwise are separate
+    rows (a variant column names the keys). A one-seed cell has no ±.
+    """
+    from privseg.results.tables import caption, render
 
     if format not in ("markdown", "latex", "csv"):
         fail("--format must be markdown, latex or csv")
     df, name = _load_runs(target, output)
     if metric not in df:
         fail(f"--metric {metric}: not a column; e.g. test.mean_dice, test.mean_hd95")
-    typer.echo(render(df, format, per_class, metric,
-                      caption=f"{name}: test {metric.split('.')[-1]} (mean ± std over seeds)"))
+    typer.echo(render(df, format, per_class, metric, caption=caption(df, name, metric)))
 
 
 @app.command()
