@@ -192,7 +192,32 @@ def test_reference_round_trip_and_comparison(store, tmp_path):
     cmp = compare(ref, df)
     assert set(cmp["Δ mean"]) == {"+0.0000"}
     same, n, worst = per_run_agreement(ref, df)
-    assert (same, n) == (18, 18) and worst == 0.0
+    assert (same, n) == (6, 6) and worst == 0.0  # only the non-private runs must repeat
+    assert set(cmp["agrees"]) == {"exact"}
+
+
+def test_reproduction_text_states_how_close_it_is(store, tmp_path):
+    from privseg.results.reference import (
+        agreement_text,
+        machine,
+        read_reference,
+        write_reference,
+    )
+
+    df = load(store)
+    ref, meta = read_reference(write_reference(df, tmp_path / "ref.csv", command="c",
+                                               sweep_file=None))
+    new = df.copy()
+    dp = new["private"]
+    new.loc[dp, "test.mean_dice"] += 0.002  # fresh secret noise: a small shift of the mean
+    text, ok = agreement_text(ref, new, meta)
+    assert ok and "reproduce exactly" in text and "within 3 standard errors" in text
+    new.loc[~dp & (new["seed"] == 1), "test.mean_dice"] -= 0.05  # 0.7530 vs 0.7064
+    text, ok = agreement_text(ref, new, meta)
+    assert not ok and "reproduction failure" in text
+    other = dict(meta, machine=json.dumps({**machine(), "torch": "0.0"}))
+    text, ok = agreement_text(ref, new, other)
+    assert "expected to differ slightly" in text and "reproduce exactly" not in text
 
 
 def test_committed_reference_is_from_a_real_run():
