@@ -100,15 +100,18 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     return record
 
 
-def summary_scalars(record: dict) -> dict[str, float]:
-    """The record's final scalars, flattened for W&B's run summary (``test/dice/<class>``...)."""
-    out: dict[str, float] = {}
+def summary_scalars(record: dict) -> dict[str, float | str | bool]:
+    """The record's final values, flattened for W&B's run summary (``test/dice/<class>``...),
+    so that the results store reads the same numbers back from W&B as from the record
+    (strings and flags too: ``privacy/accountant``, ``privacy/guarantee``, ``privacy/enabled``).
+    """
+    out: dict[str, float | str | bool] = {}
 
     def walk(prefix: str, node) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(f"{prefix}/{k}", v)
-        elif isinstance(node, int | float) and not isinstance(node, bool):
+        elif isinstance(node, int | float | str):
             out[prefix] = node
 
     test = {k: v for k, v in record["test"].items() if k != "per_subject"}

@@ -27,6 +27,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show dependencies' INFO logs and warnings (Flower, "
+                                       "MONAI, Opacus); quiet by default")) -> None:
+    """Dependency logs and warnings stay quiet unless --verbose (privseg's own are shown)."""
+    if verbose:
+        return
+    import logging
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", module="monai|opacus|flwr")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    for name in ("flwr", "ray", "monai", "opacus"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 app.add_typer(commands.app)
 app.add_typer(commands.data_app, name="data")
 app.add_typer(sweeps_cli.app)

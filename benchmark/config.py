@@ -311,7 +311,10 @@ def _check_registries(cfg: RunConfig) -> None:
     try:
         ds.options(**cfg.dataset.options)
     except ValidationError as e:
-        raise ValueError(f"dataset.options: {_format_errors(e, 'dataset.options')}") from None
+        allowed = ", ".join(ds.options.model_fields) or "none"
+        raise ValueError(f"dataset.options: {_format_errors(e, 'dataset.options')} — the "
+                         f"options of dataset {ds.name!r} are: {allowed} (options left over "
+                         "from a base config for another dataset?)") from None
     if cfg.dataset.dims not in ds.dims:
         raise ValueError(f"dataset.dims: {ds.name} supports {ds.dims}")
     try:
@@ -337,10 +340,15 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
         msg = e["msg"]
+        if e["type"] == "value_error" and "error" in (e.get("ctx") or {}):
+            msg = str(e["ctx"]["error"])  # our own message, without pydantic's prefix
+            if not loc:
+                lines.append(msg)
+                continue
         if e["type"] == "extra_forbidden":
             parent = _model_at(e["loc"][:-1]) if not prefix else None
-            allowed = ", ".join(parent.model_fields) if parent is not None else "see docs"
-            msg = f"unknown key; allowed keys here: {allowed}"
+            msg = ("unknown key" if parent is None else
+                   f"unknown key; allowed keys here: {', '.join(parent.model_fields)}")
         lines.append(f"{loc or '(top level)'}: {msg}")
     return "; ".join(lines)
 

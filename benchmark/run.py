@@ -12,8 +12,13 @@ def run(cfg: RunConfig, *, progress: bool = True, force: bool = False,
 
     Central configs go to :func:`privseg.central.run_central`, federated ones to the Flower
     simulation (:func:`privseg.federated.simulation.run_federated`). A finished run (same run
-    id, complete record) is not rerun unless ``force``.
+    id, complete record) is not rerun unless ``force``. Every run gets the same torch CPU
+    thread count (:func:`privseg.training.setup.pin_cpu_threads`), so its metrics do not
+    depend on how it was started.
     """
+    from privseg.training.setup import pin_cpu_threads
+
+    pin_cpu_threads()
     if cfg.setting.kind == "federated":
         from privseg.federated.simulation import run_federated
 

@@ -7,6 +7,7 @@ Only scalars and the config go to W&B; training images are never logged unless t
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,19 @@ def wandb_mode(cfg: TrackingConfig) -> str:
     return "offline"
 
 
+def drop_stale_offline_runs(run_dir: Path, run_id: str) -> list[Path]:
+    """Remove the offline W&B folders an earlier, unfinished attempt of this run left.
+
+    A run is only (re)trained when it has no complete record, so such a folder holds a killed
+    or forced-over attempt under the same W&B run id; left beside the new one, ``privseg sync``
+    would upload both into one W&B run. The new attempt replaces it.
+    """
+    stale = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return stale
+
+
 class Tracker:
     """Thin wrapper: a no-op when tracking is off, else one W&B run."""
 
@@ -40,6 +54,7 @@ class Tracker:
         import wandb
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        drop_stale_offline_runs(run_dir, run_id)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group, tags=cfg.tags,
             name=name or run_id, id=run_id, resume="allow", dir=str(run_dir),

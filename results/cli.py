@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -62,16 +61,19 @@ def table(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Sweep output dir "
                                                "(when TARGET is a sweep)")] = None,
 ) -> None:
-    """Mean ± std over seeds per architecture × ε (non-private first) of the test Dice."""
-    from privseg.results.tables import render
+    """Mean ± std over seeds per architecture × ε (non-private first) of the test Dice.
+
+    A cell pools only runs equal in all but the seed; runs differing otherwise are separate
+    rows (a variant column names the keys). A one-seed cell has no ±.
+    """
+    from privseg.results.tables import caption, render
 
     if format not in ("markdown", "latex", "csv"):
         fail("--format must be markdown, latex or csv")
     df, name = _load_runs(target, output)
     if metric not in df:
         fail(f"--metric {metric}: not a column; e.g. test.mean_dice, test.mean_hd95")
-    typer.echo(render(df, format, per_class, metric,
-                      caption=f"{name}: test {metric.split('.')[-1]} (mean ± std over seeds)"))
+    typer.echo(render(df, format, per_class, metric, caption=caption(df, name, metric)))
 
 
 @app.command()
@@ -102,7 +104,9 @@ def reproduce(
                                              "e.g. table1")],
     quick: Annotated[bool, typer.Option("--quick", help="The quick variant (built-in phantom, "
                                                         "CPU) instead of the full one")] = False,
-    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1)] = 1,
+    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1, help=(
+        "Runs trained at once (worker processes, one CPU thread each; spread over visible "
+        "GPUs). Results do not depend on it"))] = 1,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Output directory")
                       ] = None,
     set_: Annotated[list[str] | None, typer.Option(
@@ -114,8 +118,8 @@ def reproduce(
 ) -> None:
     """Rerun the sweep behind a paper table; print the committed numbers beside the new ones."""
     from privseg.results.reference import (
+        agreement_text,
         compare,
-        per_run_agreement,
         read_reference,
         reference_dir,
         table_entry,
@@ -123,8 +127,7 @@ def reproduce(
     from privseg.results.reference import write_reference as write_ref
     from privseg.results.store import load
     from privseg.results.tables import to_markdown
-    from privseg.sweeps.cli import _load, _report
-    from privseg.sweeps.runner import run_sweep
+    from privseg.sweeps.cli import _load, _run_reported
 
     try:
         entry = table_entry(name, quick)
@@ -134,9 +137,9 @@ def reproduce(
     sw = _load(entry["sweep"], set_, out_dir)
     console.print(f"[bold]{entry['title']}[/] ({entry['variant']}): sweep {sw.name}",
                   highlight=False)
-    warnings.filterwarnings("ignore")
-    result = run_sweep(sw, parallel=parallel, console=console)
-    _report(result)
+    again = "privseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                  if a != "--write-reference")
+    result = _run_reported(sw, parallel, f"rerun `{again}`")
     ids = [o.run_id for o in result.outcomes if o.run_id and o.status != "failed"]
     new = load(result.output_dir, run_ids=ids)
     ref_name = entry.get("reference")
@@ -158,12 +161,11 @@ def reproduce(
         for k in ("command", "date", "machine", "sweep"):
             if k in meta:
                 typer.echo(f"  {k}: {meta[k]}")
-        typer.echo("\nTest Dice (mean over classes), mean ± std over seeds:\n")
+        typer.echo("\nTest Dice (mean over classes), mean ± std (ddof 1) over seeds:\n")
         typer.echo(to_markdown(compare(ref, new)))
-        same, n, worst = per_run_agreement(ref, new)
-        if n:
-            typer.echo(f"\nsame run id in both: {n} runs; {same} equal to 1e-6 "
-                       f"(largest |Δ| {worst:.2e}). Differences come from hardware and "
-                       "library versions; the same machine and versions reproduce exactly.")
+        text, agrees = agreement_text(ref, new, meta)
+        typer.echo("\n" + text)
+        if not agrees:
+            typer.echo("the rerun does NOT agree with the reference (see above)")
     if not result.ok:
         raise typer.Exit(1)

@@ -22,7 +22,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from privseg.results.tables import METRIC, aggregate, eps_label  # noqa: E402
+from privseg.results.grouping import VARIANT, split_variants  # noqa: E402
+from privseg.results.tables import (  # noqa: E402
+    METRIC,
+    aggregate,
+    delta_text,
+    eps_label,
+    seeds_text,
+    unit_text,
+)
 
 DICE_LABEL = "Test Dice, mean over classes (0–1)"
 
@@ -39,10 +47,16 @@ def _title_suffix(df: pd.DataFrame) -> str:
 
 
 def _seeds_note(agg: pd.DataFrame) -> str:
-    n = sorted(set(int(x) for x in agg["n_seeds"]))
-    if n == [1]:
-        return "one seed per point"
-    return f"mean ± std over {'/'.join(map(str, n))} seeds"
+    """What a point or bar is (and what its error bar is, if it has one)."""
+    note = seeds_text(agg["n_seeds"]).replace("per cell", "per point").replace(
+        "a one-seed cell", "a one-seed point").replace("(seeds column; ", "(")
+    return note.replace("no ±", "no error bar")
+
+
+def _yerr(std) -> np.ndarray | None:
+    """Error bars only where there is a spread (≥ 2 seeds): NaN draws none, never a 0 bar."""
+    arr = np.asarray(std, dtype=float)
+    return None if np.isnan(arr).all() else arr
 
 
 def _eps_positions(eps: list[float]) -> dict[float, float]:
@@ -57,32 +71,36 @@ def _eps_positions(eps: list[float]) -> dict[float, float]:
     return pos
 
 
-def _finish(ax, agg: pd.DataFrame, title: str, legend_title: str) -> None:
-    """Dice axis from 0, title, grid, legend and the seeds-per-point note."""
+def _finish(ax, agg: pd.DataFrame, title: str, legend_title: str,
+            extra_handles: list | None = None) -> None:
+    """Dice axis from 0, title, grid, legend (with ``extra_handles``, e.g. what a marker
+    shape means) and the seeds-per-point note."""
     ax.set_ylabel(DICE_LABEL)
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(title=legend_title, fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    for h in extra_handles or []:
+        handles.append(h)
+        labels.append(h.get_label())
+    ax.legend(handles, labels, title=legend_title, fontsize="small")
     ax.text(0.01, 0.01, _seeds_note(agg), transform=ax.transAxes, fontsize="x-small",
             color="grey", va="bottom")
 
 
 def epsilon_axis_label(df: pd.DataFrame) -> str:
-    """What ε counts: per subject, or per whole site for site-level federated DP."""
-    units = set(df["privacy.unit"].dropna()) if "privacy.unit" in df else set()
-    if units == {"site"}:
-        return "privacy budget ε per site"
-    if "site" in units:
-        return "privacy budget ε per subject (per site for site-level DP)"
-    return "privacy budget ε per subject"
+    """What ε counts (per subject, or per whole site for site-level federated DP) and at
+    which δ."""
+    dt = delta_text(df)
+    return f"privacy budget {unit_text(df)}" + (f", {dt}" if dt else "")
 
 
 def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     """Utility vs privacy: one line per architecture, x = ε (log), non-private at the right."""
     if df.empty or df["epsilon"].nunique() < 2:
         return None
-    keys = ["model"] + (["setting"] if df["setting"].nunique() > 1 else [])
+    df, keys = split_variants(df, ["model"] + (["setting"] if df["setting"].nunique() > 1
+                                               else []))
     agg = aggregate(df, [metric], keys)
     pos = _eps_positions(list(agg["epsilon"].unique()))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
@@ -93,11 +111,11 @@ def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
         finite = np.isfinite(g["epsilon"].to_numpy(dtype=float))
         label = " / ".join(str(v) for v in vals)
         line = ax.errorbar(np.array(x)[finite], g[f"{metric}.mean"].to_numpy()[finite],
-                           yerr=np.nan_to_num(g[f"{metric}.std"].to_numpy()[finite]),
+                           yerr=_yerr(g[f"{metric}.std"].to_numpy()[finite]),
                            marker="o", capsize=3, label=label)
         if (~finite).any():
             ax.errorbar(np.array(x)[~finite], g[f"{metric}.mean"].to_numpy()[~finite],
-                        yerr=np.nan_to_num(g[f"{metric}.std"].to_numpy()[~finite]),
+                        yerr=_yerr(g[f"{metric}.std"].to_numpy()[~finite]),
                         marker="s", capsize=3, color=line[0].get_color(), linestyle="none")
     if math.inf in pos and len(pos) > 1:
         finite_max = max(v for e, v in pos.items() if math.isfinite(e))
@@ -106,8 +124,15 @@ def dice_vs_epsilon(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     ax.set_xticks([p for _, p in ticks])
     ax.set_xticklabels(["non-private\n(ε = ∞)" if math.isinf(e) else f"{e:g}" for e, _ in ticks])
     ax.set_xlabel(f"{epsilon_axis_label(df)} (log scale; smaller = more private)")
+    from matplotlib.lines import Line2D
+
+    shapes = [Line2D([], [], marker="o", color="grey", linestyle="-",
+                     label="● DP-SGD at the target ε")]
+    if math.inf in pos:
+        shapes.append(Line2D([], [], marker="s", color="grey", linestyle="none",
+                             label="■ non-private (ε = ∞)"))
     _finish(ax, agg, f"Segmentation quality vs privacy budget{_title_suffix(df)}",
-            "architecture")
+            "architecture", shapes)
     return fig
 
 
@@ -117,20 +142,26 @@ def dice_vs_width(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
         return None
     d = df.dropna(subset=["width"]).copy()
     d["family"] = d["model"].str.replace(r"-(narrow|wide|xwide)$", "", regex=True)
-    keys = ["family", "width"]
+    d, keys = split_variants(d, ["family", "width"])
     agg = aggregate(d, [metric], keys)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     families = sorted(agg["family"].unique())
-    for (fam, eps), g in agg.groupby(["family", "epsilon"], sort=False):
+    lines = ["family", "epsilon"] + ([VARIANT] if VARIANT in agg else [])
+    for vals, g in agg.groupby(lines, sort=False):
+        fam, eps = vals[0], vals[1]
         g = g.sort_values("width")
-        label = eps_label(eps) + (f" ({fam})" if len(families) > 1 else "")
-        ax.errorbar(g["width"], g[f"{metric}.mean"], yerr=np.nan_to_num(g[f"{metric}.std"]),
+        label = eps_label(eps) + (f" ({fam})" if len(families) > 1 else "") + (
+            f" [{vals[2]}]" if len(vals) > 2 else "")
+        ax.errorbar(g["width"], g[f"{metric}.mean"], yerr=_yerr(g[f"{metric}.std"]),
                     marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     widths = sorted(agg["width"].unique())
     ax.set_xticks(widths)
     ax.set_xticklabels([f"{w:g}×" for w in widths])
     ax.set_xlabel("model width (channel multiplier, log scale)")
+    if delta_text(d):
+        ax.text(0.99, 0.01, f"{unit_text(d)}, {delta_text(d)}", transform=ax.transAxes,
+                fontsize="x-small", color="grey", va="bottom", ha="right")
     fam = families[0] if len(families) == 1 else "models"
     _finish(ax, agg, f"Width scaling of {fam}{_title_suffix(df)}", "privacy")
     return fig
@@ -146,7 +177,7 @@ def _grouped_bars(ax, agg: pd.DataFrame, group: str, hue: str, metric: str,
         means = [g[f"{metric}.mean"].get(x, np.nan) for x in groups]
         stds = [g[f"{metric}.std"].get(x, np.nan) for x in groups]
         ax.bar(np.arange(len(groups)) + (i - (len(hues) - 1) / 2) * width, means, width,
-               yerr=np.nan_to_num(stds), capsize=3, label=hue_label(h))
+               yerr=_yerr(stds), capsize=3, label=hue_label(h))
     ax.set_xticks(np.arange(len(groups)))
     ax.set_xticklabels([group_label(x) for x in groups])
 
@@ -157,7 +188,10 @@ def _eps_sorted(values) -> list[float]:
 
 def _panels(agg: pd.DataFrame, hue: str, metric: str, ylabel: str, title: str,
             legend_title: str, xlabel: str) -> Figure:
-    """One panel per architecture; x = ε (non-private first); one bar per ``hue`` value."""
+    """One panel per architecture (and variant); x = ε (non-private first); one bar per
+    ``hue`` value; the seeds behind each bar noted under the panels."""
+    if VARIANT in agg:
+        agg = agg.assign(model=agg["model"] + "\n" + agg[VARIANT].astype(str))
     models = sorted(agg["model"].unique())
     fig, axes = plt.subplots(1, len(models), figsize=(max(6.4, 3.6 * len(models)), 4.2),
                              sharey=True, layout="constrained", squeeze=False)
@@ -173,6 +207,7 @@ def _panels(agg: pd.DataFrame, hue: str, metric: str, ylabel: str, title: str,
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(title=legend_title, fontsize="small")
     fig.suptitle(title)
+    fig.supxlabel(_seeds_note(agg), fontsize="x-small", color="grey")
     return fig
 
 
@@ -180,7 +215,8 @@ def central_vs_federated(df: pd.DataFrame, metric: str = METRIC) -> Figure | Non
     """Bars per architecture panel: x = ε, one bar per setting."""
     if df.empty or df["setting"].nunique() < 2:
         return None
-    agg = aggregate(df, [metric], ["model", "setting"])
+    df, keys = split_variants(df, ["model", "setting"])
+    agg = aggregate(df, [metric], keys)
     return _panels(agg, "setting", metric, DICE_LABEL,
                    f"Central vs federated training{_title_suffix(df)}", "setting",
                    epsilon_axis_label(df))
@@ -192,12 +228,14 @@ def per_site(df: pd.DataFrame) -> Figure | None:
                        c.endswith(".mean_dice"))
     if df.empty or len(site_cols) < 2:
         return None
-    long = df.melt(id_vars=["model", "epsilon", "seed", "setting"], value_vars=site_cols,
+    df, keys = split_variants(df, ["model", "setting"])
+    ids = ["model", "epsilon", "seed", "setting"] + ([VARIANT] if VARIANT in keys else [])
+    long = df.melt(id_vars=ids, value_vars=site_cols,
                    var_name="site", value_name="site_dice").dropna(subset=["site_dice"])
     long["site"] = long["site"].str.slice(len("test.site."), -len(".mean_dice"))
     if long["setting"].nunique() > 1:  # one panel per architecture and setting, never mixed
         long["model"] = long["model"] + " / " + long["setting"]
-    agg = aggregate(long, ["site_dice"], ["model", "site"])
+    agg = aggregate(long, ["site_dice"], ["model", "site"] + ids[4:])
     return _panels(agg, "site", "site_dice", "Test Dice on the site's subjects (0–1)",
                    f"Per-site test Dice{_title_suffix(df)}", "site", epsilon_axis_label(df))
 

@@ -117,20 +117,101 @@ def compare(reference: pd.DataFrame, new: pd.DataFrame, metric: str = METRIC) ->
         row["new"] = _pm(mn, sn)
         row["Δ mean"] = (f"{mn - mr:+.4f}" if _ok(mn) and _ok(mr) else "–")
         row["seeds (ref/new)"] = (f"{_int(r.get('n_seeds.ref'))}/{_int(r.get('n_seeds.new'))}")
+        row["agrees"] = _agrees(mr, sr, r.get("n_seeds.ref"), mn, sn, r.get("n_seeds.new"))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+#: a rerun of a reproducible run on the reference's machine and versions must agree to this
+EXACT_TOL = 1e-6
+#: a DP cell (secret noise: every rerun draws new noise) agrees when its mean is within this
+#: many standard errors of the difference of the two means
+SE_TOL = 3.0
+#: what must match for a reproducible run to reproduce exactly
+MACHINE_KEYS = ("cpu", "python", "torch")
+
+
+def reproducible(df: pd.DataFrame) -> pd.Series:
+    """Runs whose numbers a rerun must reproduce exactly: non-private runs, and DP runs that
+    opted into reproducible noise (``privacy.noise_seed``). Other DP runs draw secret noise."""
+    out = df["epsilon"].astype(float).map(math.isinf)
+    if "config.privacy.noise_seed" in df:
+        out |= df["config.privacy.noise_seed"].notna() & df["private"].astype(bool)
+    return out
+
+
 def per_run_agreement(reference: pd.DataFrame, new: pd.DataFrame, metric: str = METRIC,
-                      tol: float = 1e-6) -> tuple[int, int, float]:
-    """Runs present in both (same run id = same config): how many agree within ``tol``,
-    how many were compared, and the largest absolute difference."""
-    m = reference[["run_id", metric]].merge(new[["run_id", metric]], on="run_id",
+                      tol: float = EXACT_TOL) -> tuple[int, int, float]:
+    """Reproducible runs (see :func:`reproducible`) present in both (same run id = same
+    config): how many agree within ``tol``, how many were compared, the largest |Δ|."""
+    keep = new[reproducible(new)]
+    m = reference[["run_id", metric]].merge(keep[["run_id", metric]], on="run_id",
                                             suffixes=(".ref", ".new"))
     if m.empty:
         return 0, 0, float("nan")
     diff = (m[f"{metric}.ref"] - m[f"{metric}.new"]).abs()
     return int((diff <= tol).sum()), len(m), float(diff.max())
+
+
+def machine_differences(meta: dict[str, str]) -> list[str]:
+    """What differs between the reference's machine (its CSV header) and this one."""
+    try:
+        ref = json.loads(meta.get("machine", "{}"))
+    except json.JSONDecodeError:
+        return ["the reference names no machine"]
+    here = machine()
+    return [f"{k} {ref.get(k)!r} there, {here.get(k)!r} here" for k in MACHINE_KEYS
+            if ref.get(k) != here.get(k)]
+
+
+def agreement_text(reference: pd.DataFrame, new: pd.DataFrame, meta: dict[str, str],
+                   metric: str = METRIC) -> tuple[str, bool]:
+    """What a reviewer may conclude, stated plainly; and whether the rerun agrees.
+
+    Reproducible runs on a matching machine must agree to :data:`EXACT_TOL`; on another
+    machine or versions they may differ in the last digits (float kernels differ), and that
+    is said. DP cells agree when within :data:`SE_TOL` standard errors (the ``agrees`` column
+    of :func:`compare`); their noise is secret, so no DP run repeats exactly.
+    """
+    same, n, worst = per_run_agreement(reference, new, metric)
+    diffs = machine_differences(meta)
+    lines, ok = [], True
+    if n:
+        lines.append(f"reproducible runs (non-private, or reproducible DP noise) in both: {n}; "
+                     f"{same} equal to {EXACT_TOL:g} (largest |Δ| {worst:.2e}).")
+        if diffs:
+            lines.append("This machine differs from the reference's (" + "; ".join(diffs)
+                         + "): such runs are expected to differ slightly, not to repeat "
+                           "exactly.")
+        elif same < n:
+            ok = False
+            lines.append("Same CPU, Python and torch as the reference, yet they differ: "
+                         "this is a reproduction failure.")
+        else:
+            lines.append("Same CPU, Python and torch as the reference: they reproduce "
+                         "exactly.")
+    table = compare(reference, new, metric)
+    dp_rows = table[table["ε"] != "non-private"] if not table.empty else table
+    if len(dp_rows):
+        off = int(dp_rows["agrees"].str.startswith("no").sum())
+        lines.append(f"DP cells draw fresh secret noise on every run, so they are compared "
+                     f"by mean over seeds: {len(dp_rows) - off} of {len(dp_rows)} within "
+                     f"{SE_TOL:g} standard errors of the reference.")
+        ok = ok and off == 0
+    return "\n".join(lines), ok
+
+
+def _agrees(mr, sr, nr, mn, sn, nn) -> str:
+    """``exact`` (to EXACT_TOL), ``yes`` (within SE_TOL standard errors), ``no``, or ``–``."""
+    if not (_ok(mr) and _ok(mn)):
+        return "–"
+    d = abs(mn - mr)
+    if d <= EXACT_TOL:
+        return "exact"
+    if not (_ok(sr) and _ok(sn)) or not (_ok(nr) and _ok(nn)):
+        return "no (one seed: no spread to compare against)"
+    se = math.sqrt(sr**2 / nr + sn**2 / nn)
+    return "yes" if d <= SE_TOL * se else "no"
 
 
 def _ok(x) -> bool:

@@ -7,7 +7,10 @@ Columns:
   filled in), ``setting``, ``seed``, ``epsilon`` (the target ε; ``inf`` for non-private runs;
   for a fixed-σ run the ε spent), ``private``
 - test metrics: ``test.mean_dice``, ``test.dice.<class>``, ``test.mean_hd95``,
-  ``test.hd95.<class>``, ``test.n_subjects``, ``test.site.<site>.mean_dice``
+  ``test.hd95.<class>`` (a class present in a test volume but never predicted there counts
+  with the worst-case distance, see :mod:`privseg.training.evaluate`), ``test.n_empty_pred``
+  and ``test.empty_pred.<class>`` (how many such volumes), ``test.n_subjects``,
+  ``test.site.<site>.mean_dice``
 - privacy: ``privacy.epsilon`` (spent; inf if non-private), ``privacy.delta``, ``privacy.sigma``,
   ``privacy.sample_rate``, ``privacy.steps``, ``privacy.accountant``, ``privacy.guarantee``
 - timing: ``timing.<key>`` (total_s, train_s, median_step_s, subjects_per_s, peak_memory_mb …)
@@ -123,7 +126,7 @@ def record_row(record: dict) -> dict[str, Any]:
         setting = f"{setting} (site-level DP)"
     row: dict[str, Any] = {
         "run_id": record.get("run_id"),
-        "name": record.get("name") or cfg.get("name"),
+        "name": record.get("name") or cfg.get("name") or record.get("run_id"),
         "sweep": (cfg.get("tracking") or {}).get("group"),
         "status": record.get("status"),
         "dataset": (record.get("dataset") or {}).get("name") or (cfg.get("dataset") or {}).get(
@@ -137,6 +140,7 @@ def record_row(record: dict) -> dict[str, Any]:
         "test.mean_dice": _num(test.get("mean_dice")),
         "test.mean_hd95": _num(test.get("mean_hd95")),
         "test.n_subjects": test.get("n_subjects"),
+        "test.n_empty_pred": test.get("n_empty_pred"),
         "privacy.epsilon": spent,
         "privacy.unit": unit,
         "privacy.mode": priv.get("mode") if private else None,
@@ -148,11 +152,14 @@ def record_row(record: dict) -> dict[str, Any]:
         row[f"test.dice.{cls}"] = _num(v)
     for cls, v in (test.get("hd95") or {}).items():
         row[f"test.hd95.{cls}"] = _num(v)
+    for cls, v in (test.get("empty_pred") or {}).items():
+        row[f"test.empty_pred.{cls}"] = v
     for site, m in (test.get("per_site") or {}).items():
         row[f"test.site.{site}.mean_dice"] = _num((m or {}).get("mean_dice"))
         row[f"test.site.{site}.n_subjects"] = (m or {}).get("n_subjects")
     for k, v in (record.get("timing") or {}).items():
-        row[f"timing.{k}"] = v
+        if v is not None:  # as in W&B, whose summary holds no nulls
+            row[f"timing.{k}"] = v
     row.update(flatten(cfg, "config."))
     return row
 
@@ -184,26 +191,30 @@ def frame(records: Iterable[dict]) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=["run_id", "sweep", "model", "epsilon", "seed",
                                      "test.mean_dice"])
-    front = [c for c in rows[0] if not c.startswith(("test.dice.", "test.hd95.", "test.site.",
-                                                     "timing.", "config."))]
-    groups = [sorted(c for c in df.columns if c.startswith(p))
-              for p in ("test.dice.", "test.hd95.", "test.site.", "timing.", "config.")]
+    prefixes = ("test.dice.", "test.hd95.", "test.empty_pred.", "test.site.", "timing.",
+                "config.")
+    front = [c for c in rows[0] if not c.startswith(prefixes)]
+    groups = [sorted(c for c in df.columns if c.startswith(p)) for p in prefixes]
     ordered = front + [c for g in groups for c in g]
     ordered += [c for c in df.columns if c not in ordered]
     return df[ordered].sort_values(["sweep", "model", "epsilon", "seed"],
                                    na_position="last", kind="stable").reset_index(drop=True)
 
 
-def load(source: str | Path, *, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+def load(source: str | Path, *, run_ids: Iterable[str] | None = None,
+         api: Any = None) -> pd.DataFrame:
     """All runs at ``source`` as one tidy DataFrame.
 
     ``source`` is an output directory (searched recursively for ``record.json``), one run
     directory, or ``wandb:ENTITY/PROJECT`` (optionally ``wandb:ENTITY/PROJECT/GROUP``) for runs
-    in W&B. ``run_ids`` keeps only those runs.
+    in W&B (through ``api``, default ``wandb.Api()``; an
+    :class:`privseg.results.wandb_offline.OfflineApi` reads offline W&B folders instead).
+    The same runs give the same DataFrame from their records and from W&B.
+    ``run_ids`` keeps only those runs.
     """
     src = str(source)
     if src.startswith("wandb:"):
-        df = load_wandb(src[len("wandb:"):])
+        df = load_wandb(src[len("wandb:"):], api)
     else:
         path = Path(src)
         if not path.exists():
@@ -219,11 +230,12 @@ def wandb_run_record(run: Any) -> dict:
     """A W&B run (public API object) as a pseudo-record ``record_row`` understands.
 
     The run's config is the full run config (the tracker logs it); test metrics come from the
-    summary (``test/mean_dice``, ``test/dice/<class>``, ``test/mean_hd95``, ``privacy/*``).
+    summary that :func:`privseg.central.summary_scalars` writes (``test/mean_dice``,
+    ``test/dice/<class>``, ``test/per_site/<site>/mean_dice``, ``privacy/*``, ``timing/*``).
     """
-    cfg = dict(run.config or {})
+    cfg = {k: v for k, v in dict(run.config or {}).items() if not k.startswith("_")}
     summary = dict(getattr(run.summary, "_json_dict", None) or run.summary or {})
-    test: dict[str, Any] = {"dice": {}, "hd95": {}, "per_site": {}}
+    test: dict[str, Any] = {"dice": {}, "hd95": {}, "empty_pred": {}, "per_site": {}}
     privacy: dict[str, Any] = {}
     timing: dict[str, Any] = {}
     for k, v in summary.items():
@@ -231,17 +243,18 @@ def wandb_run_record(run: Any) -> dict:
         if parts[0] == "test":
             if len(parts) == 2:
                 test[parts[1]] = v
-            elif len(parts) == 3 and parts[1] in ("dice", "hd95"):
+            elif len(parts) == 3 and parts[1] in ("dice", "hd95", "empty_pred"):
                 test[parts[1]][parts[2]] = v
-            elif len(parts) == 4 and parts[1] == "site":
+            elif len(parts) == 4 and parts[1] in ("per_site", "site"):  # "site": before 0.1
                 test["per_site"].setdefault(parts[2], {})[parts[3]] = v
         elif parts[0] == "privacy" and len(parts) == 2:
             privacy[parts[1]] = v
         elif parts[0] == "timing" and len(parts) == 2:
             timing[parts[1]] = v
     privacy.setdefault("enabled", (cfg.get("privacy") or {}).get("enabled", False))
-    return {"run_id": run.id, "name": run.name, "status": "complete" if run.state ==
-            "finished" else run.state, "config": cfg, "setting": (cfg.get("setting") or {}).get(
+    status = "complete" if run.state == "finished" else run.state
+    return {"run_id": run.id, "name": cfg.get("name") or run.name, "status": status,
+            "config": cfg, "setting": (cfg.get("setting") or {}).get(
             "kind"), "test": test, "privacy": privacy, "timing": timing,
             "dataset": {"name": (cfg.get("dataset") or {}).get("name")}}
 

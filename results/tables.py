@@ -1,4 +1,8 @@
-"""Paper tables: mean ± std over seeds per architecture × ε (and per class)."""
+"""Paper tables: mean ± std over seeds per architecture × ε (and per class).
+
+A cell pools only runs equal in all but the seed (:mod:`privseg.results.grouping`); a cell
+of one run shows its value and no ±; the caption says how many seeds each cell has.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import math
 
 import numpy as np
 import pandas as pd
+
+from privseg.results.grouping import VARIANT, split_variants
 
 METRIC = "test.mean_dice"
 
@@ -35,14 +41,25 @@ def class_columns(df: pd.DataFrame, metric: str = "dice") -> list[str]:
 
 def aggregate(df: pd.DataFrame, metrics: list[str] | None = None,
               keys: list[str] | None = None) -> pd.DataFrame:
-    """Long table: one row per group × ε with ``<metric>.mean``, ``.std`` (ddof 1), ``.n``."""
+    """Long table: one row per group × ε with ``<metric>.mean``, ``.std`` (ddof 1), ``.n``,
+    ``n_seeds``, ``n_runs`` and (when known) ``n_empty_pred``, the test volumes where a present
+    class was never predicted.
+
+    Runs that differ in more than the seed get their own rows (a ``variant`` column names the
+    differing config keys): a cell is a spread over seeds, never over other settings.
+    """
     metrics = metrics or [METRIC]
-    keys = (keys or group_keys(df)) + ["epsilon"]
+    df, keys = split_variants(df, list(keys or group_keys(df)))
+    keys = keys + ["epsilon"]
     rows = []
     for vals, g in df.groupby(keys, dropna=False, sort=False):
         vals = vals if isinstance(vals, tuple) else (vals,)
         row = dict(zip(keys, vals, strict=True))
         row["n_seeds"] = int(g["seed"].nunique()) if "seed" in g else len(g)
+        row["n_runs"] = len(g)
+        if "test.n_empty_pred" in g:
+            row["n_empty_pred"] = int(pd.to_numeric(g["test.n_empty_pred"], errors="coerce")
+                                      .fillna(0).sum())
         for m in metrics:
             x = pd.to_numeric(g[m], errors="coerce").dropna() if m in g else pd.Series([],
                                                                                       dtype=float)
@@ -77,7 +94,7 @@ def summary_table(df: pd.DataFrame, metric: str = METRIC, per_class: bool = Fals
     """
     if df.empty:
         return pd.DataFrame()
-    keys = group_keys(df)
+    df, keys = split_variants(df, group_keys(df))
     if per_class:
         classes = class_columns(df)
         metrics = classes + [metric]
@@ -100,10 +117,68 @@ def summary_table(df: pd.DataFrame, metric: str = METRIC, per_class: bool = Fals
         for e in eps_order:
             r = by_eps.get(e)
             row[eps_label(e)] = "–" if r is None else fmt_cell(
-                r[f"{metric}.mean"], r[f"{metric}.std"], r[f"{metric}.n"], digits)
+                r[f"{metric}.mean"], r[f"{metric}.std"], r[f"{metric}.n"], digits
+            ) + _empty_note(r, metric)
         row["seeds"] = int(g["n_seeds"].max())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _empty_note(r: dict, metric: str) -> str:
+    n = r.get("n_empty_pred")
+    if "hd95" not in metric or not n or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    return f" ({int(n)} empty)"
+
+
+def delta_text(df: pd.DataFrame) -> str:
+    """The δ behind the private runs' ε: ``δ = 0.001`` or a range; '' with no private run."""
+    if "privacy.delta" not in df:
+        return ""
+    d = pd.to_numeric(df["privacy.delta"], errors="coerce").dropna()
+    if d.empty:
+        return ""
+    lo, hi = float(d.min()), float(d.max())
+    return f"δ = {lo:.2g}" if math.isclose(lo, hi) else f"δ = {lo:.2g}–{hi:.2g}"
+
+
+def unit_text(df: pd.DataFrame) -> str:
+    """What ε counts: per subject, or per whole site for site-level federated DP."""
+    units = set(df["privacy.unit"].dropna()) if "privacy.unit" in df else set()
+    if units == {"site"}:
+        return "ε per site"
+    if "site" in units:
+        return "ε per subject (per site for site-level DP)"
+    return "ε per subject"
+
+
+def seeds_text(n_seeds) -> str:
+    """What a cell is: ``mean ± std over 3 seeds``, ``one seed (no ±)``, or a mixed count."""
+    n = sorted({int(x) for x in n_seeds})
+    if not n:
+        return "no runs"
+    if n == [1]:
+        return "one seed per cell (a single run: no ±)"
+    if len(n) == 1:
+        return f"mean ± std (ddof 1) over {n[0]} seeds"
+    return (f"mean ± std (ddof 1) over {n[0]}–{n[-1]} seeds per cell "
+            "(seeds column; a one-seed cell has no ±)")
+
+
+def caption(df: pd.DataFrame, name: str, metric: str = METRIC) -> str:
+    """A caption that states exactly what the table computed: the metric, the seeds per cell,
+    the privacy unit and δ, the variants kept apart, and the HD95 convention."""
+    agg = aggregate(df, [metric])
+    what = metric.removeprefix("test.").replace("_", " ")
+    parts = [f"{name}: test {what}, {seeds_text(agg['n_seeds'])}"]
+    dt = delta_text(df)
+    parts.append(f"{unit_text(df)} at {dt}" if dt else unit_text(df))
+    if VARIANT in agg:
+        parts.append("runs differing in more than the seed are separate rows (variant)")
+    if "hd95" in metric:
+        parts.append("HD95 in voxels; a class present but never predicted counts as the "
+                     "volume diagonal; (k empty) = such test volumes")
+    return "; ".join(parts)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -123,7 +198,7 @@ def _cell(v) -> str:
 
 
 _LATEX_ESC = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "ε": r"$\varepsilon$",
-              "±": r"$\pm$", "–": "--"}
+              "δ": r"$\delta$", "±": r"$\pm$", "–": "--", "∞": r"$\infty$"}
 
 
 def _latex(s: str) -> str:

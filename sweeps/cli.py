@@ -97,6 +97,8 @@ def sweep(
         out_dir = next((r.config.output.dir for r in runs if r.config), "?")
         console.print(f"{counts['pending']} to train, {counts['complete']} complete, "
                       f"{counts['invalid']} invalid; output {out_dir}")
+        if counts["invalid"]:  # a sweep that cannot run as written is an error, also dry
+            raise typer.Exit(1)
         return
     result = _run_reported(sw, parallel, "rerun the same command")
     if not result.ok:

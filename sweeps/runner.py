@@ -81,17 +81,14 @@ def visible_gpus() -> list[str]:
 
 
 def worker_env(slot: int, parallel: int, gpus: list[str]) -> dict[str, str]:
-    """Environment of worker ``slot``: its GPU (round-robin), or its share of the CPU cores."""
+    """Environment of worker ``slot``: its GPU (round-robin) and one CPU thread, whatever
+    ``parallel`` is, so that a run's numbers never depend on ``-j`` (the run itself pins torch
+    to the same count, see :func:`privseg.training.setup.pin_cpu_threads`)."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-    if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        env["OMP_NUM_THREADS"] = str(max(1, cores // parallel))
+    env["OMP_NUM_THREADS"] = env.get("PRIVSEG_THREADS", "1")
     return env
 
 

@@ -326,11 +326,43 @@ def build_run_config(params: dict[str, Any], *, sweep_name: str | None = None,
     if sweep_name:
         tags.append(f"sweep:{sweep_name}")
     cfg.tracking.tags = list(dict.fromkeys([*cfg.tracking.tags, *tags]))
-    if cfg.name is None or sweep_name:
-        label = run_label({k: v for k, v in params.items() if k in (swept or params)})
-        label = label or cfg.model.name
-        cfg.name = f"{sweep_name or 'sweep'}: {label}"
+    extra_keys = [k for k in (swept or ()) if not k.startswith(_NAMED_PREFIXES)]
+    cfg.name = point_name(cfg, {k: params[k] for k in extra_keys if k in params})
     return cfg
+
+
+#: parameters :func:`point_name` always names (from the config), under any runner
+_NAMED_PREFIXES = ("base", "model.name", "model.options.width", "setting", "privacy", "seed",
+                   "tracking.", "output.")
+
+
+def point_name(cfg: RunConfig, extra: dict[str, Any] | None = None) -> str:
+    """A sweep point's run name, from what distinguishes points: architecture, width, setting,
+    ε and seed (``resunet-scalenorm ε=8 s0``, ``unet width=2 federated non-private s1``).
+
+    Built from the run config, so ``privseg sweep``, ``privseg sweep --wandb`` + ``wandb
+    agent`` and a bare ``wandb agent`` on the YAML name a point alike (the base config's own
+    name is never used: it names no point). ``extra``: other swept keys the local runner
+    knows of (W&B's agent passes every parameter, swept or not, so it cannot add them).
+    """
+    parts = [cfg.model.name]
+    width = (cfg.model.options or {}).get("width")
+    if width is not None:
+        parts.append(f"width={width:g}" if isinstance(width, int | float) else f"width={width}")
+    if cfg.setting.kind != "central":
+        fed = cfg.setting.federated
+        mode = getattr(fed, "dp_mode", None) if fed is not None else None
+        parts.append(cfg.setting.kind + (f" {mode}-DP" if mode in ("site", "svt") else ""))
+    if not cfg.privacy.enabled:
+        parts.append("non-private")
+    elif cfg.privacy.noise_multiplier is not None:
+        parts.append(f"σ={cfg.privacy.noise_multiplier:g}")
+    else:
+        parts.append(f"ε={cfg.privacy.target_epsilon:g}")
+    if extra:
+        parts.append(run_label(extra))
+    parts.append(f"s{cfg.seed}")
+    return " ".join(p for p in parts if p)
 
 
 def expand(sweep: Sweep, output_dir: str | None = None) -> list[SweepRun]:

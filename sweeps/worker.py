@@ -49,6 +49,9 @@ def summarize(record: dict) -> dict:
 
 def main() -> int:
     _die_with_parent()
+    # Ctrl-C reaches the whole process group: the runner stops the workers and prints how to
+    # resume; a worker's own KeyboardInterrupt would only leave a traceback in its log.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Keep the protocol on the original stdout; route fd 1 (prints from any library) to stderr.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)

@@ -105,3 +105,13 @@ def test_a_bad_override_is_blamed_on_the_override_not_the_file():
                                           r"training.epochz: unknown key"):
         load_config("phantom2d", ["training.epochz=1"])
     assert load_config("phantom2d", ["training.epochs=5"]).training.epochs == 5
+
+
+def test_leftover_dataset_options_blame_the_key_and_list_the_allowed_ones():
+    from privseg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config("phantom2d", ["dataset.name=feta", "dataset.root=/nonexistent"])
+    msg = str(err.value)
+    assert "dataset.options.n_subjects: unknown key" in msg and "see docs" not in msg
+    assert "options of dataset 'feta' are: spacing" in msg and "Value error" not in msg

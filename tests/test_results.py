@@ -136,7 +136,11 @@ def test_figures_have_labelled_axes_and_files(store, tmp_path):
     ax = fig.axes[0]
     assert "ε" in ax.get_xlabel() and "Dice" in ax.get_ylabel() and ax.get_title()
     assert any("non-private" in t.get_text() for t in ax.get_xticklabels())
-    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"unet", "resunet-scalenorm"}
+    legend = {t.get_text() for t in ax.get_legend().get_texts()}
+    # every line and every marker shape is explained (non-private points are squares)
+    assert legend == {"unet", "resunet-scalenorm", "● DP-SGD at the target ε",
+                      "■ non-private (ε = ∞)"}
+    assert "δ = 0.001" in ax.get_xlabel() and "per subject" in ax.get_xlabel()
     assert dice_vs_width(df) is None  # one width only
     out = tmp_path / "figs"
     paths = make_figures(df, out, prefix="toy_")
@@ -156,16 +160,18 @@ def test_width_and_federated_figures(tmp_path):
                 rec = make_record("unet", eps, seed, width=width)
                 write_record(tmp_path / rec["run_id"], rec)
     for eps in [math.inf, 8.0]:
-        rec = make_record("unet", eps, 0, setting="federated")
+        rec = make_record("unet", eps, 0, setting="federated", width=1.0)
         write_record(tmp_path / rec["run_id"], rec)
     df = load(tmp_path)
     fig = dice_vs_width(df[df["setting"] == "central"])
     ax = fig.axes[0]
     assert "width" in ax.get_xlabel() and "Dice" in ax.get_ylabel()
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"non-private", "ε = 8"}
-    fed = central_vs_federated(df)
+    fed = central_vs_federated(df[df["width"] == 1.0])
     assert {t.get_text() for t in fed.axes[-1].get_legend().get_texts()} == {"central",
                                                                               "federated"}
+    # over all widths, the widths are panels of their own, never one averaged bar
+    assert len(central_vs_federated(df).axes) == 3
     assert [t.get_text() for t in fed.axes[0].get_xticklabels()] == ["non-private", "ε = 8"]
     assert "width" in summary_table(df[df["setting"] == "central"]).columns
 
@@ -186,7 +192,32 @@ def test_reference_round_trip_and_comparison(store, tmp_path):
     cmp = compare(ref, df)
     assert set(cmp["Δ mean"]) == {"+0.0000"}
     same, n, worst = per_run_agreement(ref, df)
-    assert (same, n) == (18, 18) and worst == 0.0
+    assert (same, n) == (6, 6) and worst == 0.0  # only the non-private runs must repeat
+    assert set(cmp["agrees"]) == {"exact"}
+
+
+def test_reproduction_text_states_how_close_it_is(store, tmp_path):
+    from privseg.results.reference import (
+        agreement_text,
+        machine,
+        read_reference,
+        write_reference,
+    )
+
+    df = load(store)
+    ref, meta = read_reference(write_reference(df, tmp_path / "ref.csv", command="c",
+                                               sweep_file=None))
+    new = df.copy()
+    dp = new["private"]
+    new.loc[dp, "test.mean_dice"] += 0.002  # fresh secret noise: a small shift of the mean
+    text, ok = agreement_text(ref, new, meta)
+    assert ok and "reproduce exactly" in text and "within 3 standard errors" in text
+    new.loc[~dp & (new["seed"] == 1), "test.mean_dice"] -= 0.05  # 0.7530 vs 0.7064
+    text, ok = agreement_text(ref, new, meta)
+    assert not ok and "reproduction failure" in text
+    other = dict(meta, machine=json.dumps({**machine(), "torch": "0.0"}))
+    text, ok = agreement_text(ref, new, other)
+    assert "expected to differ slightly" in text and "reproduce exactly" not in text
 
 
 def test_committed_reference_is_from_a_real_run():
@@ -292,3 +323,50 @@ def test_site_level_and_subject_level_dp_are_never_averaged_together(tmp_path):
     assert {ax.get_title() for ax in per_site(df).axes} == {
         "unet / central", "unet / federated", "unet / federated (site-level DP)"}
 
+
+
+def test_table_never_averages_runs_differing_in_more_than_the_seed(tmp_path):
+    from typer.testing import CliRunner
+
+    from privseg.cli import app
+
+    for seed, epochs, dice in [(0, 60, 0.30), (0, 2, 0.01)]:
+        rec = make_record("unet", 8.0, seed)
+        rec["config"]["training"]["epochs"] = epochs
+        rec["run_id"] = f"unet-e{epochs}"
+        rec["test"]["mean_dice"] = dice
+        write_record(tmp_path / rec["run_id"], rec)
+    table = summary_table(load(tmp_path))
+    assert sorted(table["ε = 8"]) == ["0.010", "0.300"]  # two rows, never 0.155 ± 0.205
+    assert sorted(table["variant"]) == ["training.epochs=2", "training.epochs=60"]
+    out = CliRunner().invoke(app, ["table", str(tmp_path), "--format", "latex"]).output
+    assert "0.155" not in out and "0.010" in out and "0.300" in out
+    assert "one seed per cell" in out and r"$\pm$ std" not in out  # no ± claimed for 1 seed
+
+
+def test_worst_case_hd95_for_a_class_never_predicted():
+    import numpy as np
+    import torch
+
+    from privseg.training.evaluate import summarise, volume_metrics, worst_case_distance
+
+    target = np.zeros((4, 12, 12), int)
+    target[1:3, 2:5, 2:5] = 1
+    target[1:3, 7:10, 7:10] = 2
+    predicts_both = torch.as_tensor(target.copy())
+    predicts_both[1, 7, 7] = 0  # slightly off, so its HD95 is small but not worse than missing
+    never_b = predicts_both.clone()
+    never_b[never_b == 2] = 0
+    names = ["background", "a", "b"]
+    good, bad = volume_metrics(predicts_both, target, names), volume_metrics(never_b, target,
+                                                                             names)
+    assert bad["hd95"]["b"] == worst_case_distance((4, 12, 12)) == math.sqrt(3**2 + 11**2 * 2)
+    assert bad["empty_pred"] == {"a": 0, "b": 1}
+    s_good, s_bad = summarise({"x": ("s", good)}), summarise({"x": ("s", bad)})
+    assert s_bad["mean_hd95"] > s_good["mean_hd95"]  # missing a class is never rewarded
+    assert s_bad["n_empty_pred"] == 1 and s_good["n_empty_pred"] == 0
+    # a class absent from the reference is skipped by both metrics, whatever is predicted
+    absent = target.copy()
+    absent[absent == 2] = 0
+    m = volume_metrics(predicts_both, absent, names)
+    assert math.isnan(m["hd95"]["b"]) and math.isnan(m["dice"]["b"]) and m["empty_pred"]["b"] == 0

@@ -137,3 +137,36 @@ def test_wandb_offline_run_gets_scalars_never_images(tmp_path):
     assert not any(p.suffix in {".png", ".jpg", ".jpeg"} for p in files)
     summary = run_dirs[0].parent.parent  # the run dir holds W&B files beside the record
     assert (summary / "record.json").exists()
+
+
+def test_wandb_round_trip_equals_the_records_and_a_rerun_replaces_its_folder(tmp_path):
+    """load('wandb:…') gives the DataFrame load(records) gives, column for column, from the
+    W&B data the runs wrote offline; a rerun after a kill leaves one W&B folder per run id."""
+    import pandas as pd
+
+    from privseg.results.store import load
+    from privseg.results.wandb_offline import OfflineApi, offline_run_dirs
+
+    small = {"options": {"n_subjects": 12, "size": 16, "n_sites": 2}}
+    configs = {}
+    for privacy in ({"enabled": False}, {"enabled": True, "noise_multiplier": 1.0,
+                                         "target_epsilon": None, "accountant": "rdp"}):
+        cfg = config(tmp_path, tracking={"wandb": "offline"}, privacy=privacy, dataset=small,
+                     model={"options": {"base_channels": 4, "depth": 2}},
+                     training={"epochs": 1})
+        configs[run_training(cfg, progress=False)["run_id"]] = cfg
+    runs = tmp_path / "runs"
+    from_records = load(runs)
+    from_wandb = load("wandb:offline/privseg", api=OfflineApi(runs))
+    assert any(c.startswith("test.site.") for c in from_wandb.columns)
+    assert from_records["privacy.guarantee"].notna().all()
+    pd.testing.assert_frame_equal(from_wandb, from_records, check_dtype=False)
+    # a killed attempt's folder (no record yet) is replaced by the rerun's, not kept beside it
+    run_id = next(iter(configs))
+    (runs / run_id / "record.json").unlink()
+    (old,) = offline_run_dirs(runs / run_id)
+    stale = old.with_name(f"offline-run-19990101_000000-{run_id}")
+    old.rename(stale)
+    run_training(configs[run_id], progress=False)
+    after = offline_run_dirs(runs / run_id)
+    assert len(after) == 1 and after[0] != stale

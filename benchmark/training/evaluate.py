@@ -1,5 +1,14 @@
 """Held-out evaluation per subject volume: Dice and HD95 per class (MONAI metrics).
 
+Convention for empty masks (as segmentation challenges state theirs):
+
+- reference empty (the class is absent from the volume): Dice and HD95 are undefined for that
+  volume and skipped in the means, whatever the prediction (Dice's ``ignore_empty``);
+- reference present, prediction empty (the model never predicts the class there): Dice 0 and
+  HD95 = the volume's diagonal in voxels, the worst distance the volume allows, so a model
+  that never predicts a class gets that class's worst-case HD95 rather than a skipped one;
+  each such volume is counted in ``empty_pred`` (per class; ``n_empty_pred`` in all).
+
 2D models are evaluated per volume too: every slice is predicted and the slices reassembled,
 so the Dice is that of the volume, not an average over slices. Inference runs as a MONAI
 sliding window (in 2D a window one slice deep).
@@ -8,6 +17,7 @@ sliding window (in 2D a window one slice deep).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -59,9 +69,27 @@ def volume_metrics(pred: torch.Tensor, target: np.ndarray, class_names: list[str
     dice = compute_dice(p, t, include_background=include_bg, ignore_empty=True)[0]
     out = {"dice": {n: float(d) for n, d in zip(names, dice, strict=True)}}
     if hd95:
-        hd = compute_hausdorff_distance(p, t, include_background=include_bg, percentile=95)[0]
-        out["hd95"] = {n: float(h) for n, h in zip(names, hd, strict=True)}
+        first = 0 if include_bg else 1
+        spatial = tuple(range(2, p.ndim))
+        ref_present = (t.sum(dim=spatial)[0, first:] > 0).tolist()
+        pred_empty = (p.sum(dim=spatial)[0, first:] == 0).tolist()
+        with warnings.catch_warnings():  # MONAI warns on each empty mask; handled below
+            warnings.simplefilter("ignore")
+            hd = compute_hausdorff_distance(p, t, include_background=include_bg,
+                                            percentile=95)[0]
+        worst = worst_case_distance(tuple(t.shape[2:]))
+        out["hd95"], out["empty_pred"] = {}, {}
+        for n, h, present, empty in zip(names, hd, ref_present, pred_empty, strict=True):
+            missed = present and empty
+            out["hd95"][n] = worst if missed else (float(h) if present else float("nan"))
+            out["empty_pred"][n] = int(missed)
     return out
+
+
+def worst_case_distance(shape: tuple[int, ...]) -> float:
+    """The HD95 given to a class present in the reference but absent from the prediction:
+    the volume's diagonal in voxels, the largest distance two voxels of it can have."""
+    return float(math.sqrt(sum(max(n - 1, 0) ** 2 for n in shape)))
 
 
 def nanmean(values) -> float:
@@ -90,6 +118,10 @@ def summarise(per_subject: dict[str, tuple[str, dict]]) -> dict:
     def agg(items: list[dict]) -> dict:
         out = {}
         for metric in items[0]:
+            if metric == "empty_pred":  # a count of volumes, not a mean
+                out[metric] = {c: sum(m[metric][c] for m in items) for c in items[0][metric]}
+                out["n_empty_pred"] = sum(out[metric].values())
+                continue
             per_class = {c: nanmean(m[metric][c] for m in items) for c in items[0][metric]}
             out[metric] = per_class
             out[f"mean_{metric}"] = nanmean(per_class.values())

@@ -7,6 +7,7 @@ Shared by the central run (:mod:`privseg.central`), the federated sites and serv
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -20,6 +21,22 @@ from privseg.datasets import SubjectSet, load_dataset
 from privseg.record import read_record
 
 log = logging.getLogger("privseg")
+
+
+def pin_cpu_threads() -> int:
+    """Give every run the same number of torch CPU threads, however it was started.
+
+    CPU kernels split their reductions by thread count, so a run's metrics depended on it: the
+    same config gave Dice 0.764998 with ``privseg sweep -j 1`` (2 threads) and 0.766223 with
+    ``-j 2`` (1 thread per worker). One thread always (sweep workers, ``privseg train``,
+    ``reproduce``) makes a run's numbers independent of ``-j`` and of the machine's cores.
+    ``PRIVSEG_THREADS=N`` trades that for speed on a many-core CPU: results then match only
+    runs made with the same N (the record's ``environment.cpu_threads`` says which).
+    """
+    n = max(1, int(os.environ.get("PRIVSEG_THREADS", "1")))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def seed_everything(seed: int) -> None:
