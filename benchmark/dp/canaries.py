@@ -31,7 +31,7 @@ class GradientCanaries:
     """``m`` Dirac gradient canaries inside a DP optimizer; :attr:`scores` after training."""
 
     def __init__(self, optimizer: DPOptimizer, included: np.ndarray, sample_rate: float, *,
-                 norm_factor: float = 4.0, noise_fraction: float = 1.0,
+                 norm_factor: float = 10.0, noise_fraction: float = 1.0,
                  clipping: bool = True) -> None:
         if not isinstance(optimizer, DPOptimizer) or type(optimizer).__name__.endswith(
                 "FastGradientClipping"):
