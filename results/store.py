@@ -11,7 +11,8 @@ Columns:
 - privacy: ``privacy.epsilon`` (spent; inf if non-private), ``privacy.delta``, ``privacy.sigma``,
   ``privacy.sample_rate``, ``privacy.steps``, ``privacy.accountant``, ``privacy.guarantee``
 - audit (``privseg audit`` records; NaN/None elsewhere): ``audit.epsilon_lower`` (the empirical
-  lower bound on ε), ``audit.kind`` (gradient or input canaries), ``audit.canaries_m``
+  lower bound on ε), ``audit.kind`` (gradient or input canaries), ``audit.canaries_m``,
+  ``audit.broken`` (a deliberately broken mechanism: ``privseg audit --noise-fraction``)
 - timing: ``timing.<key>`` (total_s, train_s, median_step_s, subjects_per_s, peak_memory_mb …)
 - the full run config flattened with dotted names under ``config.`` (``config.model.name``,
   ``config.training.epochs`` …)
@@ -106,8 +107,11 @@ def _audit_columns(audit: dict) -> dict[str, Any]:
     """An audit record's lower bound and how it was measured (``privseg audit``); NaN/None
     for runs without an audit."""
     low = _num(audit.get("epsilon_lower"))
+    fault = audit.get("fault") or {}
     return {"audit.epsilon_lower": math.nan if low is None else low,
-            "audit.kind": audit.get("kind"), "audit.canaries_m": audit.get("canaries_m")}
+            "audit.kind": audit.get("kind"), "audit.canaries_m": audit.get("canaries_m"),
+            "audit.broken": (None if not audit else fault.get("noise_fraction", 1.0) != 1.0
+                             or not fault.get("clipping", True))}
 
 
 def record_row(record: dict) -> dict[str, Any]:

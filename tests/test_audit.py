@@ -15,6 +15,7 @@ from privseg.config import ConfigError, load_config
 from privseg.dp.audit import epsilon_lower_bound, guess_and_count, p_value
 from privseg.dp.canaries import GradientCanaries
 from privseg.dp.optimizer import FlatDPOptimizer
+from privseg.results.audit_figure import claimed_vs_audited
 from privseg.results.store import frame
 
 # --- the bound -----------------------------------------------------------------------------
@@ -119,6 +120,8 @@ def test_correct_run_is_not_flagged(tmp, one_thread, eps):
     assert df["audit.epsilon_lower"].iloc[0] == a["epsilon_lower"] or \
         df["audit.epsilon_lower"].iloc[1] == a["epsilon_lower"]
     assert df["audit.epsilon_lower"].isna().sum() == 1
+    assert claimed_vs_audited(df) is not None
+    assert claimed_vs_audited(df[df["audit.epsilon_lower"].isna()]) is None
 
 
 def test_input_canaries_are_trained_on_and_bound_stays_below_claim(tmp, one_thread):
