@@ -6,6 +6,7 @@
 | :mod:`privseg.sweeps.cli` | ``sweep``, ``sweep-run``, ``sync``, ``quickstart`` |
 | :mod:`privseg.results.cli` | ``table``, ``plot``, ``reproduce`` |
 | :mod:`privseg.federated.cli` | ``federated simulate / supernode / run / server / site`` |
+| :mod:`privseg.audit_cli` | ``audit`` |
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import typer
 
-from privseg import commands
+from privseg import audit_cli, commands
 from privseg.federated import cli as federated_cli
 from privseg.results import cli as results_cli
 from privseg.sweeps import cli as sweeps_cli
@@ -53,6 +54,7 @@ app.add_typer(commands.data_app, name="data")
 app.add_typer(sweeps_cli.app)
 app.add_typer(results_cli.app)
 app.add_typer(federated_cli.app, name="federated")
+app.add_typer(audit_cli.app)
 
 
 def main() -> None:

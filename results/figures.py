@@ -4,6 +4,7 @@
 - Dice vs model width at fixed ε
 - central vs federated per architecture and ε
 - per-site Dice per architecture (at the most private ε and non-private)
+- claimed vs audited ε (``privseg audit`` records; :mod:`privseg.results.audit_figure`)
 
 Every function returns a matplotlib Figure (or None when the data cannot support it);
 :func:`make_figures` saves each as PNG and PDF.
@@ -22,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from privseg.results.audit_figure import claimed_vs_audited  # noqa: E402
 from privseg.results.grouping import VARIANT, split_variants  # noqa: E402
 from privseg.results.tables import (  # noqa: E402
     METRIC,
@@ -245,6 +247,7 @@ FIGURES = {
     "dice_vs_width": dice_vs_width,
     "central_vs_federated": central_vs_federated,
     "per_site_dice": per_site,
+    "claimed_vs_audited_epsilon": claimed_vs_audited,
 }
 
 

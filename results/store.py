@@ -13,6 +13,9 @@ Columns:
   ``test.site.<site>.mean_dice``
 - privacy: ``privacy.epsilon`` (spent; inf if non-private), ``privacy.delta``, ``privacy.sigma``,
   ``privacy.sample_rate``, ``privacy.steps``, ``privacy.accountant``, ``privacy.guarantee``
+- audit (``privseg audit`` records; NaN/None elsewhere): ``audit.epsilon_lower`` (the empirical
+  lower bound on ε), ``audit.kind`` (gradient or input canaries), ``audit.canaries_m``,
+  ``audit.broken`` (a deliberately broken mechanism: ``privseg audit --noise-fraction``)
 - timing: ``timing.<key>`` (total_s, train_s, median_step_s, subjects_per_s, peak_memory_mb …)
 - the full run config flattened with dotted names under ``config.`` (``config.model.name``,
   ``config.training.epochs`` …)
@@ -103,6 +106,17 @@ def _accounting_columns(priv: dict) -> dict[str, Any]:
             "privacy.sample_rate": _num(q), "privacy.steps": steps}
 
 
+def _audit_columns(audit: dict) -> dict[str, Any]:
+    """An audit record's lower bound and how it was measured (``privseg audit``); NaN/None
+    for runs without an audit."""
+    low = _num(audit.get("epsilon_lower"))
+    fault = audit.get("fault") or {}
+    return {"audit.epsilon_lower": math.nan if low is None else low,
+            "audit.kind": audit.get("kind"), "audit.canaries_m": audit.get("canaries_m"),
+            "audit.broken": (None if not audit else fault.get("noise_fraction", 1.0) != 1.0
+                             or not fault.get("clipping", True))}
+
+
 def record_row(record: dict) -> dict[str, Any]:
     """One run record -> one flat row."""
     cfg = record.get("config") or {}
@@ -147,6 +161,7 @@ def record_row(record: dict) -> dict[str, Any]:
         **_accounting_columns(priv),
         "privacy.accountant": priv.get("accountant"),
         "privacy.guarantee": priv.get("guarantee"),
+        **_audit_columns(record.get("audit") or {}),
     }
     for cls, v in (test.get("dice") or {}).items():
         row[f"test.dice.{cls}"] = _num(v)

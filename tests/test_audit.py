@@ -1,0 +1,139 @@
+"""One-run privacy audit (Steinke et al. 2023): the bound's math, the canaries, the audit run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from scipy import stats
+
+from privseg.audit import Fault, run_audit
+from privseg.config import ConfigError, load_config
+from privseg.dp.audit import epsilon_lower_bound, guess_and_count, p_value
+from privseg.dp.canaries import GradientCanaries
+from privseg.dp.optimizer import FlatDPOptimizer
+from privseg.results.audit_figure import claimed_vs_audited
+from privseg.results.store import frame
+
+# --- the bound -----------------------------------------------------------------------------
+
+def test_all_correct_matches_the_binomial_tail_in_closed_form():
+    # δ = 0, v = r: p-value = q^r with q = e^ε/(1+e^ε); the bound solves q^r = 0.05.
+    q = 0.05 ** (1 / 1000)
+    assert epsilon_lower_bound(1000, 1000, 0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-4)
+    assert epsilon_lower_bound(1000, 1000, 0.0) == pytest.approx(5.809, abs=1e-3)
+
+
+def test_delta_term_is_kept_and_lowers_the_bound():
+    # r = v = m = 2, ε = 0: tail 1/4; δ term 2mδ·max(P[B=1]/1, P[0<=B<2]/2) = 4δ·max(.5, .375)
+    assert p_value(2, 2, 2, 0.0, 0.01) == pytest.approx(0.25 + 4 * 0.01 * 0.5)
+    assert p_value(2, 2, 2, 0.0, 0.0) == pytest.approx(0.25)
+    with_delta = epsilon_lower_bound(1000, 1000, 1e-5, m=1000)
+    assert with_delta < epsilon_lower_bound(1000, 1000, 0.0) - 0.01
+    assert with_delta > 5.7
+    # a large δ·m makes any outcome consistent with DP
+    assert epsilon_lower_bound(200, 190, 0.02, m=1000) == 0.0
+
+
+def test_chance_level_guessing_gives_zero_and_bound_is_the_rejection_edge():
+    assert epsilon_lower_bound(1000, 500, 1e-5) == 0.0
+    assert epsilon_lower_bound(200, 100, 0.0) == 0.0
+    eps = epsilon_lower_bound(200, 170, 0.0)
+    tail = lambda e: stats.binom.sf(169, 200, 1 / (1 + math.exp(-e)))  # noqa: E731
+    assert tail(eps) < 0.05 < tail(eps + 1e-3)
+    assert 0.5 < eps < 3
+
+
+def test_guesses_count_top_in_and_bottom_out():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    included = np.array([True, False, True, False, True, False])
+    assert guess_and_count(scores, included, 2, 2) == (4, 2)  # in: 5 y, 4 n; out: 0 y, 1 n
+    assert guess_and_count(scores, included, 1, 0) == (1, 1)
+
+
+# --- gradient canaries go through the optimizer's clipping and noise -------------------------
+
+def _toy_canaries(clipping: bool, steps: int = 20):
+    torch.manual_seed(0)
+    model = GradSampleModule(torch.nn.Linear(4, 50))
+    opt = FlatDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                          max_grad_norm=0.5, expected_batch_size=3)
+    included = np.arange(100) % 2 == 0
+    can = GradientCanaries(opt, included, sample_rate=0.5, clipping=clipping)
+    for _ in range(steps):
+        (model(torch.randn(3, 4)) * 0).sum().backward()  # real gradients all zero
+        opt.step()
+        opt.zero_grad()
+    return can, included
+
+
+@pytest.mark.parametrize("clipping", [True, False])
+def test_gradient_canaries_add_a_clipped_dirac_when_sampled(clipping):
+    can, included = _toy_canaries(clipping)
+    per_sample = 0.5 if clipping else 0.5 * 10.0  # canary gradient is 10 C before clipping
+    assert can.steps == 20
+    assert np.allclose(can.scores, per_sample * can.times_sampled, atol=1e-5)
+    assert can.times_sampled[~included].sum() == 0
+    assert 0 < can.times_sampled[included].mean() < 20
+
+
+# --- the audit run ---------------------------------------------------------------------------
+
+def _cfg(tmp, eps: float, epochs: int = 10, **extra):
+    sets = ["dataset.options={n_subjects: 40, size: 32, n_sites: 1}",
+            f"dataset.cache_dir={tmp / 'cache'}", "dataset.val_fraction=0",
+            "dataset.test_fraction=0.1", "model.options={base_channels: 4, depth: 2}",
+            f"training.epochs={epochs}", "training.expected_batch_size=8",
+            "training.physical_batch_size=16", "training.crops_per_subject=1",
+            "training.device=cpu", "tracking.wandb=off", f"output.dir={tmp / 'runs'}",
+            f"privacy.target_epsilon={eps}", "privacy.delta=1e-5"]
+    return load_config("phantom2d", sets + [f"{k}={v}" for k, v in extra.items()])
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("audit")
+
+
+@pytest.mark.parametrize("fault", [Fault(noise_fraction=0.1), Fault(clipping=False)],
+                         ids=["sigma/10", "no-clipping"])
+def test_broken_mechanism_is_caught(tmp, one_thread, fault):
+    rec = run_audit(_cfg(tmp, 1.0), kind="gradient", canaries=1000, fault=fault,
+                    progress=False)
+    a = rec["audit"]
+    assert rec["privacy"]["epsilon"] <= 1.0 + 1e-6  # the claim is unchanged
+    assert a["epsilon_lower"] > 1.0, a
+    assert a["flagged"]
+
+
+@pytest.mark.parametrize("eps", [1.0, 8.0])
+def test_correct_run_is_not_flagged(tmp, one_thread, eps):
+    rec = run_audit(_cfg(tmp, eps), kind="gradient", canaries=1000, progress=False)
+    a = rec["audit"]
+    assert a["canaries_m"] == 1000 and a["guesses_r"] == 200
+    assert 0 <= a["epsilon_lower"] <= rec["privacy"]["epsilon"] <= eps + 1e-6
+    assert not a["flagged"]
+    df = frame([rec, {"config": {}, "privacy": {"enabled": False}}])
+    assert df["audit.epsilon_lower"].iloc[0] == a["epsilon_lower"] or \
+        df["audit.epsilon_lower"].iloc[1] == a["epsilon_lower"]
+    assert df["audit.epsilon_lower"].isna().sum() == 1
+    assert claimed_vs_audited(df) is not None
+    assert claimed_vs_audited(df[df["audit.epsilon_lower"].isna()]) is None
+
+
+def test_input_canaries_are_trained_on_and_bound_stays_below_claim(tmp, one_thread):
+    rec = run_audit(_cfg(tmp, 8.0, epochs=3), kind="input", canaries=40, progress=False)
+    a = rec["audit"]
+    n_train = 36  # 40 subjects, 10% test
+    assert rec["privacy"]["n_subjects"] == n_train + a["canaries_in"]
+    assert 0 <= a["epsilon_lower"] <= rec["privacy"]["epsilon"]
+
+
+def test_non_private_and_federated_configs_are_refused(tmp):
+    with pytest.raises(ValueError, match="privacy.enabled"):
+        run_audit(_cfg(tmp, 1.0, **{"privacy.enabled": "false"}))
+    with pytest.raises((ValueError, ConfigError), match="kind"):
+        run_audit(_cfg(tmp, 1.0), kind="bogus")
