@@ -33,6 +33,8 @@ def train(
 
     The record lands in OUTPUT_DIR/RUN_ID/record.json, where RUN_ID is the hash of the config;
     rerunning a finished config does nothing unless --force.
+
+    Example:  privseg train phantom2d --set privacy.target_epsilon=1 --set training.epochs=5
     """
     from privseg.run import run
 
@@ -62,7 +64,10 @@ def privacy(
     delta: Annotated[float | None, typer.Option(help="δ (default min(1e-5, 1/n^1.1))")] = None,
     accountant: Annotated[str, typer.Option(help="prv or rdp")] = "prv",
 ) -> None:
-    """Privacy calculator: σ for a target ε, or ε spent for a given σ (per subject)."""
+    """Privacy calculator: σ for a target ε, or ε spent for a given σ (per subject).
+
+    Example:  privseg privacy --subjects 120 --batch 8 --epochs 60 --epsilon 8
+    """
     from privseg.dp.accounting import epsilon_for, plan_privacy
 
     if (epsilon is None) == (sigma is None):
@@ -87,7 +92,10 @@ def privacy(
 
 @app.command()
 def configs() -> None:
-    """List the built-in run configs."""
+    """List the built-in run configs.
+
+    Example:  privseg configs
+    """
     for name, path in sorted(builtin_configs().items()):
         first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "")
         typer.echo(f"{name:24s} {first.lstrip('# ')}")
@@ -97,7 +105,10 @@ def configs() -> None:
 def models(
     format: Annotated[str, typer.Option("--format", help="markdown or csv")] = "markdown",
 ) -> None:
-    """Table of registered architectures: dims, parameters, MACs, DP modes, paper."""
+    """Table of registered architectures: dims, parameters, MACs, DP modes, paper.
+
+    Example:  privseg models --format csv > models.csv
+    """
     from privseg.architectures.table import models_table
 
     if format not in ("markdown", "csv"):
@@ -123,7 +134,10 @@ def bench(
     channels_last: Annotated[bool, typer.Option(help="Channels-last 2D models (CUDA)")] = False,
     out: Annotated[Path, typer.Option(help="Directory for the JSON report")] = Path("runs/bench"),
 ) -> None:
-    """Time non-private vs each DP mode step by step, alternating, in one process."""
+    """Time non-private vs each DP mode step by step, alternating, in one process.
+
+    Example:  OMP_NUM_THREADS=1 privseg bench --device cpu --dims 2 --size 48 --batch 32 --steps 15
+    """
     from privseg.bench import ALL_MODES, format_bench, run_bench, write_bench
 
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
@@ -150,7 +164,10 @@ def data_check(
     dataset: Annotated[str | None, typer.Option(help="Data set name when TARGET is a folder "
                                                      "(feta, msd, brats, pets)")] = None,
 ) -> None:
-    """Validate every subject (files, decoding, shapes, affines, labels, NaN); write nothing."""
+    """Validate every subject (files, decoding, shapes, affines, labels, NaN); write nothing.
+
+    Example:  privseg data check /data/feta_2.2 --dataset feta
+    """
     from privseg.datasets.check import data_check_report
 
     if dataset is not None:

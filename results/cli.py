@@ -65,6 +65,8 @@ def table(
 
     A cell pools only runs equal in all but the seed; runs differing otherwise are separate
     rows (a variant column names the keys). A one-seed cell has no ±.
+
+    Example:  privseg table arch-eps-phantom2d --format latex
     """
     from privseg.results.tables import caption, render
 
@@ -85,7 +87,10 @@ def plot(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Sweep output dir "
                                                "(when TARGET is a sweep)")] = None,
 ) -> None:
-    """Figures: Dice vs ε, Dice vs width, central vs federated, per site (as data allows)."""
+    """Figures: Dice vs ε, Dice vs width, central vs federated, per site (as data allows).
+
+    Example:  privseg plot runs/arch-eps-phantom2d --out figures
+    """
     from privseg.results.figures import make_figures
 
     df, name = _load_runs(target, output)
@@ -116,7 +121,10 @@ def reproduce(
         "--write-reference", help="Maintainers: store the new numbers as the committed "
                                   "reference")] = False,
 ) -> None:
-    """Rerun the sweep behind a paper table; print the committed numbers beside the new ones."""
+    """Rerun the sweep behind a paper table; print the committed numbers beside the new ones.
+
+    Example:  privseg reproduce table1 --quick -j 2
+    """
     from privseg.results.reference import (
         agreement_text,
         compare,

@@ -194,9 +194,9 @@ def agreement_text(reference: pd.DataFrame, new: pd.DataFrame, meta: dict[str, s
     dp_rows = table[table["ε"] != "non-private"] if not table.empty else table
     if len(dp_rows):
         off = int(dp_rows["agrees"].str.startswith("no").sum())
-        lines.append(f"DP cells draw fresh secret noise on every run, so they are compared "
-                     f"by mean over seeds: {len(dp_rows) - off} of {len(dp_rows)} within "
-                     f"{SE_TOL:g} standard errors of the reference.")
+        lines.append(f"DP cells by mean over seeds (DP runs without privacy.noise_seed draw "
+                     f"fresh secret noise and never repeat exactly): {len(dp_rows) - off} of "
+                     f"{len(dp_rows)} within {SE_TOL:g} standard errors of the reference.")
         ok = ok and off == 0
     return "\n".join(lines), ok
 

@@ -74,6 +74,8 @@ def sweep(
 
     The same file works with `wandb sweep FILE` + `wandb agent`; see `privseg sweep FILE
     --wandb`. A failed run is reported and the others go on; the exit code is 1 if any failed.
+
+    Example:  privseg sweep arch-eps-phantom2d -j 2   (or --dry-run to list the points)
     """
     from privseg.sweeps.runner import plan
 
@@ -201,7 +203,10 @@ def sync(
     entity: Annotated[str | None, typer.Option(help="W&B entity override")] = None,
     project: Annotated[str | None, typer.Option(help="W&B project override")] = None,
 ) -> None:
-    """Upload offline W&B runs found under DIRECTORY (wraps `wandb sync`)."""
+    """Upload offline W&B runs found under DIRECTORY (wraps `wandb sync`).
+
+    Example:  privseg sync runs/quickstart
+    """
     if not Path(directory).is_dir():
         fail(f"{directory}: no such directory")
     dirs = find_offline_runs(directory, include_synced)
@@ -222,11 +227,15 @@ def sync(
 def quickstart(
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory")
                       ] = "runs/quickstart",
-    parallel: Annotated[int, typer.Option("--parallel", "-j", min=1)] = 1,
+    parallel: Annotated[int, typer.Option(
+        "--parallel", "-j", min=1, help="Runs trained at once (worker processes, one CPU "
+                                        "thread each; results do not depend on it)")] = 1,
 ) -> None:
     """A small sweep on the built-in phantom (2 architectures × ε ∈ {∞, 8, 1}), CPU, minutes.
 
     Ends with the results table and the path of the utility-vs-privacy figure.
+
+    Example:  privseg quickstart -j 2
     """
     from privseg.results import load, make_figures, render
 

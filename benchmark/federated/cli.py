@@ -47,7 +47,10 @@ def server(
     output: Annotated[str | None, typer.Option(help="record folder (default output.dir)")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Legacy transport (Flower start_server): the server; no node auth, no SecAgg+."""
+    """Legacy transport (Flower start_server): the server; no node auth, no SecAgg+.
+
+    Example:  privseg federated server study.yaml --address 0.0.0.0:8080 --sites 3
+    """
     from privseg.federated.deploy import run_server
 
     cfg = _load(config, set_)
@@ -74,7 +77,10 @@ def site(
     allow_reproducible_noise: AllowNoiseOpt = False,
     set_: SetOpt = None,
 ) -> None:
-    """Legacy transport (Flower start_client): one site; see `supernode` for the current one."""
+    """Legacy transport (Flower start_client): one site; see `supernode` for the current one.
+
+    Example:  privseg federated site study.yaml --site site-A --server hub:8080 --data /data/site-A
+    """
     from privseg.federated.deploy import run_site
 
     cfg = _load(config, set_)
@@ -92,7 +98,10 @@ def simulate(
     force: Annotated[bool, typer.Option(help="Rerun even if a complete record exists")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Simulate the federation in one process (what `privseg train` does for it)."""
+    """Simulate the federation in one process (what `privseg train` does for it).
+
+    Example:  privseg federated simulate phantom2d-federated --set setting.federated.rounds=5
+    """
     from privseg.federated.simulation import run_federated
 
     cfg = _load(config, set_)
@@ -187,7 +196,10 @@ def run_cmd(
     round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run the federation on a SuperLink (flwr run) and print the record's summary."""
+    """Run the federation on a SuperLink (flwr run) and print the record's summary.
+
+    Example:  privseg federated run study.yaml --superlink hub:9093 --ca-cert ca.pem --sites 3
+    """
     from privseg.federated.federation import run_federation
 
     cfg = _load(config, set_)
