@@ -133,3 +133,16 @@ def test_the_ledger_composes_runs_and_refuses_the_one_past_the_budget(tmp_path):
     assert [e["run_id"] for e in ledger.entries] == ["401", "402"]
     assert ledger.spent() == pytest.approx(e2)
     assert "composed: ε = " in ledger.report()
+
+
+def test_a_non_private_run_spends_everything_and_is_refused_under_any_budget(tmp_path):
+    from privseg.dp.ledger import Spend
+
+    nonprivate = Spend(0.0, 1.0, 1, 0.0, "none")
+    with pytest.raises(BudgetExceeded, match="composed total to inf"):
+        SiteLedger(tmp_path / "l.jsonl", budget_epsilon=1e6).charge(1, "a", nonprivate)
+    open_ledger = SiteLedger(tmp_path / "l.jsonl")  # no budget: recorded, total ∞
+    open_ledger.charge(2, "a", Spend(1.0, 0.1, 10, 1e-5))
+    assert 0 < open_ledger.spent() < 10
+    open_ledger.charge(3, "a", nonprivate)
+    assert SiteLedger(tmp_path / "l.jsonl").spent() == float("inf")

@@ -13,7 +13,6 @@ refused before it trains. A restart reads the file back, so nothing is spent twi
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -28,13 +27,13 @@ class BudgetExceeded(RuntimeError):
 
 @dataclass(frozen=True)
 class Spend:
-    """What one run may spend on the site's data: its Gaussian steps and its own (ε, δ)."""
+    """What one run may spend on the site's data: its Gaussian steps (σ 0: a non-private run,
+    ε = ∞) and the δ the run itself reports at."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
     delta: float
-    epsilon: float
     unit: str = "subject"
 
     def history(self) -> list[tuple[float, float, int]]:
@@ -77,11 +76,9 @@ class SiteLedger:
         return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries]
 
     def spent(self, extra: Spend | None = None) -> float:
-        """ε at the ledger's δ of every recorded run (plus ``extra``), composed."""
+        """ε at the ledger's δ of every recorded run (plus ``extra``), composed (∞ once a
+        non-private run trained on the data)."""
         history = self.history() + (extra.history() if extra else [])
-        if any(not math.isfinite(e.get("epsilon", 0.0)) for e in self.entries) or (
-                extra is not None and not math.isfinite(extra.epsilon)):
-            return math.inf
         return epsilon_of_history(history, self.budget_delta, self.accountant)
 
     def charge(self, run_id: object, agreement_id: str, spend: Spend) -> float:
@@ -93,16 +90,17 @@ class SiteLedger:
             return self.spent()
         before = self.spent()
         after = self.spent(spend)
+        alone = epsilon_of_history(spend.history(), self.budget_delta, self.accountant)
         if self.budget_epsilon is not None and after > self.budget_epsilon:
             raise BudgetExceeded(
                 f"privacy budget ε = {self.budget_epsilon:g} (δ = {self.budget_delta:g}) would "
                 f"be exceeded: {len(self.entries)} earlier run(s) on this site's data spent "
                 f"ε = {before:.4g}, and run {run_id} (agreement {agreement_id}, ε = "
-                f"{spend.epsilon:.4g} alone) would bring the composed total to {after:.4g}; "
+                f"{alone:.4g} alone) would bring the composed total to {after:.4g}; "
                 f"refused before training (ledger {self.path})")
         entry = {"run_id": str(run_id), "agreement_id": agreement_id,
                  "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
-                 "steps": spend.steps, "delta": spend.delta, "epsilon": spend.epsilon,
+                 "steps": spend.steps, "delta": spend.delta, "epsilon": alone,
                  "unit": spend.unit, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
@@ -116,12 +114,14 @@ class SiteLedger:
         """The ledger as a table, with the composed total and the budget."""
         lines = [f"ledger {self.path}: {len(self.entries)} run(s)",
                  f"{'run id':>22} {'agreement':>12} {'σ':>8} {'q':>8} {'steps':>6} "
-                 f"{'δ':>9} {'ε alone':>8}"]
+                 f"{'run δ':>9} {'ε alone':>8}"]
         for e in self.entries:
             lines.append(f"{e['run_id']:>22} {e['agreement_id']:>12} "
                          f"{e['noise_multiplier']:>8.4g} {e['sample_rate']:>8.4g} "
                          f"{e['steps']:>6} {e['delta']:>9.3g} {e['epsilon']:>8.4g}")
         budget = "none set" if self.budget_epsilon is None else f"ε = {self.budget_epsilon:g}"
+        lines.append(f"(ε alone and composed: {self.accountant} at the ledger's δ = "
+                     f"{self.budget_delta:g})")
         lines.append(f"composed: ε = {self.spent():.4g} at δ = {self.budget_delta:g} "
                      f"({self.accountant}); budget {budget}")
         return "\n".join(lines)

@@ -19,7 +19,6 @@ never trains under a privacy budget it did not accept.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -40,14 +39,14 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from privseg.config import ConfigError, RunConfig, parse_config
-from privseg.dp.accounting import MAX_DEFAULT_DELTA, epsilon_of_history
+from privseg.dp.accounting import MAX_DEFAULT_DELTA
 from privseg.dp.ledger import SiteLedger, Spend
 from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.app import CONFIG_KEY, SITE_KEY, WORKER_KEY, worker_authkey_path
 from privseg.federated.client import SiteClient
 from privseg.federated.federation import flower_command, flower_env
 from privseg.federated.secagg import secagg_rounding_seed, site_app
-from privseg.federated.site_plans import site_level_epsilon, site_level_plan
+from privseg.federated.site_plans import site_level_plan
 from privseg.federated.sites import SiteData, build_site, partition
 
 log = logging.getLogger("privseg")
@@ -116,16 +115,12 @@ def run_spend(cfg: RunConfig, client: SiteClient, n_sites: int) -> Spend:
     """What one run may spend on this site's data, from its plan (all planned steps)."""
     p, fed = cfg.privacy, cfg.setting.federated
     if not p.enabled or fed.dp_mode == "none":
-        return Spend(0.0, 1.0, 0, 0.0, math.inf, "none (non-private)")
+        return Spend(0.0, 1.0, 1, 0.0, "none (non-private: ε = ∞)")
     if fed.dp_mode == "sample":
         plan = client.plan
-        return Spend(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta,
-                     epsilon_of_history([(plan.noise_multiplier, plan.sample_rate, plan.steps)],
-                                        plan.delta, plan.accountant))
+        return Spend(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta)
     d = site_level_plan(cfg, n_sites)
-    return Spend(d["noise_multiplier"], d["sample_rate"], d["rounds"], d["delta"],
-                 site_level_epsilon(d["noise_multiplier"], d["sample_rate"], d["rounds"],
-                                    d["delta"], d["accountant"]), "site")
+    return Spend(d["noise_multiplier"], d["sample_rate"], d["rounds"], d["delta"], "site")
 
 
 @dataclass
