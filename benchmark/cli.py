@@ -16,6 +16,7 @@ import sys
 import typer
 
 from privseg import audit_cli, commands
+from privseg.cli_common import VERBOSE
 from privseg.federated import cli as federated_cli
 from privseg.results import cli as results_cli
 from privseg.sweeps import cli as sweeps_cli
@@ -35,6 +36,7 @@ def _root(verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Show dependencies' INFO logs and warnings (Flower, "
                                        "MONAI, Opacus); quiet by default")) -> None:
     """Dependency logs and warnings stay quiet unless --verbose (privseg's own are shown)."""
+    VERBOSE["on"] = verbose
     if verbose:
         return
     import logging

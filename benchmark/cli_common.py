@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=True)
+#: set by the root command's --verbose: dependencies' INFO logs and warnings are shown
+VERBOSE = {"on": False}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -51,3 +53,14 @@ def print_summary(record: dict, out: Path) -> None:
                       f"{p['steps']} steps, {p['accountant']})")
     else:
         console.print("privacy: none (non-private run)")
+
+
+def quiet_flower() -> None:
+    """Flower's console handler at WARNING unless --verbose: its per-round INFO lines flood a
+    simulation's terminal. (Flower sets its logger's level when imported, so the root
+    command's logger levels cannot reach it; its own ``update_console_handler`` can.)"""
+    if VERBOSE["on"]:
+        return
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(level="WARNING", timestamps=False, colored=True)

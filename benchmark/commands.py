@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from privseg.cli_common import fail, print_summary, show_info_logs
+from privseg.cli_common import fail, print_summary, quiet_flower, show_info_logs
 from privseg.config import ConfigError, builtin_configs, load_config
 
 app = typer.Typer()
@@ -43,6 +43,8 @@ def train(
     except ConfigError as e:
         fail(str(e))
     show_info_logs()
+    if cfg.setting.kind == "federated":
+        quiet_flower()
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
     warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from privseg.cli_common import fail
+from privseg.cli_common import fail, quiet_flower
 from privseg.config import ConfigError, load_config
 
 app = typer.Typer(help="Federated training on Flower: server, site, simulation.",
@@ -32,6 +32,7 @@ def _load(config: str, set_: list[str] | None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("flwr").propagate = False  # Flower logs through its own handler
     warnings.filterwarnings("ignore", module="opacus")
+    quiet_flower()
     return cfg
 
 
@@ -105,7 +106,10 @@ def simulate(
     from privseg.federated.simulation import run_federated
 
     cfg = _load(config, set_)
-    record = run_federated(cfg, force=force)
+    try:
+        record = run_federated(cfg, force=force)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(f"{cfg.name or config}: {e}", code=1)
     t = record["timing"]
     typer.echo(f"run {record['run_id']}: test mean Dice {record['test'].get('mean_dice'):.4f}; "
                f"ε {record['privacy']['epsilon']}; {t['total_s']:.1f}s, overhead "
