@@ -202,3 +202,32 @@ def test_the_wire_audit_checks_what_a_metric_says_not_only_its_type(tmp_path):
     rec._check_metrics({"note": "site-A"})
     rec._check_metrics({"blob": b"\x00\x01"})
     assert len(rec.audit["violations"]) == 3
+
+
+def test_flowers_workflow_refuses_sampled_site_dp_whose_empty_rounds_it_would_skip(tmp_path):
+    from privseg.config import ConfigError
+    from privseg.federated.secagg import refuse_sampled_site_dp
+
+    refuse_sampled_site_dp(parse_config(tiny(tmp_path, dp_mode="site", fraction_fit=1.0)))
+    with pytest.raises(ConfigError, match="fraction_fit"):
+        refuse_sampled_site_dp(parse_config(tiny(tmp_path, dp_mode="site", fraction_fit=0.5)))
+
+
+def test_an_empty_poisson_round_in_the_simulation_still_moves_the_model(tmp_path):
+    """Site coins that draw nobody: the server still releases global + noise/(q·N)."""
+    from privseg.federated.simulation import simulate
+
+    d = tiny(tmp_path, dp_mode="site", fraction_fit=0.01, rounds=1, local_steps=1,
+             eval_every=0)
+    cfg = parse_config(d)
+    ss = load_dataset("phantom", cfg.dataset.options, None, cfg.dataset.cache_dir)
+    from privseg.federated.server import initial_model_weights
+
+    server, proxies, _ = simulate(cfg, ss)
+    assert server.recorder.rounds[0]["sites"] == []  # q = 0.01: (almost surely) nobody
+    from flwr.common import parameters_to_ndarrays
+
+    first = initial_model_weights(cfg, ss.in_channels, ss.num_classes, (1, 16, 16))
+    final = parameters_to_ndarrays(server.parameters)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, final, strict=True))
+    assert server.record()["privacy"]["rounds_done"] == 1

@@ -93,10 +93,11 @@ def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None
     Raises ``RuntimeError`` (with the end of ``flwr``'s output) if the run fails or leaves no
     record of this Flower run.
     """
-    if cfg.setting.federated.secure_aggregation:
-        from privseg.federated.secagg import secagg_plan
+    from privseg.federated.secagg import refuse_sampled_site_dp, secagg_plan
 
-        secagg_plan(cfg, n_sites)  # refuse before submitting
+    refuse_sampled_site_dp(cfg)  # refuse before submitting
+    if cfg.setting.federated.secure_aggregation:
+        secagg_plan(cfg, n_sites)
     if (superlink is None) == (connection is None):
         raise ConfigError("give either a SuperLink address (--superlink) or a named Flower "
                           "connection (--connection)")

@@ -65,6 +65,22 @@ MessageObserver = Callable[[Message, Message], None]
 UpdateObserver = Callable[[int, int, NDArrays], None]
 
 
+def refuse_sampled_site_dp(cfg: RunConfig) -> None:
+    """Raise ConfigError for site-level DP with ``fraction_fit < 1`` on Flower's workflow.
+
+    Flower's fit workflow (SuperLink deployment, SecAgg+) ends a round whose Poisson coins drew
+    no site before any aggregation: that round would release the unchanged model instead of
+    noise, and whether the model moved would tell whether any site was drawn. The simulation
+    and the legacy server release the noise (:meth:`FederatedServer.fit_round`).
+    """
+    fed = cfg.setting.federated
+    if fed.dp_mode == "site" and cfg.privacy.enabled and fed.fraction_fit < 1:
+        raise ConfigError("site-level DP with setting.federated.fraction_fit < 1 runs in the "
+                          "simulation and the legacy server only: Flower's workflow (SuperLink "
+                          "deployment, SecAgg+) skips the noise of a round that drew no site; "
+                          "set fraction_fit=1")
+
+
 def secagg_rounding_seed(cfg: RunConfig, site: str) -> int:
     """The seed of a site's SecAgg+ stochastic-rounding stream (secret unless opted out)."""
     return dp_seed(cfg.privacy.noise_seed, "secagg-rounding", site_seed(cfg.seed, site))
@@ -273,6 +289,7 @@ def run_workflow(cfg: RunConfig, server: FederatedServer, grid: Grid,
     ``server.test_metrics`` every site's test metrics, as after ``FederatedServer.fit``.
     """
     fed = cfg.setting.federated
+    refuse_sampled_site_dp(cfg)
     if fed.secure_aggregation:
         server.recorder.secagg = server.recorder.secagg or secagg_plan(cfg, server.n_sites)
         workflow = DefaultWorkflow(fit_workflow=secagg_workflow(server.recorder.secagg))
