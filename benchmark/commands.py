@@ -187,3 +187,35 @@ def data_check(
     typer.echo(text)
     if not ok:
         raise typer.Exit(1)
+
+
+@data_app.command("upload-pacs")
+def data_upload_pacs(
+    config: Annotated[str, typer.Argument(help="A run config (or built-in name) whose data "
+                                               "set is uploaded")],
+    url: Annotated[str, typer.Option(help="DICOMweb root of the PACS (STOW-RS)")],
+) -> None:
+    """Upload the config's data set into a PACS as DICOM: per subject an MR series and a SEG.
+
+    Then a config with ``dataset: {name: pacs, options: {url: ...}}`` reads it back.
+
+    Example:  privseg data upload-pacs phantom2d --url http://127.0.0.1:8042/dicom-web
+    """
+    from privseg.datasets.faults import DataValidationError
+    from privseg.datasets.pacs_upload import upload_dataset
+    from privseg.training.setup import default_cache_dir
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        fail(str(e))
+    d = cfg.dataset
+    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    warnings.filterwarnings("ignore", module="highdicom")
+    try:
+        done = upload_dataset(d.name, d.options, d.root, url, cache)
+    except (DataValidationError, KeyError, ValueError, OSError) as e:
+        fail(str(e.args[0]) if e.args else str(e))
+    except Exception as e:  # HTTP errors of the PACS
+        fail(f"{url}: upload failed ({type(e).__name__}: {e})")
+    typer.echo(f"uploaded {len(done)} subjects of {d.name} to {url} as MR + SEG studies")

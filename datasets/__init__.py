@@ -1,6 +1,6 @@
 """Data set registry (``privseg.datasets``): the phantom plus real data loaders."""
 
-from privseg.datasets import brats, feta, msd, pets, phantom  # noqa: F401  (registers)
+from privseg.datasets import brats, dicom, feta, msd, pets, phantom  # noqa: F401  (registers)
 from privseg.datasets.base import (
     DatasetOptions,
     Subject,

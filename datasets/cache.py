@@ -36,13 +36,21 @@ def _stat(path: Path) -> list:
 
 def cache_key(manifest: Manifest, options: DatasetOptions) -> str:
     """Hash of everything the preprocessed arrays depend on."""
+    cases = [[c.subject_id, c.site, c.meta, [_stat(p) for p in c.files]] for c in manifest.cases]
+    return source_key(manifest.name, options, cases)
+
+
+def source_key(name: str, options: DatasetOptions, sources: list) -> str:
+    """Hash of a data set's name, options, the cache version and a description of its sources.
+
+    File loaders describe each file by path, size and mtime; a PACS by its studies' UIDs and
+    instance counts.
+    """
     payload = {
         "version": CACHE_VERSION,
-        "name": manifest.name,
+        "name": name,
         "options": options.model_dump(mode="json"),
-        "cases": [
-            [c.subject_id, c.site, c.meta, [_stat(p) for p in c.files]] for c in manifest.cases
-        ],
+        "cases": sources,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -61,33 +61,49 @@ def _build(
     log.info("%s: %d subjects valid (%.1fs)", manifest.name, len(manifest.cases),
              time.monotonic() - t0)
     preprocess = make_preprocess()
+
+    def subjects():
+        for i, case in enumerate(manifest.cases):
+            image, label, meta = preprocess(case)
+            yield case.subject_id, case.site, {**case.meta, **meta}, image, label
+            if (i + 1) % 50 == 0:
+                log.info("%s: preprocessed %d/%d", manifest.name, i + 1, len(manifest.cases))
+
+    return write_cache(folder, subjects(), manifest.name, str(manifest.root), manifest.class_names,
+                       options, t0)
+
+
+def write_cache(
+    folder: Path,
+    subjects: Iterable[tuple[str, str, dict, np.ndarray, np.ndarray]],
+    name: str,
+    source: str,
+    class_names: list[str],
+    options: DatasetOptions,
+    t0: float,
+) -> list[Subject]:
+    """Cache preprocessed ``(subject_id, site, meta, image, label)`` tuples and read them back.
+
+    Shared by every loader (files or a PACS), so a cache looks the same whatever its source.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
-    for i, case in enumerate(manifest.cases):
-        image, label, meta = preprocess(case)
-        stem = file_stem(i, case.subject_id)
+    for i, (subject_id, site, meta, image, label) in enumerate(subjects):
+        stem = file_stem(i, subject_id)
         save_array(folder / f"{stem}.image.npy", image.astype(np.float32, copy=False))
         save_array(folder / f"{stem}.label.npy", label.astype(np.uint8, copy=False))
-        entries.append(
-            {
-                "subject_id": case.subject_id,
-                "site": case.site,
-                "stem": stem,
-                "meta": {**case.meta, **meta, "shape": list(image.shape)},
-            }
-        )
-        if (i + 1) % 50 == 0:
-            log.info("%s: preprocessed %d/%d", manifest.name, i + 1, len(manifest.cases))
+        entries.append({"subject_id": subject_id, "site": site, "stem": stem,
+                        "meta": {**meta, "shape": list(image.shape)}})
     info = {
-        "dataset": manifest.name,
-        "root": str(manifest.root),
+        "dataset": name,
+        "root": source,
         "options": options.model_dump(mode="json"),
-        "class_names": manifest.class_names,
+        "class_names": class_names,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     save_index(folder, entries, info)
-    log.info("%s: cached %d subjects in %s (%.1fs)", manifest.name, len(entries), folder,
+    log.info("%s: cached %d subjects in %s (%.1fs)", name, len(entries), folder,
              time.monotonic() - t0)
-    subjects = read_cache(folder)
-    assert subjects is not None
-    return subjects
+    subjects_read = read_cache(folder)
+    assert subjects_read is not None
+    return subjects_read

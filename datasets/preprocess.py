@@ -25,8 +25,12 @@ def label_lut(manifest: Manifest) -> np.ndarray:
     return lut
 
 
-def volume_pipeline(options) -> Callable[[dict], dict]:
-    """The MONAI transform chain for ``VolumeOptions`` (keys ``image`` and ``label``)."""
+def volume_pipeline(options, from_files: bool = True) -> Callable[[dict], dict]:
+    """The MONAI transform chain for ``VolumeOptions`` (keys ``image`` and ``label``).
+
+    ``from_files=False`` leaves out loading: the inputs are channel-first MetaTensors that
+    already carry their affine (volumes decoded from DICOM).
+    """
     from monai.transforms import (
         Compose,
         CropForegroundd,
@@ -42,8 +46,8 @@ def volume_pipeline(options) -> Callable[[dict], dict]:
     steps = [
         LoadImaged(keys, reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=RAS_LABELS),
-    ]
+    ] if from_files else []
+    steps.append(Orientationd(keys, axcodes="RAS", labels=RAS_LABELS))
     if options.spacing is not None:
         steps.append(Spacingd(keys, pixdim=options.spacing, mode=("bilinear", "nearest")))
     if options.crop_foreground:
@@ -70,6 +74,28 @@ def preprocess_volume(
     """
     images = [str(p) for p in case.images]
     out = pipeline({"image": images if len(images) > 1 else images[0], "label": str(case.label)})
+    image, label, meta = engine_layout(out, lut)
+    return image, label, {**meta, "files": [str(p) for p in case.files]}
+
+
+def preprocess_arrays(
+    image_xyz: np.ndarray, label_xyz: np.ndarray, affine: np.ndarray,
+    pipeline: Callable[[dict], dict], lut: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``preprocess_volume`` for a decoded volume: arrays (x, y, z) and their RAS affine."""
+    import torch
+    from monai.data import MetaTensor
+
+    aff = torch.as_tensor(affine, dtype=torch.float64)
+    out = pipeline({
+        "image": MetaTensor(torch.as_tensor(np.asarray(image_xyz, np.float32))[None], affine=aff),
+        "label": MetaTensor(torch.as_tensor(np.asarray(label_xyz, np.float32))[None], affine=aff),
+    })
+    return engine_layout(out, lut)
+
+
+def engine_layout(out: dict, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A pipeline's RAS ``[C, x, y, z]`` output as the engine's ``[C, D, H, W]`` arrays."""
     image = np.asarray(out["image"].detach().cpu().numpy(), dtype=np.float32)
     label = np.rint(np.asarray(out["label"].detach().cpu().numpy())).astype(np.int64)[0]
     image = np.ascontiguousarray(image.transpose(0, 3, 2, 1))
@@ -78,7 +104,6 @@ def preprocess_volume(
     meta = {
         "spacing": [xyz[2], xyz[1], xyz[0]],
         "spacing_axes": "DHW (z, y, x), mm",
-        "files": [str(p) for p in case.files],
     }
     return image, label, meta
 
