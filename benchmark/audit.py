@@ -330,4 +330,5 @@ def summary_line(record: dict) -> str:
     return (f"claimed ε = {a['epsilon_claimed']:.3f} (δ = {a['delta']:.3g})   audited ε ≥ "
             f"{low_s} at {a['confidence']:.0%} confidence   ({a['kind']} canaries: m = "
             f"{a['canaries_m']}, {a['canaries_in']} in; r = {a['guesses_r']} guesses, "
-            f"v = {a['correct_v']} correct){flag}")
+            f"v = {a['correct_v']} correct)" + (f" inside site {a['site']}" if a.get("site")
+                                                else "") + flag)
