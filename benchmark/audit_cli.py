@@ -24,15 +24,17 @@ def audit(
     canaries: Annotated[int | None, typer.Option(
         "--canaries", "-m", help="Number of canaries m (default 1000 gradient, 100 input)")
     ] = None,
-    kind: Annotated[str, typer.Option(help="gradient (white-box, in the DP optimizer) or "
-                                           "input (canary subjects, black-box)")] = "gradient",
+    kind: Annotated[str | None, typer.Option(
+        help="gradient (white-box: in the DP optimizer; site-level DP: canary site updates) "
+             "or input (canary subjects, black-box); default gradient")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="Override a config key, e.g. --set privacy.target_epsilon=1")
     ] = None,
-    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound")] = 0.95,
-    noise_fraction: Annotated[float, typer.Option(
+    confidence: Annotated[float | None, typer.Option(
+        help="Confidence of the lower bound (default 0.95)")] = None,
+    noise_fraction: Annotated[float | None, typer.Option(
         help="Deliberate fault: add this fraction of the calibrated noise (the claim is "
-             "unchanged); shows that the audit catches a broken mechanism")] = 1.0,
+             "unchanged); shows that the audit catches a broken mechanism")] = None,
     no_clipping: Annotated[bool, typer.Option(
         "--no-clipping", help="Deliberate fault: sum gradients unclipped")] = False,
     force: Annotated[bool, typer.Option(help="Rerun even if a complete audit record exists")
@@ -45,27 +47,33 @@ def audit(
 
     The top and bottom 10% of canary scores are guessed in/out; right guesses bound ε below.
 
+    Central and federated configs: dp_mode sample (canaries in the first site; its ε is the
+    claim) and dp_mode site (canary site updates in DP-FedAvg). Options override the config's
+    audit section.
+
     Record: OUTPUT_DIR/RUN_ID-audit-KIND-mM/record.json (privacy.epsilon, audit.epsilon_lower).
 
     Example:  privseg audit phantom2d -m 1000 --set privacy.target_epsilon=1
     """
-    from privseg.audit import Fault, run_audit, summary_line
+    from pydantic import ValidationError
+
+    from privseg.audit import run_audit, summary_line, with_audit
 
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
         fail(str(e))
-    if not 0 < confidence < 1:
-        fail("--confidence must be in (0, 1)")
-    if noise_fraction < 0:
-        fail("--noise-fraction must be >= 0")
+    try:
+        cfg = with_audit(cfg, kind=kind, canaries=canaries, confidence=confidence,
+                         noise_fraction=noise_fraction, clipping=False if no_clipping else None)
+    except ValidationError as e:
+        fail("; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}"
+                       for err in e.errors()))
     show_info_logs()
     warnings.filterwarnings("ignore", module="opacus")
     warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
-    fault = Fault(noise_fraction=noise_fraction, clipping=not no_clipping)
     try:
-        record = run_audit(cfg, kind=kind, canaries=canaries, fault=fault,
-                           confidence=confidence, progress=progress, force=force)
+        record = run_audit(cfg, progress=progress, force=force)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(f"{cfg.name or config}: {e}", code=1)
     console.print(f"[bold]audit[/] {record['run_id']}  ->  "

@@ -232,6 +232,42 @@ class OutputConfig(_Strict):
     save_checkpoint: bool = True
 
 
+class AuditConfig(_Strict):
+    """An empirical privacy audit instead of a plain run (``privseg audit``; Steinke, Nasr &
+    Jagielski 2023, one training run): train once with ``canaries`` canaries of ``kind``, each
+    in by a secret coin, and record the lower bound on ε next to the accountant's claim.
+
+    ``gradient``: Dirac gradient canaries in the DP optimizer (central; federated ``sample``:
+    inside one site) or canary site updates in DP-FedAvg (federated ``site``); ``input``: canary
+    subjects (central and federated ``sample``). ``noise_fraction`` < 1 and ``clipping: false``
+    are deliberate faults (the claim is unchanged), to show that the audit catches them.
+    """
+
+    kind: Literal["gradient", "input"] = "gradient"
+    canaries: int | None = Field(None, ge=2, description="m; default 1000 gradient, 100 input")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    noise_fraction: float = Field(1.0, ge=0.0, description="fault: this fraction of the noise")
+    clipping: bool = Field(True, description="fault when false: gradients summed unclipped")
+
+    def canaries_m(self) -> int:
+        """m, with the kind's default when unset."""
+        return self.canaries or {"gradient": 1000, "input": 100}[self.kind]
+
+    def broken(self) -> bool:
+        return self.noise_fraction != 1.0 or not self.clipping
+
+    def tag(self) -> str:
+        """The audit's part of the run id: ``audit-KIND-mM[-noiseF][-noclip][-cC]``."""
+        parts = [f"audit-{self.kind}-m{self.canaries_m()}"]
+        if self.noise_fraction != 1.0:
+            parts.append(f"noise{self.noise_fraction:g}")
+        if not self.clipping:
+            parts.append("noclip")
+        if self.confidence != 0.95:
+            parts.append(f"c{self.confidence:g}")
+        return "-".join(parts)
+
+
 class RunConfig(_Strict):
     """One run, fully determined."""
 
@@ -244,6 +280,7 @@ class RunConfig(_Strict):
     setting: SettingConfig = Field(default_factory=SettingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    audit: AuditConfig | None = Field(None, description="audit the run instead (privseg audit)")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -273,8 +310,11 @@ class RunConfig(_Strict):
         return self
 
     def run_id(self) -> str:
-        """Canonical hash of everything that determines the result."""
-        data = self.model_dump(mode="json", exclude={"tracking", "output", "name"})
+        """Canonical hash of everything that determines the result; an audit's id is the
+        audited run's, ``-audit-KIND-mM`` and its faults appended (its record sits beside)."""
+        if self.audit is not None:
+            return f"{self.model_copy(update={'audit': None}).run_id()}-{self.audit.tag()}"
+        data = self.model_dump(mode="json", exclude={"tracking", "output", "name", "audit"})
         if data["setting"].get("federated") is None:  # central run ids predate the field
             data["setting"].pop("federated", None)
         if not data["privacy"]["enabled"]:  # no DP noise: its seed determines nothing

@@ -150,6 +150,11 @@ def reproduce(
     result = _run_reported(sw, parallel, f"rerun `{again}`")
     ids = [o.run_id for o in result.outcomes if o.run_id and o.status != "failed"]
     new = load(result.output_dir, run_ids=ids)
+    if entry.get("report") == "audit":
+        _audit_report(new, result.output_dir / "figures")
+        if not result.ok:
+            raise typer.Exit(1)
+        return
     ref_name = entry.get("reference")
     ref_path = reference_dir() / ref_name if ref_name else None
     if write_reference:
@@ -176,4 +181,27 @@ def reproduce(
         if not agrees:
             typer.echo("the rerun does NOT agree with the reference (see above)")
     if not result.ok:
+        raise typer.Exit(1)
+
+
+def _audit_report(df: pd.DataFrame, folder: Path) -> None:
+    """Claimed vs audited ε per audit, the invariant's verdict, and the figure (``privseg
+    reproduce audit``); exits 1 when a correct run's bound exceeds its claim or a broken
+    run's does not."""
+    from privseg.results.audit_figure import claimed_vs_audited
+    from privseg.results.audit_report import audit_table, audit_verdict
+    from privseg.results.tables import to_markdown
+
+    typer.echo("\nClaimed ε (accountant) vs audited lower bound (95%), one training run each:\n")
+    typer.echo(to_markdown(audit_table(df)))
+    text, ok = audit_verdict(df)
+    typer.echo("\n" + text)
+    fig = claimed_vs_audited(df)
+    if fig is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "pdf"):
+            fig.savefig(folder / f"audit_claimed_vs_audited.{ext}", dpi=150)
+        typer.echo(f"figure: {folder / 'audit_claimed_vs_audited.png'}")
+    if not ok:
+        typer.echo("the audit does NOT behave as a correct mechanism must (see above)")
         raise typer.Exit(1)

@@ -15,7 +15,8 @@ Columns:
   ``privacy.sample_rate``, ``privacy.steps``, ``privacy.accountant``, ``privacy.guarantee``
 - audit (``privseg audit`` records; NaN/None elsewhere): ``audit.epsilon_lower`` (the empirical
   lower bound on ε), ``audit.kind`` (gradient or input canaries), ``audit.canaries_m``,
-  ``audit.broken`` (a deliberately broken mechanism: ``privseg audit --noise-fraction``)
+  ``audit.broken`` (a deliberately broken mechanism: ``privseg audit --noise-fraction``),
+  ``audit.fault`` (which: ``none``, ``noise0.1``, ``noclip``)
 - timing: ``timing.<key>`` (total_s, train_s, median_step_s, subjects_per_s, peak_memory_mb …)
 - the full run config flattened with dotted names under ``config.`` (``config.model.name``,
   ``config.training.epochs`` …)
@@ -111,10 +112,14 @@ def _audit_columns(audit: dict) -> dict[str, Any]:
     for runs without an audit."""
     low = _num(audit.get("epsilon_lower"))
     fault = audit.get("fault") or {}
+    noise, clipping = fault.get("noise_fraction", 1.0), fault.get("clipping", True)
+    tag = "-".join(([f"noise{noise:g}"] if noise != 1.0 else [])
+                   + ([] if clipping else ["noclip"])) or "none"
     return {"audit.epsilon_lower": math.nan if low is None else low,
             "audit.kind": audit.get("kind"), "audit.canaries_m": audit.get("canaries_m"),
-            "audit.broken": (None if not audit else fault.get("noise_fraction", 1.0) != 1.0
-                             or not fault.get("clipping", True))}
+            "audit.guesses_r": audit.get("guesses_r"), "audit.correct_v": audit.get("correct_v"),
+            "audit.broken": None if not audit else tag != "none",
+            "audit.fault": tag if audit else None}
 
 
 def record_row(record: dict) -> dict[str, Any]:

@@ -23,8 +23,14 @@ def eps_label(eps: float) -> str:
     return "non-private" if math.isinf(eps) else f"ε = {eps:g}"
 
 
+#: audit rows are kept apart by canary kind, number of canaries and deliberate fault: a lower
+#: bound from input canaries, or from a broken mechanism, is not a seed of a gradient audit
+AUDIT_KEYS = ("audit.kind", "audit.canaries_m", "audit.fault")
+
+
 def group_keys(df: pd.DataFrame) -> list[str]:
-    """Row keys: architecture, plus setting / dataset / width when they vary."""
+    """Row keys: architecture, plus setting / dataset / width when they vary, plus the canary
+    kind, m and fault when audits are present."""
     keys = []
     for k in ("dataset", "setting"):
         if k in df and df[k].nunique(dropna=True) > 1:
@@ -32,6 +38,8 @@ def group_keys(df: pd.DataFrame) -> list[str]:
     keys.append("model")
     if "width" in df and df.groupby("model")["width"].nunique(dropna=True).gt(1).any():
         keys.append("width")
+    if "audit.kind" in df and df["audit.kind"].notna().any():
+        keys += [k for k in AUDIT_KEYS if k in df]
     return keys
 
 

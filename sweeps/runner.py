@@ -247,6 +247,8 @@ def _execute(sweep: Sweep, todo: list[SweepRun], outcomes: dict[int, RunOutcome]
             return
         dice = f"Dice {s['mean_dice']:.3f}" if s.get("mean_dice") is not None else ""
         eps = f"ε {s['epsilon']:.2f}" if s.get("epsilon") is not None else "non-private"
+        if s.get("audit_epsilon_lower") is not None:
+            eps += f", audited ε ≥ {s['audit_epsilon_lower']:.2f}"
         word = "done" if o.status == "complete" else "already complete"
         console.print(f"[green]✓[/] #{o.index} {o.label}: {dice}  {eps}  {word} "
                       f"({o.seconds:.0f} s)  run {o.run_id}", highlight=False)

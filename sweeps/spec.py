@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from privseg.config import (
+    AuditConfig,
     ConfigError,
     RunConfig,
     parse_config,
@@ -137,6 +138,8 @@ def run_label(params: dict[str, Any]) -> str:
                 v, int | float) else f"ε={v}")
         elif short == "name" and k == "model.name":
             parts.append(str(v))
+        elif k == "audit" and isinstance(v, dict):
+            parts.append(AuditConfig(**v).tag())
         elif isinstance(v, dict):
             parts.append(f"{short}={v['kind']}" if "kind" in v else
                          f"{short}={json.dumps(v, separators=(',', ':'))}")
@@ -359,6 +362,8 @@ def point_name(cfg: RunConfig, extra: dict[str, Any] | None = None) -> str:
         parts.append(f"σ={cfg.privacy.noise_multiplier:g}")
     else:
         parts.append(f"ε={cfg.privacy.target_epsilon:g}")
+    if cfg.audit is not None:
+        parts.append(cfg.audit.tag())
     if extra:
         parts.append(run_label(extra))
     parts.append(f"s{cfg.seed}")

@@ -44,6 +44,7 @@ def summarize(record: dict) -> dict:
         else eps,
         "private": bool(priv.get("enabled")),
         "total_s": (record.get("timing") or {}).get("total_s"),
+        "audit_epsilon_lower": (record.get("audit") or {}).get("epsilon_lower"),
     }
 
 

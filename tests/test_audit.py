@@ -10,13 +10,18 @@ import torch
 from opacus import GradSampleModule
 from scipy import stats
 
-from privseg.audit import Fault, run_audit
-from privseg.config import ConfigError, load_config
+from privseg.audit import run_audit, with_audit
+from privseg.config import load_config
 from privseg.dp.audit import epsilon_lower_bound, guess_and_count, p_value
 from privseg.dp.canaries import GradientCanaries
 from privseg.dp.optimizer import FlatDPOptimizer
+from privseg.federated.site_canaries import SiteUpdateCanaries
+from privseg.federated.site_dp import PoissonSiteDP
 from privseg.results.audit_figure import claimed_vs_audited
+from privseg.results.audit_report import audit_verdict
 from privseg.results.store import frame
+from privseg.results.tables import summary_table
+from privseg.run import run
 
 # --- the bound -----------------------------------------------------------------------------
 
@@ -82,7 +87,7 @@ def test_gradient_canaries_add_a_clipped_dirac_when_sampled(clipping):
 
 # --- the audit run ---------------------------------------------------------------------------
 
-def _cfg(tmp, eps: float, epochs: int = 10, **extra):
+def _cfg(tmp, eps: float, epochs: int = 10, audit: dict | None = None, **extra):
     sets = ["dataset.options={n_subjects: 40, size: 32, n_sites: 1}",
             f"dataset.cache_dir={tmp / 'cache'}", "dataset.val_fraction=0",
             "dataset.test_fraction=0.1", "model.options={base_channels: 4, depth: 2}",
@@ -90,7 +95,17 @@ def _cfg(tmp, eps: float, epochs: int = 10, **extra):
             "training.physical_batch_size=16", "training.crops_per_subject=1",
             "training.device=cpu", "tracking.wandb=off", f"output.dir={tmp / 'runs'}",
             f"privacy.target_epsilon={eps}", "privacy.delta=1e-5"]
-    return load_config("phantom2d", sets + [f"{k}={v}" for k, v in extra.items()])
+    cfg = load_config("phantom2d", sets + [f"{k}={v}" for k, v in extra.items()])
+    return with_audit(cfg, **(audit or {}))
+
+
+def _fed_cfg(tmp, eps: float, dp_mode: str, audit: dict | None = None):
+    rounds = ("{rounds: 5, local_epochs: 2" if dp_mode == "sample" else
+              "{rounds: 10, local_epochs: null, local_steps: 1")
+    return _cfg(tmp, eps, audit=audit, **{
+        "dataset.options": "{n_subjects: 40, size: 32, n_sites: 2}",
+        "setting.kind": "federated",
+        "setting.federated": f"{rounds}, dp_mode: {dp_mode}, eval_every: 0}}"})
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +113,10 @@ def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("audit")
 
 
-@pytest.mark.parametrize("fault", [Fault(noise_fraction=0.1), Fault(clipping=False)],
+@pytest.mark.parametrize("fault", [{"noise_fraction": 0.1}, {"clipping": False}],
                          ids=["sigma/10", "no-clipping"])
 def test_broken_mechanism_is_caught(tmp, one_thread, fault):
-    rec = run_audit(_cfg(tmp, 1.0), kind="gradient", canaries=1000, fault=fault,
-                    progress=False)
+    rec = run_audit(_cfg(tmp, 1.0, audit={"canaries": 1000, **fault}), progress=False)
     a = rec["audit"]
     assert rec["privacy"]["epsilon"] <= 1.0 + 1e-6  # the claim is unchanged
     assert a["epsilon_lower"] > 1.0, a
@@ -111,7 +125,7 @@ def test_broken_mechanism_is_caught(tmp, one_thread, fault):
 
 @pytest.mark.parametrize("eps", [1.0, 8.0])
 def test_correct_run_is_not_flagged(tmp, one_thread, eps):
-    rec = run_audit(_cfg(tmp, eps), kind="gradient", canaries=1000, progress=False)
+    rec = run_audit(_cfg(tmp, eps, audit={"canaries": 1000}), progress=False)
     a = rec["audit"]
     assert a["canaries_m"] == 1000 and a["guesses_r"] == 200
     assert 0 <= a["epsilon_lower"] <= rec["privacy"]["epsilon"] <= eps + 1e-6
@@ -125,15 +139,110 @@ def test_correct_run_is_not_flagged(tmp, one_thread, eps):
 
 
 def test_input_canaries_are_trained_on_and_bound_stays_below_claim(tmp, one_thread):
-    rec = run_audit(_cfg(tmp, 8.0, epochs=3), kind="input", canaries=40, progress=False)
+    rec = run_audit(_cfg(tmp, 8.0, epochs=3, audit={"kind": "input", "canaries": 40}),
+                    progress=False)
     a = rec["audit"]
     n_train = 36  # 40 subjects, 10% test
     assert rec["privacy"]["n_subjects"] == n_train + a["canaries_in"]
     assert 0 <= a["epsilon_lower"] <= rec["privacy"]["epsilon"]
 
 
-def test_non_private_and_federated_configs_are_refused(tmp):
+def test_non_private_and_unsupported_federated_configs_are_refused(tmp):
     with pytest.raises(ValueError, match="privacy.enabled"):
         run_audit(_cfg(tmp, 1.0, **{"privacy.enabled": "false"}))
-    with pytest.raises((ValueError, ConfigError), match="kind"):
-        run_audit(_cfg(tmp, 1.0), kind="bogus")
+    with pytest.raises(ValueError, match="audit.kind=input with setting.federated.dp_mode=site"):
+        run_audit(_fed_cfg(tmp, 1.0, "site", audit={"kind": "input"}))
+    with pytest.raises(ValueError, match="clipping=false with setting.federated.dp_mode=site"):
+        run_audit(_fed_cfg(tmp, 1.0, "site", audit={"clipping": False}))
+    with pytest.raises(ValueError, match="kind"):
+        with_audit(_cfg(tmp, 1.0), kind="bogus")
+
+
+# --- the audit as a run config section: sweeps, run ids, tables -------------------------------
+
+def test_audit_section_keeps_run_ids_and_run_dispatches_to_the_audit(tmp, one_thread):
+    cfg = _cfg(tmp, 8.0, epochs=2, audit={"canaries": 50})
+    plain = cfg.model_copy(update={"audit": None})
+    assert "audit" not in plain.model_dump(mode="json", exclude_none=True)
+    assert cfg.run_id() == f"{plain.run_id()}-audit-gradient-m50"
+    assert with_audit(cfg, noise_fraction=0.5).run_id() == f"{plain.run_id()}-audit-gradient-" \
+        "m50-noise0.5"
+    rec = run(cfg, progress=False)  # what the sweep worker calls
+    assert rec["run_id"] == cfg.run_id() and rec["audit"]["canaries_m"] == 50
+    assert (tmp / "runs" / cfg.run_id() / "record.json").is_file()
+
+
+def _fake_audit(cfg, kind: str, noise: float, low: float) -> dict:
+    cfg = with_audit(cfg, kind=kind, noise_fraction=noise)
+    return {"status": "complete", "run_id": cfg.run_id(), "setting": "central",
+            "config": cfg.model_dump(mode="json"),
+            "privacy": {"enabled": True, "epsilon": 0.99, "delta": 1e-5},
+            "audit": {"kind": kind, "canaries_m": cfg.audit.canaries_m(), "epsilon_lower": low,
+                      "guesses_r": 20, "correct_v": 15,
+                      "fault": {"noise_fraction": noise, "clipping": True}}}
+
+
+def test_table_keeps_canary_kinds_and_broken_runs_apart(tmp):
+    cfg = _cfg(tmp, 1.0)
+    recs = [_fake_audit(cfg, "gradient", 1.0, 0.3), _fake_audit(cfg, "input", 1.0, 0.0),
+            _fake_audit(cfg, "gradient", 0.1, 2.5)]
+    table = summary_table(frame(recs), "audit.epsilon_lower")
+    assert len(table) == 3
+    cells = dict(zip(zip(table["audit.kind"], table["audit.fault"], strict=True), table["ε = 1"],
+                     strict=True))
+    assert cells == {("gradient", "none"): "0.300", ("input", "none"): "0.000",
+                     ("gradient", "noise0.1"): "2.500"}
+
+
+def test_reproduction_verdict_checks_the_invariant(tmp):
+    cfg = _cfg(tmp, 1.0)
+    good = [_fake_audit(cfg, "gradient", 1.0, 0.3), _fake_audit(cfg, "gradient", 0.1, 2.5)]
+    assert audit_verdict(frame(good))[1]
+    leaky = [_fake_audit(cfg, "gradient", 1.0, 1.3), _fake_audit(cfg, "gradient", 0.1, 2.5)]
+    assert not audit_verdict(frame(leaky))[1]
+    missed = [_fake_audit(cfg, "gradient", 1.0, 0.3), _fake_audit(cfg, "gradient", 0.1, 0.5)]
+    assert not audit_verdict(frame(missed))[1]
+
+
+# --- federated: canaries inside one site (sample-level), canary site updates (site-level) ----
+
+class _Inner:
+    def configure_fit(self, server_round, parameters, client_manager):
+        return []
+
+
+def test_canary_site_updates_join_the_clipped_sum_before_the_noise():
+    dp = PoissonSiteDP(_Inner(), noise_multiplier=0.0, clipping_norm=2.0, denominator=4.0)
+    dp.current = [np.zeros((5, 10), np.float32), np.zeros(40, np.float32)]
+    included = np.arange(60) % 3 == 0
+    can = SiteUpdateCanaries(dp, included, sample_rate=0.5, noise_fraction=0.25)
+    real = [np.full((5, 10), 3.0, np.float32),
+            np.zeros(40, np.float32)]  # norm > C: clipped to C, spread over 50 values
+    for _ in range(12):
+        dp.noisy_mean_update([[a.copy() for a in real]])
+        assert dp.noise_multiplier == 0.0  # restored after each release
+    assert can.rounds == 12 and can.times_sampled[~included].sum() == 0
+    assert 0 < can.times_sampled[included].mean() < 12
+    real_part = np.where(can.coords < 50, 2.0 / np.sqrt(50) / 4.0 * 12, 0.0)
+    assert np.allclose(can.scores, 2.0 / 4.0 * can.times_sampled + real_part, atol=1e-5)
+
+
+@pytest.mark.parametrize("dp_mode", ["sample", "site"])
+def test_federated_audit_correct_run_stays_below_its_claim(tmp, one_thread, dp_mode):
+    rec = run_audit(_fed_cfg(tmp, 1.0, dp_mode, audit={"canaries": 1000}), progress=False)
+    a = rec["audit"]
+    assert rec["setting"] == "federated" and rec["privacy"]["mode"] == dp_mode
+    assert 0 <= a["epsilon_lower"] <= rec["privacy"]["epsilon"] <= 1.0 + 1e-6, a
+    if dp_mode == "sample":
+        assert a["site"] == rec["privacy"]["audited_site"] == "site-A"
+    else:
+        assert a["rounds_observed"] == 10 and rec["privacy"]["unit"] == "site"
+
+
+@pytest.mark.parametrize("dp_mode", ["sample", "site"])
+def test_federated_audit_catches_a_tenth_of_the_noise(tmp, one_thread, dp_mode):
+    rec = run_audit(_fed_cfg(tmp, 1.0, dp_mode, audit={"canaries": 1000,
+                                                       "noise_fraction": 0.1}),
+                    progress=False)
+    assert rec["privacy"]["epsilon"] <= 1.0 + 1e-6
+    assert rec["audit"]["epsilon_lower"] > 1.0, rec["audit"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from flwr.common import serde
 from flwr.common.typing import (
@@ -92,9 +93,13 @@ class InProcessClientProxy(ClientProxy):
         return DisconnectRes(reason="simulation")
 
 
-def simulate(cfg: RunConfig, subject_set: SubjectSet, sites: dict | None = None
+def simulate(cfg: RunConfig, subject_set: SubjectSet, sites: dict | None = None,
+             prepare: Callable[[FederatedServer, dict[str, SiteClient]], None] | None = None,
              ) -> tuple[FederatedServer, dict[str, InProcessClientProxy | SiteLink], dict]:
-    """Run the federation in-process; return the server, the site proxies and the partition."""
+    """Run the federation in-process; return the server, the site proxies and the partition.
+
+    ``prepare(server, clients)``, when given, sees the built server and sites before the first
+    round (the privacy audit attaches its canaries there, :mod:`privseg.audit`)."""
     if sites is None:
         sites, desc = build_sites(cfg, subject_set)
     else:
@@ -107,6 +112,8 @@ def simulate(cfg: RunConfig, subject_set: SubjectSet, sites: dict | None = None
         return server, links, desc
     server = make_server(cfg, len(clients))
     server.set_max_workers(1)  # sites one at a time: deterministic, and fair to 2 cores
+    if prepare is not None:
+        prepare(server, clients)
     proxies = {}
     for name, client in clients.items():
         proxies[name] = InProcessClientProxy(name, client)

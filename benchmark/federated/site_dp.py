@@ -116,14 +116,19 @@ class PoissonSiteDP(ForwardingStrategy):
         self.current = parameters_to_ndarrays(parameters)
         return self.strategy.configure_fit(server_round, parameters, client_manager)
 
-    def noisy_mean_update(self, updates: list[list[np.ndarray]]) -> list[np.ndarray]:
-        """(Σ clip_C(update) + N(0, σ²C²)) / (q·N), array by array."""
+    def clipped_sum(self, updates: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Σ clip_C(update), array by array: the sum the noise is added to."""
         total = [np.zeros_like(a) for a in self.current]
         for update in updates:
             if get_norm(update) > 0:  # Flower's clip divides by the norm
                 clip_inputs_inplace(update, self.clipping_norm)
             for t, u in zip(total, update, strict=True):
                 t += u
+        return total
+
+    def noisy_mean_update(self, updates: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """(Σ clip_C(update) + N(0, σ²C²)) / (q·N), array by array."""
+        total = self.clipped_sum(updates)
         add_gaussian_noise_inplace(total, self.noise_multiplier * self.clipping_norm)
         return [t / np.asarray(self.denominator, dtype=t.dtype) for t in total]
 
