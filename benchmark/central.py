@@ -64,10 +64,13 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     out = run_dir(cfg.output.dir, run_id)
     if not force and (existing := completed_record(out)) is not None:
         return existing
+    t_setup = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.training.device)
     d = cfg.dataset
+    t_data = time.perf_counter()
     subject_set = subject_set or load_subjects(cfg)
+    load_s = time.perf_counter() - t_data
     by_id = subject_set.by_id()
     train_ids, val_ids, test_ids = split_subjects(
         by_id, d.val_fraction, d.test_fraction, cfg.seed,
@@ -83,9 +86,14 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     state = prepare_training(cfg, model, train_set, device)
 
     tracker = Tracker(cfg.tracking, run_id, out, cfg.model_dump(mode="json"), cfg.name)
+    setup_s = time.perf_counter() - t_setup
     try:
         record = _loop(cfg, state, subject_set, by_id, (train_ids, val_ids, test_ids), roi,
                        device, tracker, progress)
+        timing = record["timing"]
+        # before the loop: loading the subjects, σ calibration, the rest (model, tracker)
+        timing.update(load_s=load_s, calibration_s=state.calibration_s,
+                      setup_s=setup_s - load_s - state.calibration_s)
         record.update(run_id=run_id, name=cfg.name, config=cfg.model_dump(mode="json"),
                       environment=environment(str(device)))
         if cfg.output.save_checkpoint:
@@ -147,7 +155,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     amp = t.amp
     history, step_times, subjects_seen = [], [], 0
     steps_per_epoch = len(state.loader)
-    train_time = 0.0
+    train_time = eval_time = accounting_time = 0.0
     step_timer = StepTimer(device)
     gpu_busy = GpuBusySampler(device)
     start = time.perf_counter()
@@ -180,18 +188,27 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                    "data_time_s": data_time}
             checkpoint_epoch = epoch == t.epochs or (t.eval_every and epoch % t.eval_every == 0)
             if state.accountant is not None and checkpoint_epoch:
+                ta = time.perf_counter()
                 row["epsilon"] = _spent(state)  # PRV queries cost ~0.3 s: not every epoch
+                accounting_time += time.perf_counter() - ta
             if val and checkpoint_epoch:
+                te = time.perf_counter()
                 m = evaluate(state.model, val, cfg.dataset.dims, roi, subject_set.class_names,
                              device, subject_set.eval_regions, hd95=False, amp=amp)
+                eval_time += time.perf_counter() - te
                 row["val_mean_dice"] = m["mean_dice"]
                 row["val_dice"] = m["dice"]
                 bar.update(steps_task, info=f"epoch {epoch} val dice {m['mean_dice']:.3f}")
             history.append(row)
             tracker.log({f"train/{k}" if k != "epoch" else k: v for k, v in row.items()},
                         step=epoch)
+    te = time.perf_counter()
     test_metrics = evaluate(state.model, test, cfg.dataset.dims, roi, subject_set.class_names,
                             device, subject_set.eval_regions, hd95=True, amp=amp)
+    eval_time += time.perf_counter() - te
+    ta = time.perf_counter()
+    eps_final = _spent(state) if state.accountant is not None else None
+    accounting_time += time.perf_counter() - ta
     total = time.perf_counter() - start
     privacy = {"enabled": False, "epsilon": math.inf, "unit": "subject",
                "guarantee": "none (non-private)"}
@@ -200,7 +217,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
         steps_done = sum(n for _, _, n in state.accountant.history)
         if steps_done != plan.steps:
             raise RuntimeError(f"accountant saw {steps_done} steps, plan had {plan.steps}")
-        eps = _spent(state)
+        eps = eps_final
         noise_seed = cfg.privacy.noise_seed
         replay = ("" if noise_seed is None else
                   " Not against whoever holds the config: its noise_seed replays the noise.")
@@ -225,7 +242,10 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
         "test": test_metrics,
         "privacy": privacy,
         "timing": {
-            "total_s": total, "train_s": train_time,
+            # total_s: the loop (training, evaluation, accounting); train_s: the epochs'
+            # steps and batch loading (data_s of it); eval_s: validation and test
+            "total_s": total, "train_s": train_time, "eval_s": eval_time,
+            "accounting_s": accounting_time,
             "median_step_s": statistics.median(step_times) if step_times else None,
             "steps": len(step_times),
             # DP: expected subjects (steps × B); the exact count of Poisson draws is private

@@ -127,9 +127,10 @@ def bench(
     size: Annotated[int | None, typer.Option(help="Crop edge (default 256 in 2D, 96 in 3D)")]
     = None,
     modes: Annotated[str, typer.Option(help="Comma-separated: nonprivate, opacus (stock "
-                                            "Opacus hooks), hooks, functorch, ew, ghost; "
+                                            "Opacus hooks), hooks, torchfunc (the plain "
+                                            "torch.func peer), functorch, ew, ghost; "
                                             "hooks+opacus etc. pick the conv sampler")]
-    = "nonprivate,opacus,hooks,functorch,ew,ghost",
+    = "nonprivate,opacus,hooks,torchfunc,functorch,ew,ghost",
     steps: Annotated[int, typer.Option(help="Timed steps per mode")] = 10,
     warmup: Annotated[int, typer.Option(help="Untimed steps per mode first")] = 2,
     amp: Annotated[bool, typer.Option(help="bf16 autocast (CUDA)")] = False,

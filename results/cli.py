@@ -5,13 +5,15 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pandas as pd
 import typer
 
 from privseg.cli_common import console, fail
 from privseg.config import ConfigError
+
+if TYPE_CHECKING:  # pandas costs ~0.8 s to import: only the commands that read runs do
+    import pandas as pd
 
 app = typer.Typer()
 

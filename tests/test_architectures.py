@@ -95,6 +95,18 @@ def test_per_sample_grads_exact(case, mode):
     assert err < TOL, f"{_case_id(case)} {mode}: relative error {err:.2e}"
 
 
+TORCHFUNC_CASES = [c for c in CASES if "functorch" in get_entry(c[0]).dp_modes]
+
+
+@pytest.mark.parametrize("case", TORCHFUNC_CASES, ids=_case_id)
+def test_torchfunc_peer_per_sample_grads_exact(case):
+    """The bench's plain ``torch.func`` peer (privseg.dp.functional_step) is exact too, for
+    every entry that claims functorch mode (the same vmap-able forward)."""
+    model, x, y, ref = _setup(*case)
+    err = per_sample_grad_error(model, x, y, "torchfunc", reference=ref)
+    assert err < TOL, f"{_case_id(case)} torchfunc: relative error {err:.2e}"
+
+
 def test_claimed_modes_are_known():
     for name in list_models():
         assert set(get_entry(name).dp_modes) <= set(MODES), name

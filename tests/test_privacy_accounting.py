@@ -196,3 +196,28 @@ def test_a_weak_user_delta_is_allowed_but_warned_in_the_plan(caplog):
     assert any("1/(10·n)" in r.getMessage() for r in caplog.records)
     assert plan_privacy(n, 10, 1, target_epsilon=8.0, delta=0.5 / (10 * n)).delta_warning is None
     assert plan_privacy(n, 10, 1, target_epsilon=8.0).delta_warning is None  # the default
+
+
+def test_sites_with_one_plan_share_one_calibration(monkeypatch):
+    """σ is calibrated once per distinct site plan: two sites with 9 training subjects (the
+    same n, B, steps, δ, ε, accountant) share one calibration, a site with 10 gets its own.
+    Counted by the calibrations' RDP bracket (one ``get_noise_multiplier`` per calibration)."""
+    import privseg.dp.accounting as acc
+
+    calls = []
+    real = acc.get_noise_multiplier
+
+    def counting(**kw):
+        calls.append(kw["sample_rate"])
+        return real(**kw)
+
+    monkeypatch.setattr(acc, "get_noise_multiplier", counting)
+    acc.calibrate_noise.cache_clear()
+    cfg = load_config("phantom2d-federated", [
+        "setting.federated.rounds=1", "setting.federated.local_steps=1",
+        "setting.federated.local_epochs=null", "training.expected_batch_size=8",
+        "privacy.accountant=rdp"])
+    plans = [plan_site_sample(cfg, n) for n in (9, 9, 10)]
+    assert calls == [pytest.approx(8 / 9), pytest.approx(8 / 10)]
+    assert plans[0].noise_multiplier == plans[1].noise_multiplier
+    assert plans[2].noise_multiplier != plans[0].noise_multiplier

@@ -93,9 +93,13 @@ def accountant_kwargs(accountant: str, epsilon_scale: float = 1.0) -> dict:
     raise ValueError(f"unknown accountant {accountant!r}; allowed: prv, rdp")
 
 
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "prv", tolerance: float = 0.005) -> float:
     """Smallest σ (to ``tolerance``·ε) whose reported ε after ``steps`` is at most the target.
+
+    A pure function of its arguments, cached: the sites of a federation with the same plan
+    (n, B, steps, δ, ε, accountant) share one calibration (~0.7 s of PRV queries each).
 
     RDP (fast) gives an upper bracket; for PRV a bisection below it follows, each probe a
     PRV query (Opacus' ``get_noise_multiplier`` starts from [0, 10] and costs many more PRV

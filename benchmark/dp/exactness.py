@@ -18,9 +18,13 @@ from opacus.grad_sample import (
 )
 from torch import nn
 
+from privseg.dp.functional_step import per_subject_grads
 from privseg.dp.grad_sample_module import LeanGradSampleModule
 
 MODES = ("hooks", "functorch", "ew", "ghost")
+#: per-sample paths outside Opacus' grad-sample modes, checked the same way
+#: (``torchfunc``: :mod:`privseg.dp.functional_step`, the bench's plain ``torch.func`` peer)
+OTHER_PATHS = ("torchfunc",)
 
 PerSampleGrads = dict[str, torch.Tensor]  # parameter name → [B, *param.shape]
 
@@ -63,7 +67,11 @@ def _wrap(model: nn.Module, mode: str) -> nn.Module:
 
 def opacus_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       mode: str) -> dict[str, torch.Tensor]:
-    """Opacus' per-sample gradients ([B, *shape]) or, in ``ghost`` mode, norms ([B]) by name."""
+    """Opacus' per-sample gradients ([B, *shape]) or, in ``ghost`` mode, norms ([B]) by name;
+    ``torchfunc``: :func:`privseg.dp.functional_step.per_subject_grads` (one crop a subject)."""
+    if mode == "torchfunc":
+        m = copy.deepcopy(model).train()
+        return per_subject_grads(m, x[:, None], y[:, None], per_sample_loss)
     wrapped = _wrap(copy.deepcopy(model).train(), mode)
     with warnings.catch_warnings():
         # the first layer's input needs no gradient; torch warns about that in every hook

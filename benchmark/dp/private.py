@@ -11,6 +11,7 @@ clipped gradient and the reported ε is per subject.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,8 @@ class PrivateTraining:
     plan: PrivacyPlan
     #: how DP backward passes reduce the chunk's loss (:func:`grad_sample_reduction`)
     grad_reduction: str
+    #: seconds spent calibrating σ here (0 when a plan was given)
+    calibration_s: float = 0.0
 
 
 def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -102,11 +105,13 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model {cfg.model.name} is not DP-compatible: {errors}")
+    t0 = time.perf_counter()
     plan = plan or plan_privacy(
         len(train_set), t.expected_batch_size, t.epochs, target_epsilon=p.target_epsilon
         if p.noise_multiplier is None else None, noise_multiplier=p.noise_multiplier,
         delta=p.delta, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
     )
+    calibration_s = time.perf_counter() - t0
     sampler_gen = torch.Generator().manual_seed(dp_seed(p.noise_seed, "sampler", cfg.seed))
     loader = DPDataLoader(train_set, sample_rate=plan.sample_rate, generator=sampler_gen,
                           **loader_kw)
@@ -135,4 +140,5 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     if len(loader) != plan.steps_per_epoch:
         raise RuntimeError(f"Opacus loader has {len(loader)} steps/epoch, the privacy plan "
                            f"{plan.steps_per_epoch}")
-    return PrivateTraining(model, optimizer, loader, criterion, accountant, plan, reduction)
+    return PrivateTraining(model, optimizer, loader, criterion, accountant, plan, reduction,
+                           calibration_s)

@@ -89,8 +89,10 @@ class SiteClient(NumPyClient):
             train_set = SubjectCrops(data.train, d.dims, d.patch_size,
                                      cfg.training.crops_per_subject,
                                      cfg.training.foreground_fraction)
+            tc = time.perf_counter()
             plan = (plan_site_sample(self.scfg, len(data.train))
                     if self.scfg.privacy.enabled else None)
+            calibration_s = time.perf_counter() - tc
             self.state = prepare_training(self.scfg, model, train_set, self.device, plan=plan)
         self.plan = self.state.plan
         q = self.plan.sample_rate if self.plan else None
@@ -102,6 +104,11 @@ class SiteClient(NumPyClient):
         self._torch_rng = g.get_state()
         self._np_rng = np.random.RandomState(seed % 2**32).get_state()
         self.compute_s = time.perf_counter() - t0  # the site's own work: setup, fit, evaluate
+        #: ``compute_s`` split by what it was spent on (seconds): σ calibration, the rest of
+        #: setup, training steps, ε accounting, evaluation
+        self.compute_split_s = {"calibration_s": calibration_s,
+                                "setup_s": self.compute_s - calibration_s, "train_s": 0.0,
+                                "accounting_s": 0.0, "eval_s": 0.0}
 
     # -- helpers --------------------------------------------------------------------------
     @contextmanager
@@ -168,6 +175,7 @@ class SiteClient(NumPyClient):
 
                 handle = inner.register_step_pre_hook(proximal)
             losses = []
+            tt = time.perf_counter()
             try:
                 for _ in range(self.steps_per_round):
                     x, y = self._next_batch()
@@ -177,6 +185,7 @@ class SiteClient(NumPyClient):
                 if handle is not None:
                     handle.remove()
             weights = get_weights(self.state.model)
+        self.compute_split_s["train_s"] += time.perf_counter() - tt
         metrics = {"site": self.site, "steps": self.steps_done}
         if self.fed.dp_mode == "none":
             # Training loss is data-dependent and not privatised: sent only without DP.
@@ -184,10 +193,12 @@ class SiteClient(NumPyClient):
             metrics["train_loss"] = float(np.mean(values)) if values else float("nan")
         if self.plan is not None:
             # The site's own accounting (a PRV query, ~10-100 ms) is site work, timed as such.
+            ta = time.perf_counter()
             metrics.update(epsilon=self.epsilon(), delta=self.plan.delta,
                            noise_multiplier=self.plan.noise_multiplier,
                            sample_rate=self.plan.sample_rate, planned_steps=self.plan.steps,
                            accountant=self.plan.accountant)
+            self.compute_split_s["accounting_s"] += time.perf_counter() - ta
         dt = time.perf_counter() - t0
         self.compute_s += dt
         metrics["fit_s"] = dt
@@ -206,6 +217,7 @@ class SiteClient(NumPyClient):
                                    hd95=split == "test")
         dt = time.perf_counter() - t0
         self.compute_s += dt
+        self.compute_split_s["eval_s"] += dt
         metrics.update(site=self.site, split=split, eval_s=dt)
         return 1.0 - metrics["mean_dice"], len(subjects), metrics
 

@@ -160,6 +160,9 @@ def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     record["federated"]["wire_bytes"] = {n: p.wire for n, p in proxies.items()}
     record["timing"] = {
         "total_s": wall, "site_compute_s": site_compute,
+        # where the sites' compute went, summed over sites (SiteClient.compute_split_s)
+        "site_compute_split_s": {k: sum(p.site.compute_split_s[k] for p in proxies.values())
+                                 for k in next(iter(proxies.values())).site.compute_split_s},
         "simulation_overhead": (wall - site_compute) / site_compute if site_compute else None,
         "mode": "simulation (in-process, sites sequential"
                 + (", Flower SecAgg+ workflow)" if cfg.setting.federated.secure_aggregation

@@ -10,8 +10,12 @@ Convention for empty masks (as segmentation challenges state theirs):
   each such volume is counted in ``empty_pred`` (per class; ``n_empty_pred`` in all).
 
 2D models are evaluated per volume too: every slice is predicted and the slices reassembled,
-so the Dice is that of the volume, not an average over slices. Inference runs as a MONAI
-sliding window (in 2D a window one slice deep).
+so the Dice is that of the volume, not an average over slices. 3D inference runs as a MONAI
+sliding window (Gaussian-weighted, overlap 0.25). In 2D the volume's slices are a batch of
+images: where the crop is the whole slice (no ``patch_size``), ``sw_batch_size`` whole slices
+per forward pass; else a 2D sliding window over the stack of slices. Both give the logits of
+the former one-slice-deep 3D sliding window (constant weights, no overlap) without its
+per-window bookkeeping.
 """
 
 from __future__ import annotations
@@ -32,19 +36,33 @@ from privseg.datasets.base import Subject
 def predict_volume(model: nn.Module, subject: Subject, dims: int, roi: tuple[int, ...],
                    device: torch.device, sw_batch_size: int = 32, amp: bool = False
                    ) -> torch.Tensor:
-    """Label map ``[D, H, W]`` predicted for one subject by sliding-window inference."""
-    image = torch.as_tensor(subject.image, dtype=torch.float32)[None].to(device)
+    """Label map ``[D, H, W]`` predicted for one subject (the argmax of :func:`volume_logits`)."""
+    return volume_logits(model, subject, dims, roi, device, sw_batch_size, amp).argmax(0).cpu()
+
+
+@torch.no_grad()
+def volume_logits(model: nn.Module, subject: Subject, dims: int, roi: tuple[int, ...],
+                  device: torch.device, sw_batch_size: int = 32, amp: bool = False
+                  ) -> torch.Tensor:
+    """Logits ``[classes, D, H, W]`` for one subject's volume (2D: slices as a batch)."""
+    image = torch.as_tensor(subject.image, dtype=torch.float32).to(device)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            if dims == 2:
-                return model(x[:, :, 0]).float()[:, :, None]
             return model(x).float()
 
-    logits = sliding_window_inference(image, roi, sw_batch_size, predictor, overlap=0.25
-                                      if dims == 3 else 0.0, mode="gaussian" if dims == 3
-                                      else "constant")
-    return torch.as_tensor(logits).argmax(dim=1)[0].cpu()
+    if dims == 2:
+        slices = image.movedim(1, 0)  # [C, D, H, W] -> D images [C, H, W]
+        if tuple(roi[1:]) == tuple(slices.shape[2:]):
+            logits = torch.cat([predictor(slices[i:i + sw_batch_size])
+                                for i in range(0, len(slices), sw_batch_size)])
+        else:
+            logits = torch.as_tensor(sliding_window_inference(
+                slices, roi[1:], sw_batch_size, predictor, overlap=0.0, mode="constant"))
+        return logits.movedim(0, 1)
+    logits = sliding_window_inference(image[None], roi, sw_batch_size, predictor, overlap=0.25,
+                                      mode="gaussian")
+    return torch.as_tensor(logits)[0]
 
 
 def _onehot(label: torch.Tensor, n: int) -> torch.Tensor:

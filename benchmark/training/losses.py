@@ -13,7 +13,11 @@ class PerSampleDiceCE(nn.Module):
 
     ``reduction='none'`` returns shape ``[N]`` (one loss per forward sample), which is what
     Opacus' ``DPLossFastGradientClipping`` sets while it computes per-sample gradient norms;
-    ``'mean'``/``'sum'`` reduce further.
+    ``'mean'``/``'sum'`` reduce further. The labels are one-hot encoded out of place, by a
+    comparison with the class indices (``F.one_hot`` reads the maximum label and MONAI's
+    ``to_onehot_y`` scatters in place; neither runs under ``torch.func.vmap``), to the same
+    0/1 values MONAI gives, so the loss is bitwise unchanged and also serves the bench's
+    ``torch.func`` peer (:mod:`privseg.dp.functional_step`).
     """
 
     def __init__(self, reduction: str = "mean", dice_weight: float = 1.0, ce_weight: float = 1.0):
@@ -21,12 +25,15 @@ class PerSampleDiceCE(nn.Module):
         self.reduction = reduction
         self.dice_weight = dice_weight
         self.ce_weight = ce_weight
-        self.dice = DiceLoss(softmax=True, to_onehot_y=True, reduction="none", batch=False)
+        self.dice = DiceLoss(softmax=True, to_onehot_y=False, reduction="none", batch=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         spatial = tuple(range(1, target.ndim))
         ce = F.cross_entropy(logits, target, reduction="none").mean(dim=spatial)
-        dice = self.dice(logits, target.unsqueeze(1)).flatten(1).mean(dim=1)
+        classes = torch.arange(logits.shape[1], device=target.device)
+        onehot = (target.unsqueeze(1) == classes.view(-1, *[1] * (target.ndim - 1)))
+        onehot = onehot.to(logits.dtype)
+        dice = self.dice(logits, onehot).flatten(1).mean(dim=1)
         loss = self.ce_weight * ce + self.dice_weight * dice
         if self.reduction == "none":
             return loss

@@ -49,6 +49,8 @@ class TrainState:
     per_sample_loss: nn.Module = PerSampleDiceCE(reduction="none")
     #: how DP backward passes reduce the loss (:func:`privseg.dp.private.grad_sample_reduction`)
     grad_reduction: str = "sum"
+    #: seconds :func:`prepare_training` spent calibrating σ
+    calibration_s: float = 0.0
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -75,7 +77,7 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
     dp = make_private(cfg, model, optimizer, train_set, PerSampleDiceCE(reduction="mean"),
                       device, loader_kw, plan=plan, stock_opacus=stock_opacus)
     return TrainState(dp.model, dp.optimizer, dp.loader, dp.criterion, dp.accountant, dp.plan,
-                      grad_reduction=dp.grad_reduction)
+                      grad_reduction=dp.grad_reduction, calibration_s=dp.calibration_s)
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig,

@@ -1,0 +1,43 @@
+"""2D volume prediction as batched slices equals the former one-slice-deep sliding window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from privseg.architectures import build
+from privseg.datasets.base import Subject
+from privseg.datasets.phantom import make_subject
+from privseg.training.evaluate import predict_volume, volume_logits, volume_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZE, CLASSES = 24, 8
+
+
+def _former_logits(model, image: torch.Tensor, roi) -> torch.Tensor:
+    """The previous implementation: a 3D sliding window one slice deep, constant weights."""
+    def predictor(x):
+        return model(x[:, :, 0])[:, :, None]
+    return torch.as_tensor(sliding_window_inference(image[None], roi, 32, predictor,
+                                                    overlap=0.0, mode="constant"))[0]
+
+
+@pytest.mark.parametrize("roi", [(1, SIZE, SIZE), (1, 16, 16)], ids=["whole", "tiled"])
+def test_batched_slices_equal_one_slice_deep_window(roi):
+    """Whole slices (one forward per 32 slices) and tiles of slices (non-dividing 16² on
+    24², so tiles overlap) give the former path's logits, hence the same labels and metrics."""
+    image, label, _ = make_subject(0, SIZE, "site-A", 0)
+    subject = Subject("s0", "site-A", image, label)
+    torch.manual_seed(0)
+    model = build("unet", 2, 1, CLASSES, base_channels=4, depth=2).eval()
+    with torch.no_grad():
+        former = _former_logits(model, torch.as_tensor(image), roi)
+        got = volume_logits(model, subject, 2, roi, torch.device("cpu"))
+    assert got.shape == (CLASSES, SIZE, SIZE, SIZE)
+    torch.testing.assert_close(got, former, rtol=0, atol=1e-6)
+    pred = predict_volume(model, subject, 2, roi, torch.device("cpu"))
+    assert len(pred.unique()) > 1  # the comparison of labels is not trivial
+    assert torch.equal(pred, former.argmax(0))
+    names = [f"c{i}" for i in range(CLASSES)]
+    assert volume_metrics(pred, label, names) == volume_metrics(former.argmax(0), label, names)
