@@ -231,3 +231,28 @@ def test_an_empty_poisson_round_in_the_simulation_still_moves_the_model(tmp_path
     final = parameters_to_ndarrays(server.parameters)
     assert any(not np.array_equal(a, b) for a, b in zip(first, final, strict=True))
     assert server.record()["privacy"]["rounds_done"] == 1
+
+
+def _mt_words(g: torch.Generator) -> np.ndarray:
+    from privseg.dp.randomness import _MT_OFFSET, _MT_WORDS
+
+    state = g.get_state().numpy()
+    return state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS].view(np.uint64)
+
+
+def test_a_secret_cpu_generator_is_not_any_32_bit_seed():
+    """torch's CPU generator keeps only 32 bits of a manual_seed (2^32 seeds: searchable). A
+    seeded state is MT19937's init_genrand(seed): word i+1 follows from word i. The secret
+    generator's words are OS entropy, so no 32-bit seed yields them."""
+    from privseg.dp.randomness import dp_generator, secret_cpu_generator
+
+    def follows(words: np.ndarray) -> bool:  # init_genrand's recurrence, on the first words
+        w = [int(x) for x in words[:4]]
+        return all(w[i + 1] == (1812433253 * (w[i] ^ (w[i] >> 30)) + i + 1) & 0xFFFFFFFF
+                   for i in range(3))
+
+    seeded = torch.Generator().manual_seed(2**40 + 12345)
+    assert _mt_words(seeded)[0] == 12345 and follows(_mt_words(seeded))  # the layout we fill
+    a, b = secret_cpu_generator(), dp_generator(None, "noise", 0)
+    assert not follows(_mt_words(a)) and not follows(_mt_words(b))
+    assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))

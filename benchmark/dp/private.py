@@ -27,7 +27,7 @@ from privseg.config import RunConfig
 from privseg.dp.accounting import PrivacyPlan, plan_privacy
 from privseg.dp.grad_samplers import prepare_module
 from privseg.dp.optimizer import FlatDPOptimizer
-from privseg.dp.randomness import dp_seed
+from privseg.dp.randomness import dp_generator
 
 
 def group_crop_grad_samples(model: nn.Module, crops_per_subject: int) -> None:
@@ -95,7 +95,7 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     """Opacus' grad-sample module, DP optimizer, Poisson ``DPDataLoader`` and accountant hook.
 
     The Poisson sampler and the Gaussian noise draw from their own generators, seeded by
-    :func:`privseg.dp.randomness.dp_seed`: secret per run unless ``privacy.noise_seed`` opts
+    :func:`privseg.dp.randomness.dp_generator`: secret per run unless ``privacy.noise_seed`` opts
     into reproducible streams. A given ``plan`` (a federated site's, over all its rounds)
     replaces the central one.
     ``stock_opacus`` (for ``privseg bench``'s baseline) uses Opacus as shipped: its grad-sample
@@ -112,7 +112,7 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
         delta=p.delta, accountant=p.accountant, max_grad_norm=p.max_grad_norm,
     )
     calibration_s = time.perf_counter() - t0
-    sampler_gen = torch.Generator().manual_seed(dp_seed(p.noise_seed, "sampler", cfg.seed))
+    sampler_gen = dp_generator(p.noise_seed, "sampler", cfg.seed)
     loader = DPDataLoader(train_set, sample_rate=plan.sample_rate, generator=sampler_gen,
                           **loader_kw)
     gsm_kw = {"max_grad_norm": p.max_grad_norm} if p.grad_sample_mode == "ghost" else {}
@@ -130,8 +130,7 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
     optimizer = optim_cls(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=p.max_grad_norm,
         expected_batch_size=t.expected_batch_size, loss_reduction="mean",
-        generator=torch.Generator(device=device).manual_seed(dp_seed(p.noise_seed, "noise",
-                                                                     cfg.seed)),
+        generator=dp_generator(p.noise_seed, "noise", cfg.seed, device=device),
     )
     accountant = create_accountant(p.accountant)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))

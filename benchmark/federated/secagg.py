@@ -49,7 +49,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from privseg.config import ConfigError, RunConfig
-from privseg.dp.randomness import dp_seed
+from privseg.dp.randomness import np_legacy_state
 from privseg.federated.client import SiteClient
 from privseg.federated.server import FederatedServer, make_server, prefetch_site_properties
 from privseg.federated.site_dp import seed_server_noise
@@ -81,9 +81,9 @@ def refuse_sampled_site_dp(cfg: RunConfig) -> None:
                           "set fraction_fit=1")
 
 
-def secagg_rounding_seed(cfg: RunConfig, site: str) -> int:
-    """The seed of a site's SecAgg+ stochastic-rounding stream (secret unless opted out)."""
-    return dp_seed(cfg.privacy.noise_seed, "secagg-rounding", site_seed(cfg.seed, site))
+def secagg_rounding_state(cfg: RunConfig, site: str) -> tuple:
+    """A site's SecAgg+ stochastic-rounding stream (NumPy state; secret unless opted out)."""
+    return np_legacy_state(cfg.privacy.noise_seed, "secagg-rounding", site_seed(cfg.seed, site))
 
 
 def secagg_plan(cfg: RunConfig, n_sites: int) -> dict:
@@ -160,16 +160,15 @@ class InProcessGrid(Grid):
     keeps one ``Context`` for the whole run, and its own NumPy random stream.
     """
 
-    def __init__(self, app: ClientApp, node_seeds: dict[int, int], run_id: int = 0):
+    def __init__(self, app: ClientApp, node_states: dict[int, tuple], run_id: int = 0):
         self.app = app
         self._run = Run.create_empty(run_id)
         self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config={},
                                       state=RecordDict(), run_config={})
-                         for nid in node_seeds}
-        self._np_state = {nid: np.random.RandomState(seed % 2**32).get_state()
-                          for nid, seed in node_seeds.items()}
+                         for nid in node_states}
+        self._np_state = dict(node_states)
         self.replies: dict[str, Message] = {}
-        self.wire = {nid: {"server_to_site": 0, "site_to_server": 0} for nid in node_seeds}
+        self.wire = {nid: {"server_to_site": 0, "site_to_server": 0} for nid in node_states}
         #: group id (the round for fit/evaluate) -> message type -> bytes down / up
         self.by_round: dict[str, dict[str, dict[str, int]]] = {}
         self.observers: list[MessageObserver] = []
@@ -326,7 +325,7 @@ def simulate_secagg(cfg: RunConfig, clients: dict[str, SiteClient], *,
     node_of = {name: 1001 + i for i, name in enumerate(names)}  # Flower node ids
     app = site_app({node_of[n]: clients[n] for n in names}, plan["clipping_range"],
                    on_site_update)
-    grid = InProcessGrid(app, {node_of[n]: secagg_rounding_seed(cfg, n) for n in names})
+    grid = InProcessGrid(app, {node_of[n]: secagg_rounding_state(cfg, n) for n in names})
     if on_message is not None:
         grid.observers.append(on_message)
     server = make_server(cfg, len(clients))

@@ -32,7 +32,7 @@ from flwr.supercore.differential_privacy import (
 )
 
 from privseg.config import RunConfig
-from privseg.dp.randomness import dp_seed
+from privseg.dp.randomness import dp_seed, np_legacy_state
 
 
 def seed_server_noise(cfg: RunConfig) -> None:
@@ -41,11 +41,7 @@ def seed_server_noise(cfg: RunConfig) -> None:
     Secret by default: ``np.random.seed()`` fills the whole Mersenne-Twister state from the
     operating system's entropy. With ``privacy.noise_seed`` a seed derived from it instead.
     """
-    noise_seed = cfg.privacy.noise_seed
-    if noise_seed is None:
-        np.random.seed()
-    else:
-        np.random.seed(dp_seed(noise_seed, "server-noise", cfg.seed) % 2**32)
+    np.random.set_state(np_legacy_state(cfg.privacy.noise_seed, "server-noise", cfg.seed))
 
 
 def site_sampler(cfg: RunConfig) -> PoissonSiteSampler:

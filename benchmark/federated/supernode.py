@@ -45,7 +45,7 @@ from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.app import CONFIG_KEY, SITE_KEY, WORKER_KEY, worker_authkey_path
 from privseg.federated.client import SiteClient
 from privseg.federated.federation import flower_command, flower_env
-from privseg.federated.secagg import secagg_rounding_seed, site_app
+from privseg.federated.secagg import secagg_rounding_state, site_app
 from privseg.federated.site_plans import site_level_plan
 from privseg.federated.sites import SiteData, build_site, partition
 
@@ -221,8 +221,7 @@ class SiteWorker:
         client = SiteClient(cfg, data, subject_set)
         app = site_app({context.node_id: client},
                        fed.secagg_clipping_range if fed.secure_aggregation else None)
-        seed = secagg_rounding_seed(cfg, self.site)  # as InProcessGrid's nodes
-        run = SiteRun(client, app, np.random.RandomState(seed % 2**32).get_state())
+        run = SiteRun(client, app, secagg_rounding_state(cfg, self.site))  # as InProcessGrid
         self.runs[context.run_id] = run
         while len(self.runs) > self.keep_runs:
             self._drop_one(keep=context.run_id)
