@@ -256,3 +256,33 @@ def test_a_secret_cpu_generator_is_not_any_32_bit_seed():
     a, b = secret_cpu_generator(), dp_generator(None, "noise", 0)
     assert not follows(_mt_words(a)) and not follows(_mt_words(b))
     assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+
+
+def test_a_site_silent_in_a_secagg_round_stops_the_run_instead_of_under_noising_it(
+        tmp_path, monkeypatch):
+    """Flower's SecAgg+ workflow drops a site that never answers without reporting a failure;
+    the mean of the others would carry noise σC/N sized for all N sites."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from test_federated import _secagg_sites, secagg_tiny
+
+    import privseg.federated.secagg as secagg
+
+    class SilentSiteGrid(secagg.InProcessGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            silent = min(m.metadata.dst_node_id for m in messages)
+            keep = []
+            for m in messages:
+                stage = m.content.config_records.get(RECORD_KEY_CONFIGS)
+                if (m.metadata.dst_node_id == silent and stage is not None
+                        and stage.get(Key.STAGE) == "collect_masked_vectors"):
+                    continue  # never answers: no reply, no error
+                keep.append(m)
+            return super().push_messages(keep)
+
+    monkeypatch.setattr(secagg, "InProcessGrid", SilentSiteGrid)
+    cfg = parse_config(secagg_tiny(tmp_path, sigma=None, eval_every=0, rounds=1,
+                                   local_steps=1))
+    _, clients = _secagg_sites(cfg)
+    with pytest.raises(RuntimeError, match="only 2 of 3 sites"):
+        secagg.simulate_secagg(cfg, clients)

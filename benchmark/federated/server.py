@@ -277,6 +277,13 @@ class RecordingStrategy(Strategy):
         if failures:
             raise RuntimeError(f"round {server_round}: {len(failures)} site(s) failed: "
                                f"{[repr(f) for f in failures][:3]}")
+        if self.dp_site is not None and self.fed.secure_aggregation and (
+                len(results) != self.n_sites):
+            # Flower's SecAgg+ workflow drops a silent site without a failure; the noise
+            # σC/N assumes all N sites in the mean, so fewer would be under-noised.
+            raise RuntimeError(f"round {server_round}: only {len(results)} of {self.n_sites} "
+                               "sites' masked updates were aggregated; site-level DP with "
+                               "secure aggregation adds noise for all of them: stopping")
         results = sorted(results, key=lambda cr: str(cr[1].metrics.get("site")))
         row = self._round(server_round)
         for _, res in results:
