@@ -26,6 +26,7 @@ from privseg.dp.accounting import epsilon_of_history
 from privseg.dp.randomness import noise_note
 from privseg.record import environment, run_dir, write_record
 from privseg.tracking import Tracker
+from privseg.training.ema import evaluate_averages
 from privseg.training.evaluate import evaluate
 from privseg.training.setup import (
     completed_record,
@@ -91,6 +92,9 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         if cfg.output.save_checkpoint:
             _save_checkpoint(unwrap(state.model), out / "model.pt")
             record["checkpoint"] = "model.pt"
+            for name, averaged in (state.averages.averaged() if state.averages else {}).items():
+                _save_checkpoint(averaged, out / f"model-{name}.pt")
+                record[name]["checkpoint"] = f"model-{name}.pt"
         tracker.summary(summary_scalars(record))
         tracker.finish(0)
     except BaseException:
@@ -116,6 +120,10 @@ def summary_scalars(record: dict) -> dict[str, float | str | bool]:
 
     test = {k: v for k, v in record["test"].items() if k != "per_subject"}
     walk("test", test)
+    for name in ("ema", "polyak"):  # parameter averages (privseg.training.ema)
+        if name in record:
+            walk(f"{name}/test", {k: v for k, v in record[name]["test"].items()
+                                  if k != "per_subject"})
     walk("privacy", {k: v for k, v in record["privacy"].items() if k != "accountant_history"})
     walk("timing", record["timing"])
     return out
@@ -192,6 +200,9 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                         step=epoch)
     test_metrics = evaluate(state.model, test, cfg.dataset.dims, roi, subject_set.class_names,
                             device, subject_set.eval_regions, hd95=True, amp=amp)
+    averaged = evaluate_averages(state.averages, lambda m: evaluate(
+        m, test, cfg.dataset.dims, roi, subject_set.class_names, device,
+        subject_set.eval_regions, hd95=True, amp=amp))
     total = time.perf_counter() - start
     privacy = {"enabled": False, "epsilon": math.inf, "unit": "subject",
                "guarantee": "none (non-private)"}
@@ -223,6 +234,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
         "splits": {"train": train_ids, "val": val_ids, "test": test_ids},
         "history": history,
         "test": test_metrics,
+        **averaged,  # "ema" / "polyak": the averaged weights' test metrics
         "privacy": privacy,
         "timing": {
             "total_s": total, "train_s": train_time,

@@ -80,6 +80,19 @@ class TrainingConfig(_Strict):
     foreground_fraction: float = Field(
         0.9, ge=0.0, le=1.0, description="chance a crop is centred in the brain/foreground"
     )
+    ema: float | None = Field(
+        None, gt=0.0, lt=1.0, description="decay of an exponential moving average of the "
+        "weights, evaluated and checkpointed beside the raw model (De et al. 2022; "
+        "post-processing: free in privacy); null: none")
+    polyak_epochs: int = Field(
+        0, ge=0, description="also average the weights of the last n epochs (Polyak); 0: none")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.polyak_epochs > self.epochs:
+            raise ValueError(f"training.polyak_epochs={self.polyak_epochs} exceeds "
+                             f"training.epochs={self.epochs}")
+        return self
 
 
 class PrivacyConfig(_Strict):
@@ -263,6 +276,9 @@ class RunConfig(_Strict):
                 "pass, so the clipped gradient's norm is bounded only up to bf16 rounding"
             )
         if (fed := self.setting.federated) is not None:
+            if self.training.ema is not None or self.training.polyak_epochs:
+                raise ValueError("training.ema and training.polyak_epochs are for central runs:"
+                                 " averaging a federated site's weights is not built")
             if (fed.dp_mode == "none") == self.privacy.enabled:
                 raise ValueError("setting.federated.dp_mode=none goes with privacy.enabled=false"
                                  " and sample/site with privacy.enabled=true")
@@ -292,6 +308,8 @@ class RunConfig(_Strict):
 #: fields added after runs were recorded: at these values they leave the run id unchanged
 _ADDED_LATER = {
     ("training", "channels_last"): False,
+    ("training", "ema"): None,
+    ("training", "polyak_epochs"): 0,
     ("privacy", "noise_seed"): None,
     ("setting", "federated", "secagg_num_shares"): None,
     ("setting", "federated", "secagg_reconstruction_threshold"): None,
