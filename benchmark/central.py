@@ -20,7 +20,7 @@ from torch import nn
 from privseg.architectures import build
 from privseg.config import RunConfig
 from privseg.datasets import SubjectSet
-from privseg.datasets.crops import SubjectCrops, crop_size
+from privseg.datasets.crops import crop_size
 from privseg.datasets.split import split_subjects
 from privseg.dp.accounting import epsilon_of_history
 from privseg.dp.randomness import noise_note
@@ -35,6 +35,7 @@ from privseg.training.setup import (
     place_model,
     resolve_device,
     seed_everything,
+    training_crops,
 )
 from privseg.training.step import TrainState, prepare_training, train_step, unwrap
 from privseg.training.timing import GpuBusySampler, StepTimer
@@ -75,9 +76,7 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         stratify_by={s.subject_id: s.site for s in subject_set.subjects})
     if not train_ids:
         raise ValueError(f"the split leaves no training subjects out of {len(by_id)}")
-    train_set = SubjectCrops([by_id[i] for i in train_ids], d.dims, d.patch_size,
-                             cfg.training.crops_per_subject, cfg.training.foreground_fraction,
-                             subject_set.num_classes)
+    train_set = training_crops(cfg, [by_id[i] for i in train_ids], subject_set.num_classes)
     roi = crop_size(d.dims, d.patch_size, subject_set.subjects[0].label.shape)
     model = place_model(build(cfg.model.name, d.dims, subject_set.in_channels,
                               subject_set.num_classes, **model_knobs(cfg, roi)), cfg, device)

@@ -60,6 +60,16 @@ class ModelConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class AugmentConfig(_Strict):
+    """Random augmentation of each of a subject's k views (:mod:`privseg.datasets.augment`);
+    all off by default."""
+
+    flip: bool = Field(False, description="left-right flip with probability 1/2")
+    affine: float = Field(0.0, ge=0.0, le=0.5, description="rotation up to ±a·π, scale ±a")
+    intensity: float = Field(0.0, ge=0.0, le=1.0,
+                             description="intensity scale and shift ±s, gamma in [1-s, 1+s]")
+
+
 class TrainingConfig(_Strict):
     """Optimisation. Batch sizes count subjects, the privacy unit."""
 
@@ -84,6 +94,9 @@ class TrainingConfig(_Strict):
         None, gt=0.0, lt=1.0, description="decay of an exponential moving average of the "
         "weights, evaluated and checkpointed beside the raw model (De et al. 2022; "
         "post-processing: free in privacy); null: none")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="augmentation of each view: the k "
+        "crops per subject become k augmented views, averaged into one clipped gradient")
     polyak_epochs: int = Field(
         0, ge=0, description="also average the weights of the last n epochs (Polyak); 0: none")
 
@@ -310,6 +323,7 @@ _ADDED_LATER = {
     ("training", "channels_last"): False,
     ("training", "ema"): None,
     ("training", "polyak_epochs"): 0,
+    ("training", "augment"): {"flip": False, "affine": 0.0, "intensity": 0.0},
     ("privacy", "noise_seed"): None,
     ("setting", "federated", "secagg_num_shares"): None,
     ("setting", "federated", "secagg_reconstruction_threshold"): None,

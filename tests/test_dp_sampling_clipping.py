@@ -7,13 +7,18 @@ from spine_helpers import TINY_PHANTOM, tiny_config
 
 from privseg.architectures import build
 from privseg.datasets import load_dataset
+from privseg.datasets.augment import view_augmentation
 from privseg.datasets.crops import SubjectCrops
 from privseg.training.losses import PerSampleDiceCE
 from privseg.training.setup import seed_everything
 from privseg.training.step import prepare_training, train_step
 
+#: every augmentation on (issue 17): k augmented views per subject
+AUGMENT = {"flip": True, "affine": 0.1, "intensity": 0.1}
 
-def _setup(tmp_path, k=1, mode="hooks", physical=4, clip=1.0, batch=4, sigma=0.0):
+
+def _setup(tmp_path, k=1, mode="hooks", physical=4, clip=1.0, batch=4, sigma=0.0,
+           augment=None):
     cfg = tiny_config(
         tmp_path,
         training={"crops_per_subject": k, "physical_batch_size": physical, "optimizer": "sgd",
@@ -23,7 +28,8 @@ def _setup(tmp_path, k=1, mode="hooks", physical=4, clip=1.0, batch=4, sigma=0.0
     )
     seed_everything(0)
     ss = load_dataset("phantom", TINY_PHANTOM, None, tmp_path / "cache")
-    train = SubjectCrops(ss.subjects[:16], 2, None, k, 0.9)
+    train = SubjectCrops(ss.subjects[:16], 2, None, k, 0.9,
+                         augment=view_augmentation(**augment, dims=2) if augment else None)
     model = build("unet", 2, 1, ss.num_classes, base_channels=4, depth=2).double()
     ref = build("unet", 2, 1, ss.num_classes, base_channels=4, depth=2).double()
     ref.load_state_dict(model.state_dict())
@@ -69,14 +75,20 @@ def _clipped_sum(grads_per_unit, clip):
     return total, norms
 
 
-@pytest.mark.parametrize("k,mode,physical", [(1, "hooks", 4), (3, "hooks", 2),
-                                             (3, "functorch", 4), (1, "ghost", 2)])
-def test_each_subject_contributes_one_clipped_gradient(tmp_path, k, mode, physical):
-    _, _, train, ref = _setup(tmp_path, k=k, mode=mode, physical=physical)
+@pytest.mark.parametrize("k,mode,physical,augment", [
+    (1, "hooks", 4, None), (3, "hooks", 2, None), (3, "functorch", 4, None),
+    (1, "ghost", 2, None), (4, "hooks", 2, AUGMENT)])
+def test_each_subject_contributes_one_clipped_gradient(tmp_path, k, mode, physical, augment):
+    _, _, train, ref = _setup(tmp_path, k=k, mode=mode, physical=physical, augment=augment)
     torch.manual_seed(1)
     items = [train[i] for i in range(5)]
     x = torch.stack([it[0] for it in items]).double()
     y = torch.stack([it[1] for it in items])
+    if augment:  # the views are augmented: not the crops the same draw gives without
+        train.augment = None
+        torch.manual_seed(1)
+        plain = torch.stack([train[i][0] for i in range(5)]).double()
+        assert float((plain - x).abs().max()) > 0.1
     per_subject = [_subject_grad(ref, x[i], y[i], k) for i in range(5)]
     _, norms = _clipped_sum(per_subject, 1.0)
     # C between the subjects' gradient norms: some clipped, some not, so both a wrong

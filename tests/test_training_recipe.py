@@ -74,3 +74,45 @@ def test_ema_needs_a_central_run(tmp_path):
                     setting={"kind": "federated", "federated": {"dp_mode": "sample"}})
     with pytest.raises(ConfigError, match="polyak_epochs"):
         tiny_config(tmp_path, training={"epochs": 2, "polyak_epochs": 3})
+
+
+def test_defaults_keep_the_committed_reference_run_ids():
+    """New recipe keys at their defaults leave run ids (and so the reference runs) unchanged."""
+    import csv
+    from pathlib import Path
+
+    from privseg.sweeps.spec import expand, load_sweep
+
+    ref = Path(__file__).parents[1] / "results" / "reference" / "table1-quick.csv"
+    rows = csv.DictReader(line for line in ref.read_text().splitlines()
+                          if not line.startswith("#"))
+    ids = {r["run_id"] for r in rows}
+    runs = expand(load_sweep("quickstart"))
+    assert runs and all(r.run_id in ids for r in runs)
+
+
+def test_each_view_gets_its_own_augmentation_draw():
+    from privseg.config import AugmentConfig
+    from privseg.datasets.augment import view_augmentation
+
+    assert view_augmentation(**AugmentConfig().model_dump()) is None  # default: off
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 12, 12).repeat(16, 1, 1, 1)  # 16 copies of one view
+    y = torch.randint(0, 8, (1, 12, 12)).repeat(16, 1, 1)
+    fx, fy = view_augmentation(flip=True)(x, y)
+    flipped = [bool(torch.equal(fx[i], x[i].flip(-1))) for i in range(16)]
+    kept = [bool(torch.equal(fx[i], x[i])) for i in range(16)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))  # left-right flips only
+    assert any(flipped) and any(kept)  # each view drew its own flip
+    assert all(torch.equal(fy[i], y[i].flip(-1)) == flipped[i] for i in range(16))
+    ax, ay = view_augmentation(affine=0.1, intensity=0.1)(x, y)
+    assert ax.dtype == torch.float32 and ay.dtype == torch.long
+    assert set(ay.unique().tolist()) <= set(range(8))  # nearest-neighbour labels
+    assert len({round(float(v.sum()), 3) for v in ax}) == 16  # 16 different views
+
+
+def test_augmented_run_trains_on_other_views_at_the_same_privacy_cost(baseline, one_thread):
+    tmp, base = baseline
+    rec = run_training(_dp_config(tmp, augment={"flip": True, "affine": 0.1}), progress=False)
+    assert _accounting(rec) == _accounting(base)
+    assert rec["history"][0]["train_loss"] != base["history"][0]["train_loss"]
