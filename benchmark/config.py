@@ -70,6 +70,26 @@ class AugmentConfig(_Strict):
                              description="intensity scale and shift ±s, gamma in [1-s, 1+s]")
 
 
+class LRScheduleConfig(_Strict):
+    """Learning rate over the run's logical steps (:mod:`privseg.training.schedule`)."""
+
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0,
+                                   description="linear warm-up over this fraction of the steps")
+    min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr / lr")
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75], description="step: fractions of the run's steps "
+        "at which the lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step: decay factor")
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in v):
+            raise ValueError("milestones are fractions of the run's steps, each in (0, 1)")
+        return v
+
+
 class TrainingConfig(_Strict):
     """Optimisation. Batch sizes count subjects, the privacy unit."""
 
@@ -97,6 +117,9 @@ class TrainingConfig(_Strict):
     augment: AugmentConfig = Field(
         default_factory=AugmentConfig, description="augmentation of each view: the k "
         "crops per subject become k augmented views, averaged into one clipped gradient")
+    lr_schedule: LRScheduleConfig = Field(
+        default_factory=LRScheduleConfig, description="warm-up and decay of the lr, stepped "
+        "once per logical step; default: constant")
     polyak_epochs: int = Field(
         0, ge=0, description="also average the weights of the last n epochs (Polyak); 0: none")
 
@@ -292,6 +315,9 @@ class RunConfig(_Strict):
             if self.training.ema is not None or self.training.polyak_epochs:
                 raise ValueError("training.ema and training.polyak_epochs are for central runs:"
                                  " averaging a federated site's weights is not built")
+            if self.training.lr_schedule != LRScheduleConfig():
+                raise ValueError("training.lr_schedule is for central runs: a schedule over a "
+                                 "federated site's local steps is not built")
             if (fed.dp_mode == "none") == self.privacy.enabled:
                 raise ValueError("setting.federated.dp_mode=none goes with privacy.enabled=false"
                                  " and sample/site with privacy.enabled=true")
@@ -324,6 +350,9 @@ _ADDED_LATER = {
     ("training", "ema"): None,
     ("training", "polyak_epochs"): 0,
     ("training", "augment"): {"flip": False, "affine": 0.0, "intensity": 0.0},
+    ("training", "lr_schedule"): {"kind": "constant", "warmup_fraction": 0.0,
+                                  "min_lr_fraction": 0.0, "milestones": [0.5, 0.75],
+                                  "gamma": 0.1},
     ("privacy", "noise_seed"): None,
     ("setting", "federated", "secagg_num_shares"): None,
     ("setting", "federated", "secagg_reconstruction_threshold"): None,

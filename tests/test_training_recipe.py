@@ -116,3 +116,47 @@ def test_augmented_run_trains_on_other_views_at_the_same_privacy_cost(baseline, 
     rec = run_training(_dp_config(tmp, augment={"flip": True, "affine": 0.1}), progress=False)
     assert _accounting(rec) == _accounting(base)
     assert rec["history"][0]["train_loss"] != base["history"][0]["train_loss"]
+
+
+@pytest.mark.parametrize("schedule", [
+    {"kind": "cosine", "warmup_fraction": 0.25, "min_lr_fraction": 0.1},
+    {"kind": "step", "milestones": [0.5], "gamma": 0.5}])
+def test_lr_follows_the_schedule_once_per_logical_step(tmp_path, schedule, one_thread):
+    import math
+
+    from privseg.datasets.crops import SubjectCrops
+    from privseg.training.step import prepare_training, train_step
+
+    # physical chunks of 1 subject: several optimizer calls per logical step, one lr step
+    cfg = tiny_config(tmp_path, training={"epochs": 2, "lr": 0.01, "physical_batch_size": 1,
+                                          "lr_schedule": schedule},
+                      privacy={"target_epsilon": 8.0, "noise_seed": 0})
+    ss = load_dataset("phantom", TINY_PHANTOM, None, tmp_path / "cache")
+    model = build("unet", 2, 1, ss.num_classes, base_channels=4, depth=2)
+    state = prepare_training(cfg, model, SubjectCrops(ss.subjects[:16], 2, None, 1),
+                             torch.device("cpu"))
+    total = state.plan.steps
+    lrs = []
+    for _ in range(cfg.training.epochs):
+        for x, y in state.loader:
+            lrs.append(state.optimizer.param_groups[0]["lr"])
+            train_step(state, x, y, cfg, torch.device("cpu"))
+    assert len(lrs) == total
+    lr = 0.01
+    if schedule["kind"] == "cosine":
+        w = round(0.25 * total)
+        expected = [lr * (1 + t) / (w + 1) for t in range(w)] + [
+            0.1 * lr + 0.9 * lr * (1 + math.cos(math.pi * t / (total - w))) / 2
+            for t in range(total - w)]
+    else:
+        expected = [lr if t < round(0.5 * total) else lr / 2 for t in range(total)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_schedule_changes_no_accountant_number(baseline, one_thread):
+    tmp, base = baseline
+    rec = run_training(_dp_config(tmp, lr_schedule={"kind": "cosine", "warmup_fraction": 0.2}),
+                       progress=False)
+    assert _accounting(rec) == _accounting(base)
+    assert rec["privacy"]["accountant_history"] == base["privacy"]["accountant_history"]
+    assert rec["test"]["dice"] != base["test"]["dice"]  # the schedule did act

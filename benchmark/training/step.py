@@ -25,6 +25,7 @@ from privseg.dp.accounting import PrivacyPlan
 from privseg.dp.private import group_crop_grad_samples, make_private, upcast_grad_samples
 from privseg.training.ema import WeightAverages, make_averages
 from privseg.training.losses import PerSampleDiceCE, per_subject
+from privseg.training.schedule import make_scheduler
 
 # Opacus' hooks on the first layer fire although the input needs no gradient; harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -53,6 +54,8 @@ class TrainState:
     grad_reduction: str = "sum"
     #: EMA / Polyak averages of the weights (:mod:`privseg.training.ema`), if the config asks
     averages: WeightAverages | None = None
+    #: the lr schedule (:mod:`privseg.training.schedule`), stepped once per logical step
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -78,12 +81,15 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
         loader = DataLoader(train_set, batch_size=t.expected_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
         return TrainState(model, optimizer, loader, PerSampleDiceCE(reduction="mean"),
-                          averages=_averages(cfg, template, len(loader)))
+                          averages=_averages(cfg, template, len(loader)),
+                          scheduler=make_scheduler(t.lr_schedule, optimizer,
+                                                   t.epochs * len(loader)))
     dp = make_private(cfg, model, optimizer, train_set, PerSampleDiceCE(reduction="mean"),
                       device, loader_kw, plan=plan, stock_opacus=stock_opacus)
     return TrainState(dp.model, dp.optimizer, dp.loader, dp.criterion, dp.accountant, dp.plan,
                       grad_reduction=dp.grad_reduction,
-                      averages=_averages(cfg, template, dp.plan.steps_per_epoch))
+                      averages=_averages(cfg, template, dp.plan.steps_per_epoch),
+                      scheduler=make_scheduler(t.lr_schedule, dp.optimizer, dp.plan.steps))
 
 
 def _averages(cfg: RunConfig, template: nn.Module | None,
@@ -158,9 +164,12 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConf
 
 
 def _after_logical_step(state: TrainState) -> None:
-    """Post-processing of the step's released weights (no privacy cost): the averages."""
+    """After each logical step: the averages of its released weights (post-processing, no
+    privacy cost) and the lr schedule's step."""
     if state.averages is not None:
         state.averages.update(unwrap(state.model))
+    if state.scheduler is not None:
+        state.scheduler.step()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
