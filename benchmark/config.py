@@ -147,6 +147,10 @@ class PrivacyConfig(_Strict):
         "(benchmarks only: whoever holds the config can replay the noise); default: a secret "
         "seed from the operating system's entropy for every run")
     max_grad_norm: float = Field(1.0, gt=0.0)
+    clipping: Literal["flat", "automatic"] = Field(
+        "flat", description="flat: g·min(1, C/‖g‖) (Abadi et al. 2016); automatic: "
+        "C·g/(‖g‖+γ) (Bu et al. 2022), every contribution below C; same noise and ε")
+    auto_clip_gamma: float = Field(0.01, gt=0.0, description="automatic clipping's γ")
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: GradSampleMode = "hooks"
     conv_grad_sampler: Literal["opacus", "grouped"] = Field(
@@ -311,6 +315,12 @@ class RunConfig(_Strict):
                 "clipping takes norms in one pass and applies a gradient from a second, bf16 "
                 "pass, so the clipped gradient's norm is bounded only up to bf16 rounding"
             )
+        if self.privacy.enabled and self.privacy.clipping == "automatic" and (
+            self.privacy.grad_sample_mode == "ghost"
+        ):
+            raise ValueError("privacy.clipping=automatic needs privacy.grad_sample_mode hooks "
+                             "or functorch: ghost clipping's optimizer clips inside Opacus' "
+                             "loss wrapper, flat clipping only")
         if (fed := self.setting.federated) is not None:
             if self.training.ema is not None or self.training.polyak_epochs:
                 raise ValueError("training.ema and training.polyak_epochs are for central runs:"
@@ -354,6 +364,8 @@ _ADDED_LATER = {
                                   "min_lr_fraction": 0.0, "milestones": [0.5, 0.75],
                                   "gamma": 0.1},
     ("privacy", "noise_seed"): None,
+    ("privacy", "clipping"): "flat",
+    ("privacy", "auto_clip_gamma"): 0.01,
     ("setting", "federated", "secagg_num_shares"): None,
     ("setting", "federated", "secagg_reconstruction_threshold"): None,
     ("setting", "federated", "secagg_clipping_range"): 8.0,

@@ -160,3 +160,10 @@ def test_schedule_changes_no_accountant_number(baseline, one_thread):
     assert _accounting(rec) == _accounting(base)
     assert rec["privacy"]["accountant_history"] == base["privacy"]["accountant_history"]
     assert rec["test"]["dice"] != base["test"]["dice"]  # the schedule did act
+
+
+def test_automatic_clipping_refuses_ghost_mode(tmp_path):
+    from privseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="clipping=automatic"):
+        tiny_config(tmp_path, privacy={"clipping": "automatic", "grad_sample_mode": "ghost"})
