@@ -24,6 +24,7 @@ from privseg.datasets.crops import crop_size
 from privseg.datasets.split import split_subjects
 from privseg.dp.accounting import epsilon_of_history
 from privseg.dp.randomness import noise_note
+from privseg.recipes import recipe_statement
 from privseg.record import environment, run_dir, write_record
 from privseg.tracking import Tracker
 from privseg.training.ema import evaluate_averages
@@ -224,7 +225,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                    "guarantee": f"({eps:.4g}, {plan.delta:.3g})-DP per subject (central DP-SGD, "
                                 f"Poisson subject sampling) for the released model; "
                                 f"{noise_note(noise_seed)}.{replay}",
-                   "not_covered": CENTRAL_NOT_COVERED}
+                   "not_covered": CENTRAL_NOT_COVERED + _recipe_not_covered(cfg)}
     return {
         "setting": cfg.setting.kind,
         "dataset": {"name": subject_set.name, "class_names": subject_set.class_names,
@@ -235,6 +236,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
         "test": test_metrics,
         **averaged,  # "ema" / "polyak": the averaged weights' test metrics
         "privacy": privacy,
+        **({"recipe": recipe_statement(cfg.model.recipe)} if cfg.model.recipe else {}),
         "timing": {
             "total_s": total, "train_s": train_time,
             "median_step_s": statistics.median(step_times) if step_times else None,
@@ -248,6 +250,15 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             "gpu_busy_percent": gpu_busy.mean_percent(),
         },
     }
+
+
+def _recipe_not_covered(cfg: RunConfig) -> list[str]:
+    """The record's line on the choice of hyperparameters by a recipe (privseg.recipes)."""
+    note = recipe_statement(cfg.model.recipe)
+    if note is None:
+        return []
+    return [f"the choice of hyperparameters (recipe {note['name']!r}, tuned by "
+            f"{note['tuning_method']}): tuning privacy cost {note['tuning_privacy_cost']}"]
 
 
 def _note_loss(losses: list[float], loss: torch.Tensor, bar, task, epoch: int,

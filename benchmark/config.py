@@ -58,6 +58,9 @@ class ModelConfig(_Strict):
 
     name: str = "unet"
     options: dict[str, Any] = Field(default_factory=dict)
+    recipe: str | None = Field(
+        None, description="per-architecture training settings from privseg/recipes.yaml "
+        "(privseg.recipes), merged over the config's training/privacy keys")
 
 
 class AugmentConfig(_Strict):
@@ -364,6 +367,7 @@ _ADDED_LATER = {
                                   "min_lr_fraction": 0.0, "milestones": [0.5, 0.75],
                                   "gamma": 0.1},
     ("privacy", "noise_seed"): None,
+    ("model", "recipe"): None,
     ("privacy", "clipping"): "flat",
     ("privacy", "auto_clip_gamma"): 0.01,
     ("setting", "federated", "secagg_num_shares"): None,
@@ -439,8 +443,14 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def parse_config(data: dict, source: str = "config") -> RunConfig:
     """Validate a config mapping; raise :class:`ConfigError` naming every bad key."""
+    from privseg.recipes import apply_recipe
+
     try:
-        return RunConfig.model_validate(data or {})
+        data = apply_recipe(data or {})
+    except KeyError as e:
+        raise ConfigError(f"{source}: {e.args[0]}") from None
+    try:
+        return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_format_errors(e)}") from None
 

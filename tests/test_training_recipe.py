@@ -167,3 +167,63 @@ def test_automatic_clipping_refuses_ghost_mode(tmp_path):
 
     with pytest.raises(ConfigError, match="clipping=automatic"):
         tiny_config(tmp_path, privacy={"clipping": "automatic", "grad_sample_mode": "ghost"})
+
+
+RECIPES = {"tuned": {"description": "test recipe",
+                     "tuning": {"method": "TAN proxy", "sweep": "tune-tan-phantom2d",
+                                "privacy_cost": "not covered"},
+                     "architectures": {"unet": {"training": {"lr": 0.05, "ema": 0.99},
+                                                "privacy": {"clipping": "automatic"}}}}}
+
+
+def test_recipe_sets_the_architectures_settings_and_the_record_says_so(tmp_path, monkeypatch,
+                                                                       one_thread):
+    from privseg import recipes
+    from privseg.config import ConfigError
+
+    monkeypatch.setattr(recipes, "load_recipes", lambda: RECIPES)
+    plain = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, model={"recipe": "tuned"})
+    assert (cfg.training.lr, cfg.training.ema, cfg.privacy.clipping) == (0.05, 0.99,
+                                                                       "automatic")
+    assert cfg.run_id() != plain.run_id()  # the resolved values are in the run id
+    with pytest.raises(ConfigError, match="model.recipe: no recipe 'nope'.*tuned"):
+        tiny_config(tmp_path, model={"recipe": "nope"})
+    with pytest.raises(ConfigError, match="no settings for model 'resunet-scalenorm'"):
+        tiny_config(tmp_path, model={"name": "resunet-scalenorm", "recipe": "tuned"})
+    rec = run_training(cfg, progress=False)
+    assert rec["recipe"]["tuning_privacy_cost"] == "not covered"
+    assert any("recipe 'tuned'" in line and "not covered" in line
+               for line in rec["privacy"]["not_covered"])
+
+
+def test_shipped_default_recipe_is_todays_settings():
+    from privseg.config import load_config
+
+    base = load_config("phantom2d")
+    for name in ("unet", "resunet-scalenorm"):
+        cfg = load_config("phantom2d", [f"model.name={name}", "model.recipe=default"])
+        assert cfg.training == base.training and cfg.privacy == base.privacy
+
+
+def test_tan_tuning_sweep_holds_b_over_sigma_and_steps_of_the_target_run():
+    """Sander et al. 2023: the proxy's B/σ and step count are the ε = 8 quick-table run's."""
+    from privseg.dp.accounting import plan_privacy
+    from privseg.sweeps.spec import expand, load_sweep
+
+    target = next(r.config for r in expand(load_sweep("quickstart"))
+                  if r.config.model.name == "unet" and r.config.privacy.enabled
+                  and r.config.privacy.target_epsilon == 8)
+    runs = expand(load_sweep("tune-tan-phantom2d"))
+    assert len({r.run_id for r in runs}) == len(runs) == 32
+    n_train = 56
+    t = target.training
+    full = plan_privacy(n_train, t.expected_batch_size, t.epochs, target_epsilon=8.0,
+                        delta=1e-5, accountant="prv")
+    for run in runs:
+        c = run.config
+        proxy = plan_privacy(n_train, c.training.expected_batch_size, c.training.epochs,
+                             noise_multiplier=c.privacy.noise_multiplier, delta=1e-5)
+        assert proxy.steps == full.steps
+        assert c.training.expected_batch_size / c.privacy.noise_multiplier == pytest.approx(
+            t.expected_batch_size / full.noise_multiplier, rel=1e-4)
