@@ -227,3 +227,21 @@ def test_tan_tuning_sweep_holds_b_over_sigma_and_steps_of_the_target_run():
         assert proxy.steps == full.steps
         assert c.training.expected_batch_size / c.privacy.noise_multiplier == pytest.approx(
             t.expected_batch_size / full.noise_multiplier, rel=1e-4)
+
+
+def test_study_phantom_preset_is_large_and_leaves_the_quick_phantom_alone():
+    from privseg.config import ConfigError
+    from privseg.datasets.phantom import PhantomOptions, _cache_key
+
+    study = PhantomOptions(preset="study")
+    assert (study.n_subjects, study.n_sites) == (1000, 3)
+    assert PhantomOptions(preset="study", size=32).size == 32  # explicit options win
+    # the quick default is untouched, and its cache (key pinned from before presets) too
+    assert PhantomOptions().n_subjects == 160
+    assert _cache_key(PhantomOptions()) == "808e5e8cbe250be7"
+    same = PhantomOptions(n_subjects=1000, size=48, n_sites=3)
+    assert _cache_key(study) == _cache_key(same)  # one cache for the same data
+    with pytest.raises(ConfigError, match="dataset.options"):
+        from privseg.config import parse_config
+
+        parse_config({"dataset": {"options": {"preset": "huge"}}})
