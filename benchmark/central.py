@@ -20,12 +20,14 @@ from torch import nn
 from privseg.architectures import build
 from privseg.config import RunConfig
 from privseg.datasets import SubjectSet
-from privseg.datasets.crops import SubjectCrops, crop_size
+from privseg.datasets.crops import crop_size
 from privseg.datasets.split import split_subjects
 from privseg.dp.accounting import epsilon_of_history
 from privseg.dp.randomness import noise_note
+from privseg.recipes import recipe_statement
 from privseg.record import environment, run_dir, write_record
 from privseg.tracking import Tracker
+from privseg.training.ema import evaluate_averages
 from privseg.training.evaluate import evaluate
 from privseg.training.setup import (
     completed_record,
@@ -34,6 +36,7 @@ from privseg.training.setup import (
     place_model,
     resolve_device,
     seed_everything,
+    training_crops,
 )
 from privseg.training.step import TrainState, prepare_training, train_step, unwrap
 from privseg.training.timing import GpuBusySampler, StepTimer
@@ -77,9 +80,7 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         stratify_by={s.subject_id: s.site for s in subject_set.subjects})
     if not train_ids:
         raise ValueError(f"the split leaves no training subjects out of {len(by_id)}")
-    train_set = SubjectCrops([by_id[i] for i in train_ids], d.dims, d.patch_size,
-                             cfg.training.crops_per_subject, cfg.training.foreground_fraction,
-                             subject_set.num_classes)
+    train_set = training_crops(cfg, [by_id[i] for i in train_ids], subject_set.num_classes)
     roi = crop_size(d.dims, d.patch_size, subject_set.subjects[0].label.shape)
     model = place_model(build(cfg.model.name, d.dims, subject_set.in_channels,
                               subject_set.num_classes, **model_knobs(cfg, roi)), cfg, device)
@@ -99,6 +100,9 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         if cfg.output.save_checkpoint:
             _save_checkpoint(unwrap(state.model), out / "model.pt")
             record["checkpoint"] = "model.pt"
+            for name, averaged in (state.averages.averaged() if state.averages else {}).items():
+                _save_checkpoint(averaged, out / f"model-{name}.pt")
+                record[name]["checkpoint"] = f"model-{name}.pt"
         tracker.summary(summary_scalars(record))
         tracker.finish(0)
     except BaseException:
@@ -124,6 +128,10 @@ def summary_scalars(record: dict) -> dict[str, float | str | bool]:
 
     test = {k: v for k, v in record["test"].items() if k != "per_subject"}
     walk("test", test)
+    for name in ("ema", "polyak"):  # parameter averages (privseg.training.ema)
+        if name in record:
+            walk(f"{name}/test", {k: v for k, v in record[name]["test"].items()
+                                  if k != "per_subject"})
     walk("privacy", {k: v for k, v in record["privacy"].items() if k != "accountant_history"})
     walk("timing", record["timing"])
     return out
@@ -205,6 +213,9 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     te = time.perf_counter()
     test_metrics = evaluate(state.model, test, cfg.dataset.dims, roi, subject_set.class_names,
                             device, subject_set.eval_regions, hd95=True, amp=amp)
+    averaged = evaluate_averages(state.averages, lambda m: evaluate(
+        m, test, cfg.dataset.dims, roi, subject_set.class_names, device,
+        subject_set.eval_regions, hd95=True, amp=amp))
     eval_time += time.perf_counter() - te
     ta = time.perf_counter()
     eps_final = _spent(state) if state.accountant is not None else None
@@ -231,7 +242,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                    "guarantee": f"({eps:.4g}, {plan.delta:.3g})-DP per subject (central DP-SGD, "
                                 f"Poisson subject sampling) for the released model; "
                                 f"{noise_note(noise_seed)}.{replay}",
-                   "not_covered": CENTRAL_NOT_COVERED}
+                   "not_covered": CENTRAL_NOT_COVERED + _recipe_not_covered(cfg)}
     return {
         "setting": cfg.setting.kind,
         "dataset": {"name": subject_set.name, "class_names": subject_set.class_names,
@@ -240,7 +251,9 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
         "splits": {"train": train_ids, "val": val_ids, "test": test_ids},
         "history": history,
         "test": test_metrics,
+        **averaged,  # "ema" / "polyak": the averaged weights' test metrics
         "privacy": privacy,
+        **({"recipe": recipe_statement(cfg.model.recipe)} if cfg.model.recipe else {}),
         "timing": {
             # total_s: the loop (training, evaluation, accounting); train_s: the epochs'
             # steps and batch loading (data_s of it); eval_s: validation and test
@@ -257,6 +270,15 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             "gpu_busy_percent": gpu_busy.mean_percent(),
         },
     }
+
+
+def _recipe_not_covered(cfg: RunConfig) -> list[str]:
+    """The record's line on the choice of hyperparameters by a recipe (privseg.recipes)."""
+    note = recipe_statement(cfg.model.recipe)
+    if note is None:
+        return []
+    return [f"the choice of hyperparameters (recipe {note['name']!r}, tuned by "
+            f"{note['tuning_method']}): tuning privacy cost {note['tuning_privacy_cost']}"]
 
 
 def _note_loss(losses: list[float], loss: torch.Tensor, bar, task, epoch: int,

@@ -58,6 +58,39 @@ class ModelConfig(_Strict):
 
     name: str = "unet"
     options: dict[str, Any] = Field(default_factory=dict)
+    recipe: str | None = Field(
+        None, description="per-architecture training settings from privseg/recipes.yaml "
+        "(privseg.recipes), merged over the config's training/privacy keys")
+
+
+class AugmentConfig(_Strict):
+    """Random augmentation of each of a subject's k views (:mod:`privseg.datasets.augment`);
+    all off by default."""
+
+    flip: bool = Field(False, description="left-right flip with probability 1/2")
+    affine: float = Field(0.0, ge=0.0, le=0.5, description="rotation up to ±a·π, scale ±a")
+    intensity: float = Field(0.0, ge=0.0, le=1.0,
+                             description="intensity scale and shift ±s, gamma in [1-s, 1+s]")
+
+
+class LRScheduleConfig(_Strict):
+    """Learning rate over the run's logical steps (:mod:`privseg.training.schedule`)."""
+
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0,
+                                   description="linear warm-up over this fraction of the steps")
+    min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr / lr")
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75], description="step: fractions of the run's steps "
+        "at which the lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step: decay factor")
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in v):
+            raise ValueError("milestones are fractions of the run's steps, each in (0, 1)")
+        return v
 
 
 class TrainingConfig(_Strict):
@@ -80,6 +113,25 @@ class TrainingConfig(_Strict):
     foreground_fraction: float = Field(
         0.9, ge=0.0, le=1.0, description="chance a crop is centred in the brain/foreground"
     )
+    ema: float | None = Field(
+        None, gt=0.0, lt=1.0, description="decay of an exponential moving average of the "
+        "weights, evaluated and checkpointed beside the raw model (De et al. 2022; "
+        "post-processing: free in privacy); null: none")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="augmentation of each view: the k "
+        "crops per subject become k augmented views, averaged into one clipped gradient")
+    lr_schedule: LRScheduleConfig = Field(
+        default_factory=LRScheduleConfig, description="warm-up and decay of the lr, stepped "
+        "once per logical step; default: constant")
+    polyak_epochs: int = Field(
+        0, ge=0, description="also average the weights of the last n epochs (Polyak); 0: none")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.polyak_epochs > self.epochs:
+            raise ValueError(f"training.polyak_epochs={self.polyak_epochs} exceeds "
+                             f"training.epochs={self.epochs}")
+        return self
 
 
 class PrivacyConfig(_Strict):
@@ -98,6 +150,10 @@ class PrivacyConfig(_Strict):
         "(benchmarks only: whoever holds the config can replay the noise); default: a secret "
         "seed from the operating system's entropy for every run")
     max_grad_norm: float = Field(1.0, gt=0.0)
+    clipping: Literal["flat", "automatic"] = Field(
+        "flat", description="flat: g·min(1, C/‖g‖) (Abadi et al. 2016); automatic: "
+        "C·g/(‖g‖+γ) (Bu et al. 2022), every contribution below C; same noise and ε")
+    auto_clip_gamma: float = Field(0.01, gt=0.0, description="automatic clipping's γ")
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: GradSampleMode = "hooks"
     conv_grad_sampler: Literal["opacus", "grouped"] = Field(
@@ -299,7 +355,19 @@ class RunConfig(_Strict):
                 "clipping takes norms in one pass and applies a gradient from a second, bf16 "
                 "pass, so the clipped gradient's norm is bounded only up to bf16 rounding"
             )
+        if self.privacy.enabled and self.privacy.clipping == "automatic" and (
+            self.privacy.grad_sample_mode == "ghost"
+        ):
+            raise ValueError("privacy.clipping=automatic needs privacy.grad_sample_mode hooks "
+                             "or functorch: ghost clipping's optimizer clips inside Opacus' "
+                             "loss wrapper, flat clipping only")
         if (fed := self.setting.federated) is not None:
+            if self.training.ema is not None or self.training.polyak_epochs:
+                raise ValueError("training.ema and training.polyak_epochs are for central runs:"
+                                 " averaging a federated site's weights is not built")
+            if self.training.lr_schedule != LRScheduleConfig():
+                raise ValueError("training.lr_schedule is for central runs: a schedule over a "
+                                 "federated site's local steps is not built")
             if (fed.dp_mode == "none") == self.privacy.enabled:
                 raise ValueError("setting.federated.dp_mode=none goes with privacy.enabled=false"
                                  " and sample/site with privacy.enabled=true")
@@ -332,7 +400,16 @@ class RunConfig(_Strict):
 #: fields added after runs were recorded: at these values they leave the run id unchanged
 _ADDED_LATER = {
     ("training", "channels_last"): False,
+    ("training", "ema"): None,
+    ("training", "polyak_epochs"): 0,
+    ("training", "augment"): {"flip": False, "affine": 0.0, "intensity": 0.0},
+    ("training", "lr_schedule"): {"kind": "constant", "warmup_fraction": 0.0,
+                                  "min_lr_fraction": 0.0, "milestones": [0.5, 0.75],
+                                  "gamma": 0.1},
     ("privacy", "noise_seed"): None,
+    ("model", "recipe"): None,
+    ("privacy", "clipping"): "flat",
+    ("privacy", "auto_clip_gamma"): 0.01,
     ("setting", "federated", "secagg_num_shares"): None,
     ("setting", "federated", "secagg_reconstruction_threshold"): None,
     ("setting", "federated", "secagg_clipping_range"): 8.0,
@@ -406,8 +483,14 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def parse_config(data: dict, source: str = "config") -> RunConfig:
     """Validate a config mapping; raise :class:`ConfigError` naming every bad key."""
+    from privseg.recipes import apply_recipe
+
     try:
-        return RunConfig.model_validate(data or {})
+        data = apply_recipe(data or {})
+    except KeyError as e:
+        raise ConfigError(f"{source}: {e.args[0]}") from None
+    try:
+        return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"{source}: {_format_errors(e)}") from None
 

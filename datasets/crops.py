@@ -14,6 +14,7 @@ from monai.transforms.utils import map_classes_to_indices
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from privseg.datasets.augment import ViewAugmentation
 from privseg.datasets.base import Subject
 
 
@@ -33,11 +34,13 @@ class SubjectCrops(Dataset):
     has (class-balanced sampling, as nnU-Net oversamples foreground), so small structures are
     seen as often as large ones. Randomness comes from torch's RNG, so a seeded run is
     reproducible (also in DataLoader workers, which torch seeds from the loader's generator).
+    ``augment`` (:func:`privseg.datasets.augment.view_augmentation`) then augments each crop
+    with its own random draw (the k views of augmentation multiplicity).
     """
 
     def __init__(self, subjects: list[Subject], dims: int, patch_size: list[int] | None,
                  crops_per_subject: int, foreground_fraction: float = 0.9,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, augment: ViewAugmentation | None = None):
         if not subjects:
             raise ValueError("no subjects to train on")
         self.subjects = subjects
@@ -46,6 +49,7 @@ class SubjectCrops(Dataset):
         self.size = crop_size(dims, patch_size, subjects[0].label.shape)
         self.pad = SpatialPad(self.size)
         self.fg_fraction = foreground_fraction
+        self.augment = augment
         self.num_classes = num_classes or int(max(s.label.max() for s in subjects)) + 1
         self._indices = [self._class_indices(s) for s in subjects]
 
@@ -93,4 +97,6 @@ class SubjectCrops(Dataset):
         x, y = torch.stack(xs).float(), torch.stack(ys)[:, 0].long()
         if self.dims == 2:
             x, y = x[:, :, 0], y[:, 0]
+        if self.augment is not None:
+            x, y = self.augment(x, y)
         return x.contiguous(), y.contiguous()

@@ -60,6 +60,10 @@ class FlatDPOptimizer(DPOptimizer):
         self._summed: torch.Tensor | None = None  # clipped sum, across skipped steps
         self._flat_grad: torch.Tensor | None = None  # add_noise's result, for scale_grad
 
+    def clip_factor(self, norm: torch.Tensor) -> torch.Tensor:
+        """Each sample's scale from its gradient norm: flat clipping, ``min(1, C/(‖g‖+1e-6))``."""
+        return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+
     def clip_and_accumulate(self) -> None:
         """Clip each sample's whole gradient to ``max_grad_norm`` and add the clipped sum to
         the flat accumulator."""
@@ -80,7 +84,7 @@ class FlatDPOptimizer(DPOptimizer):
                  for a, b in ranges]
         norms = [torch.linalg.vector_norm(f, dim=1) for f in flats]
         norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
-        factor = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        factor = self.clip_factor(norm)
         # mv is a GEMV, never a TF32 GEMM (which `factor @ f` may become on CUDA where TF32
         # matmuls are allowed): the clipped sum stays fp32, so each sample adds at most C.
         parts = [f.t().mv(factor) for f in flats]

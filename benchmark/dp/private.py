@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from privseg.config import RunConfig
 from privseg.dp.accounting import PrivacyPlan, plan_privacy
+from privseg.dp.automatic import CLIPPING_OPTIMIZERS
 from privseg.dp.grad_samplers import prepare_module
-from privseg.dp.optimizer import FlatDPOptimizer
 from privseg.dp.randomness import dp_generator
 
 
@@ -125,12 +125,19 @@ def make_private(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimi
         model.forbid_grad_accumulation()
     optim_cls = get_optimizer_class(clipping="flat", distributed=False,
                                     grad_sample_mode=p.grad_sample_mode)
+    extra = {}
     if optim_cls is DPOptimizer and not stock_opacus:  # not ghost clipping's optimizer
-        optim_cls = FlatDPOptimizer
+        optim_cls = CLIPPING_OPTIMIZERS[p.clipping]
+        if p.clipping == "automatic":
+            extra["gamma"] = p.auto_clip_gamma
+    elif p.clipping != "flat":
+        raise ValueError(f"privacy.clipping={p.clipping} needs privseg's DP optimizer (hooks or "
+                         "functorch mode, not stock Opacus)")
     optimizer = optim_cls(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=p.max_grad_norm,
         expected_batch_size=t.expected_batch_size, loss_reduction="mean",
         generator=dp_generator(p.noise_seed, "noise", cfg.seed, device=device),
+        **extra,
     )
     accountant = create_accountant(p.accountant)
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))

@@ -31,12 +31,12 @@ from flwr.client import NumPyClient
 from privseg.architectures import build
 from privseg.config import RunConfig
 from privseg.datasets import SubjectSet
-from privseg.datasets.crops import SubjectCrops, crop_size
+from privseg.datasets.crops import crop_size
 from privseg.dp.accounting import epsilon_of_history
 from privseg.federated.site_plans import local_steps_per_round, plan_site_sample
 from privseg.federated.sites import SiteData, site_seed
 from privseg.training.evaluate import evaluate
-from privseg.training.setup import model_knobs, place_model, resolve_device
+from privseg.training.setup import model_knobs, place_model, resolve_device, training_crops
 from privseg.training.step import prepare_training, train_step, unwrap
 
 
@@ -86,9 +86,7 @@ class SiteClient(NumPyClient):
             model = place_model(build(cfg.model.name, d.dims, self.in_channels,
                                       self.num_classes, **model_knobs(cfg, self.roi)), cfg,
                                 self.device)
-            train_set = SubjectCrops(data.train, d.dims, d.patch_size,
-                                     cfg.training.crops_per_subject,
-                                     cfg.training.foreground_fraction)
+            train_set = training_crops(cfg, data.train)
             tc = time.perf_counter()
             plan = (plan_site_sample(self.scfg, len(data.train))
                     if self.scfg.privacy.enabled else None)

@@ -17,7 +17,9 @@ from torch import nn
 
 from privseg.architectures import get_entry
 from privseg.config import RunConfig
-from privseg.datasets import SubjectSet, load_dataset
+from privseg.datasets import Subject, SubjectSet, load_dataset
+from privseg.datasets.augment import view_augmentation
+from privseg.datasets.crops import SubjectCrops
 from privseg.record import read_record
 
 log = logging.getLogger("privseg")
@@ -90,6 +92,16 @@ def place_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mo
     if cfg.training.channels_last and device.type == "cuda" and cfg.dataset.dims == 2:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def training_crops(cfg: RunConfig, subjects: list[Subject],
+                   num_classes: int | None = None) -> SubjectCrops:
+    """The training items of ``subjects`` as the config asks: k crops per subject, each an
+    augmented view when ``training.augment`` turns augmentations on."""
+    d, t = cfg.dataset, cfg.training
+    return SubjectCrops(subjects, d.dims, d.patch_size, t.crops_per_subject,
+                        t.foreground_fraction, num_classes,
+                        augment=view_augmentation(**t.augment.model_dump(), dims=d.dims))
 
 
 def load_subjects(cfg: RunConfig) -> SubjectSet:

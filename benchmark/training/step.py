@@ -8,6 +8,7 @@ bounded whatever the logical batch size. The DP pieces come from :mod:`privseg.d
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -22,7 +23,9 @@ from privseg.config import RunConfig
 from privseg.datasets.crops import SubjectCrops
 from privseg.dp.accounting import PrivacyPlan
 from privseg.dp.private import group_crop_grad_samples, make_private, upcast_grad_samples
+from privseg.training.ema import WeightAverages, make_averages
 from privseg.training.losses import PerSampleDiceCE, per_subject
+from privseg.training.schedule import make_scheduler
 
 # Opacus' hooks on the first layer fire although the input needs no gradient; harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -51,6 +54,10 @@ class TrainState:
     grad_reduction: str = "sum"
     #: seconds :func:`prepare_training` spent calibrating σ
     calibration_s: float = 0.0
+    #: EMA / Polyak averages of the weights (:mod:`privseg.training.ema`), if the config asks
+    averages: WeightAverages | None = None
+    #: the lr schedule (:mod:`privseg.training.schedule`), stepped once per logical step
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -68,16 +75,31 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
     (:func:`privseg.dp.private.make_private`, which takes ``plan`` and ``stock_opacus``)."""
     t, p = cfg.training, cfg.privacy
     optimizer = make_optimizer(cfg, model.parameters())
+    # the averages copy the user's model before Opacus wraps it (no grad-sample hooks)
+    template = copy.deepcopy(model) if t.ema is not None or t.polyak_epochs else None
     loader_kw = dict(num_workers=t.num_workers, persistent_workers=t.num_workers > 0,
                      pin_memory=device.type == "cuda")
     if not p.enabled:
         loader = DataLoader(train_set, batch_size=t.expected_batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-        return TrainState(model, optimizer, loader, PerSampleDiceCE(reduction="mean"))
+        return TrainState(model, optimizer, loader, PerSampleDiceCE(reduction="mean"),
+                          averages=_averages(cfg, template, len(loader)),
+                          scheduler=make_scheduler(t.lr_schedule, optimizer,
+                                                   t.epochs * len(loader)))
     dp = make_private(cfg, model, optimizer, train_set, PerSampleDiceCE(reduction="mean"),
                       device, loader_kw, plan=plan, stock_opacus=stock_opacus)
     return TrainState(dp.model, dp.optimizer, dp.loader, dp.criterion, dp.accountant, dp.plan,
-                      grad_reduction=dp.grad_reduction, calibration_s=dp.calibration_s)
+                      grad_reduction=dp.grad_reduction, calibration_s=dp.calibration_s,
+                      averages=_averages(cfg, template, dp.plan.steps_per_epoch),
+                      scheduler=make_scheduler(t.lr_schedule, dp.optimizer, dp.plan.steps))
+
+
+def _averages(cfg: RunConfig, template: nn.Module | None,
+              steps_per_epoch: int) -> WeightAverages | None:
+    t = cfg.training
+    if template is None:
+        return None
+    return make_averages(template, t.ema, t.polyak_epochs, t.epochs, steps_per_epoch)
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConfig,
@@ -139,7 +161,17 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, cfg: RunConf
         elif last:
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
+    _after_logical_step(state)
     return total / batch if batch else torch.full((), float("nan"), device=device)
+
+
+def _after_logical_step(state: TrainState) -> None:
+    """After each logical step: the averages of its released weights (post-processing, no
+    privacy cost) and the lr schedule's step."""
+    if state.averages is not None:
+        state.averages.update(unwrap(state.model))
+    if state.scheduler is not None:
+        state.scheduler.step()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

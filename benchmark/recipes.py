@@ -1,0 +1,77 @@
+"""Per-architecture training recipes (``model.recipe``), read from ``recipes.yaml``.
+
+A recipe maps architectures (registry names; ``"*"`` for any other) to config settings, e.g.
+``{training: {lr: 0.01, ema: 0.999}, privacy: {clipping: automatic}}``, so that each
+architecture is compared at its own tuned settings rather than one shared, untuned setting.
+Applied to the config mapping before it is validated (:func:`privseg.config.parse_config`):
+the resolved values are in the config, so the run id covers them, and a recipe file edited
+later gives new run ids rather than mislabelled old ones.
+
+Each recipe also says how it was tuned and whether the tuning's privacy cost is accounted
+(Papernot & Steinke 2022, arXiv 2110.03620: choosing among DP runs on private data costs
+privacy too); a run that uses a recipe repeats that statement in its record.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+RECIPES_FILE = "recipes.yaml"
+#: the config sections a recipe may set
+RECIPE_SECTIONS = ("training", "privacy")
+
+
+@cache
+def load_recipes() -> dict[str, dict]:
+    """The shipped recipes by name (``privseg/recipes.yaml``)."""
+    text = (resources.files("privseg") / RECIPES_FILE).read_text()
+    return yaml.safe_load(text) or {}
+
+
+def recipe_settings(recipe: str, model: str) -> dict[str, dict]:
+    """The settings recipe ``recipe`` gives architecture ``model``; a KeyError names what is
+    missing and what exists."""
+    recipes = load_recipes()
+    if recipe not in recipes:
+        raise KeyError(f"model.recipe: no recipe {recipe!r} in {RECIPES_FILE}; recipes: "
+                       f"{', '.join(sorted(recipes))}")
+    archs = recipes[recipe].get("architectures", {})
+    settings = archs.get(model, archs.get("*"))
+    if settings is None:
+        raise KeyError(f"model.recipe: recipe {recipe!r} ({RECIPES_FILE}) has no settings for "
+                       f"model {model!r} and no '*' entry; it has: {', '.join(sorted(archs))}")
+    bad = sorted(set(settings) - set(RECIPE_SECTIONS))
+    if bad:
+        raise KeyError(f"model.recipe: recipe {recipe!r} ({RECIPES_FILE}), model {model!r}: "
+                       f"sections {bad} not allowed; a recipe sets {RECIPE_SECTIONS}")
+    return settings
+
+
+def apply_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its model's recipe settings merged over it (unchanged without
+    ``model.recipe``)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    recipe = model.get("recipe") if isinstance(model, dict) else None
+    if recipe is None:
+        return data
+    data = json.loads(json.dumps(data))
+    for section, values in recipe_settings(str(recipe), model.get("name", "unet")).items():
+        node = data.setdefault(section, {})
+        node.update(values)
+    return data
+
+
+def recipe_statement(recipe: str | None) -> dict | None:
+    """What a run record says about its recipe: name, how it was tuned, privacy cost."""
+    if recipe is None:
+        return None
+    entry = load_recipes()[recipe]
+    tuning = entry.get("tuning", {})
+    return {"name": recipe, "description": entry.get("description"),
+            "tuning_method": tuning.get("method"), "tuning_sweep": tuning.get("sweep"),
+            "tuning_privacy_cost": tuning.get("privacy_cost", "not covered")}
