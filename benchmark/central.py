@@ -46,6 +46,8 @@ CENTRAL_NOT_COVERED = [
     "the training subjects' ids (splits.train): membership of the training set is disclosed "
     "outright by the record",
     "per-epoch training loss (history[].train_loss; un-noised, computed on training subjects)",
+    "per-epoch wall and data-loading times (history[].epoch_time_s, data_time_s; W&B train/*), "
+    "which track how many subjects each epoch's Poisson draws held",
     "validation and test metrics (un-noised; computed on held-out subjects, not on training "
     "subjects)",
 ]

@@ -63,7 +63,8 @@ def privacy(
         help="Epochs, each int(1/q) Poisson steps with q = batch/n (Opacus DPDataLoader)")],
     epsilon: Annotated[float | None, typer.Option(help="Target ε -> σ")] = None,
     sigma: Annotated[float | None, typer.Option(help="Noise multiplier σ -> ε")] = None,
-    delta: Annotated[float | None, typer.Option(help="δ (default min(1e-5, 1/n^1.1))")] = None,
+    delta: Annotated[float | None, typer.Option(
+        help="δ (default min(1e-5, 1/n^1.1, 1/(100n)))")] = None,
     accountant: Annotated[str, typer.Option(help="prv or rdp")] = "prv",
 ) -> None:
     """Privacy calculator: σ for a target ε, or ε spent for a given σ (per subject).

@@ -143,8 +143,8 @@ class PrivacyConfig(_Strict):
         None, ge=0.0, description="fixed sigma instead of a target epsilon"
     )
     delta: float | None = Field(
-        None, gt=0.0, lt=1.0, description="default min(1e-5, 1/n^1.1); n = training subjects "
-        "(sites in site-level DP)")
+        None, gt=0.0, lt=1.0, description="default min(1e-5, 1/n^1.1, 1/(100n)); n = training "
+        "subjects (sites in site-level DP)")
     noise_seed: int | None = Field(
         None, ge=0, description="opt into DP noise and sampling reproducible from the config "
         "(benchmarks only: whoever holds the config can replay the noise); default: a secret "

@@ -141,7 +141,7 @@ def test_site_mode_epsilon_matches_dp_accounting(workdir, fraction, rounds):
     plan = site_level_plan(cfg, 3)
     assert plan["sample_rate"] == fraction and plan["denominator"] == pytest.approx(3 * fraction)
     assert ("Poisson" in plan["sampling"]) == (fraction < 1)
-    assert plan["unit"] == "site" and "one whole site" in plan["neighbouring"]
+    assert plan["unit"] == "site" and "enrolled site's whole data" in plan["neighbouring"]
     eps = site_level_epsilon(plan["noise_multiplier"], plan["sample_rate"], rounds,
                              plan["delta"], "rdp")
     indep = dp_accounting_epsilon(plan["noise_multiplier"], plan["sample_rate"], rounds,
@@ -476,3 +476,13 @@ def test_unetr_is_built_for_the_crop_centrally_and_in_a_federation(tmp_path):
 
     assert payload(img_size=16) != payload()  # the two sizes are told apart
     assert record["federated"]["parameter_payload_bytes"] == payload(img_size=16)
+
+
+def test_sample_mode_record_carries_each_sites_weak_delta_warning(workdir):
+    """A user δ at or above 1/(10·n_site) is warned at the site and stated in the record."""
+    d = tiny(workdir, rounds=1, eval_every=0)
+    d["privacy"]["delta"] = 0.05  # sites train on 3-4 subjects: 1/(10·n) ≈ 0.03
+    rec = run_federated(parse_config(d), progress=False, force=True)
+    warnings_ = rec["privacy"]["delta_warning_per_site"]
+    assert set(warnings_) == set(rec["privacy"]["epsilon_per_site"])
+    assert all("1/(10·n)" in w for w in warnings_.values())

@@ -20,6 +20,7 @@ from privseg.dp.accounting import (
     calibrate_noise,
     check_delta,
     default_delta,
+    delta_warning,
     epsilon_for,
     epsilon_of_history,
     plan_privacy,
@@ -80,9 +81,11 @@ def test_calibrated_sigma_spends_target_epsilon(accountant, target):
 
 
 def test_default_delta_and_rejection():
-    # min(1e-5, 1/n^1.1): 1e-5 for clinical cohorts (1/n^1.1 was 0.026 for 28 subjects)
+    # min(1e-5, 1/n^1.1, 1/(100n)): 1e-5 for clinical cohorts (1/n^1.1 was 0.026 for 28)
     assert default_delta(28) == 1e-5 and default_delta(3) == 1e-5
-    assert default_delta(10**6) == pytest.approx(10**-6.6)
+    assert default_delta(10**6) == pytest.approx(10**-8)
+    for n in (3, 28, 10**4, 35_000, 10**6):  # never a δ that delta_warning would flag
+        assert delta_warning(default_delta(n), n) is None
     check_delta(default_delta(100), 100)
     with pytest.raises(ValueError, match="delta"):
         check_delta(1 / 100, 100)

@@ -146,3 +146,19 @@ def test_a_non_private_run_spends_everything_and_is_refused_under_any_budget(tmp
     assert 0 < open_ledger.spent() < 10
     open_ledger.charge(3, "a", nonprivate)
     assert SiteLedger(tmp_path / "l.jsonl").spent() == float("inf")
+
+
+def test_two_workers_on_one_ledger_cannot_both_spend_the_same_room(tmp_path):
+    """Each charge locks the file and reads it again, so the second sees the first's run."""
+    from privseg.dp.ledger import Spend
+
+    run = Spend(1.0, 0.1, 50, 1e-5)
+    one = SiteLedger(tmp_path / "l.jsonl").spent(run)
+    two = epsilon_of_history(run.history() * 2, 1e-5)
+    budget = (one + two) / 2  # room for one such run, not two
+    a = SiteLedger(tmp_path / "l.jsonl", budget_epsilon=budget)
+    b = SiteLedger(tmp_path / "l.jsonl", budget_epsilon=budget)  # opened before a charges
+    a.charge(1, "x", run)
+    with pytest.raises(BudgetExceeded):
+        b.charge(2, "x", run)
+    assert [e["run_id"] for e in SiteLedger(tmp_path / "l.jsonl").entries] == ["1"]

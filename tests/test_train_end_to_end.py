@@ -116,7 +116,7 @@ def test_dp_run_learns_and_reports_subject_level_epsilon(tmp, nonprivate):
     assert p["n_subjects"] == n_train == 112
     assert p["sample_rate"] == pytest.approx(8 / n_train)
     assert p["steps"] == rec["timing"]["steps"] == int(n_train / 8) * 60
-    assert p["delta"] == min(1e-5, n_train**-1.1)
+    assert p["delta"] == min(1e-5, n_train**-1.1, 1 / (100 * n_train))
     before = untrained_dice(cfg, rec["splits"]["test"])
     dice = rec["test"]["dice"]
     # The noise is secret: every run of this test draws new noise. Measured on this config

@@ -167,14 +167,14 @@ MAX_DEFAULT_DELTA = 1e-5
 
 
 def default_delta(n_subjects: int) -> float:
-    """δ = min(1e-5, 1/n^1.1).
+    """δ = min(1e-5, 1/n^1.1, 1/(100·n)).
 
     1/n^1.1 alone is weak for clinical cohorts (0.026 for 28 subjects, about 0.7/n): a
     mechanism that publishes one random subject's data outright is (0, 1/n)-DP. 1e-5 is the
-    usual ceiling in the DP-SGD literature (Abadi et al. 2016); the n-dependent term only
-    matters for cohorts beyond ~35,000.
+    usual ceiling in the DP-SGD literature (Abadi et al. 2016); 1/(100·n) keeps the default
+    well below the 1/(10·n) that :func:`delta_warning` flags, for cohorts beyond 1,000.
     """
-    return min(MAX_DEFAULT_DELTA, 1.0 / n_subjects**1.1)
+    return min(MAX_DEFAULT_DELTA, 1.0 / n_subjects**1.1, 1.0 / (100 * n_subjects))
 
 
 def check_delta(delta: float, n_subjects: int, unit: str = "subject") -> None:
@@ -196,7 +196,7 @@ def delta_warning(delta: float, n_units: int, unit: str = "subject") -> str | No
         return None
     return (f"δ = {delta:.3g} is at or above 1/(10·n) = {1 / (10 * n_units):.3g} for n = "
             f"{n_units} {unit}s: a mechanism leaking one {unit} in {1 / (delta * n_units):.3g} "
-            "runs would meet it; prefer the default min(1e-5, 1/n^1.1)")
+            "runs would meet it; prefer the default min(1e-5, 1/n^1.1, 1/(100n))")
 
 
 def checked_user_delta(delta: float, n_units: int, unit: str = "subject") -> str | None:

@@ -12,6 +12,7 @@ refused before it trains. A restart reads the file back, so nothing is spent twi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -57,16 +58,19 @@ class SiteLedger:
         self.budget_epsilon = budget_epsilon
         self.budget_delta = budget_delta
         self.accountant = accountant
-        self.entries: list[dict] = []
-        if self.path.exists():
-            for n, line in enumerate(self.path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    self.entries.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}: line {n} is not a ledger entry ({e}); the "
-                                     "ledger is append-only and must not be edited") from None
+        self.entries: list[dict] = self._read(self.path.read_text()) if self.path.exists() else []
+
+    def _read(self, text: str) -> list[dict]:
+        entries = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{self.path}: line {n} is not a ledger entry ({e}); the "
+                                 "ledger is append-only and must not be edited") from None
+        return entries
 
     def __contains__(self, run_id: object) -> bool:
         return any(e["run_id"] == str(run_id) for e in self.entries)
@@ -84,8 +88,18 @@ class SiteLedger:
     def charge(self, run_id: object, agreement_id: str, spend: Spend) -> float:
         """Record run ``run_id`` before it trains, or raise :class:`BudgetExceeded`.
 
-        A run already in the ledger is not charged twice. Returns the composed total.
+        A run already in the ledger is not charged twice. Returns the composed total. The
+        file is locked and read again first, so two workers on one site's data cannot both
+        charge against the same earlier total.
         """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            f.seek(0)
+            self.entries = self._read(f.read())
+            return self._charge_locked(f, run_id, agreement_id, spend)
+
+    def _charge_locked(self, f, run_id: object, agreement_id: str, spend: Spend) -> float:
         if run_id in self:
             return self.spent()
         before = self.spent()
@@ -102,11 +116,9 @@ class SiteLedger:
                  "noise_multiplier": spend.noise_multiplier, "sample_rate": spend.sample_rate,
                  "steps": spend.steps, "delta": spend.delta, "epsilon": alone,
                  "unit": spend.unit, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
         self.entries.append(entry)
         return after
 

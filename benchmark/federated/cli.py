@@ -18,6 +18,10 @@ app = typer.Typer(help="Federated training on Flower: server, site, simulation."
 AllowNoiseOpt = Annotated[bool, typer.Option(
     help="accept a config with privacy.noise_seed (its DP noise is then replayable by whoever "
          "holds the config): for loopback tests and benchmarks, never for patients' data")]
+BudgetOpt = Annotated[float | None, typer.Option(
+    help="this site's total privacy budget ε over all runs on its data (composed in its "
+         "ledger); a run that would exceed it is refused before training")]
+BudgetDeltaOpt = Annotated[float, typer.Option(help="δ at which the ledger composes")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key, e.g. --set setting.federated.rounds=5")]
 
@@ -76,6 +80,8 @@ def site(
     = None,
     max_wait: Annotated[float | None, typer.Option(help="give up connecting after s")] = None,
     allow_reproducible_noise: AllowNoiseOpt = False,
+    budget_epsilon: BudgetOpt = None,
+    budget_delta: BudgetDeltaOpt = 1e-5,
     set_: SetOpt = None,
 ) -> None:
     """Legacy transport (Flower start_client): one site; see `supernode` for the current one.
@@ -88,8 +94,8 @@ def site(
     try:
         run_site(cfg, name, server_address, data,
                  ca_cert.read_bytes() if ca_cert is not None else None, max_wait,
-                 allow_reproducible_noise)
-    except (ValueError, FileNotFoundError) as e:
+                 allow_reproducible_noise, budget_epsilon, budget_delta)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(str(e), code=1)
 
 
@@ -134,10 +140,8 @@ def supernode(
     runtime_port: Annotated[int | None, typer.Option(
         help="local port of the SuperNode's runtime API (default Flower's 9094)")] = None,
     max_wait: Annotated[float | None, typer.Option(help="give up connecting after s")] = None,
-    budget_epsilon: Annotated[float | None, typer.Option(
-        help="this site's total privacy budget ε over all runs on its data (composed in its "
-             "ledger); a run that would exceed it is refused before training")] = None,
-    budget_delta: Annotated[float, typer.Option(help="δ at which the ledger composes")] = 1e-5,
+    budget_epsilon: BudgetOpt = None,
+    budget_delta: BudgetDeltaOpt = 1e-5,
     allow_reproducible_noise: AllowNoiseOpt = False,
     set_: SetOpt = None,
 ) -> None:

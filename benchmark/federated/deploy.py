@@ -18,14 +18,18 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from privseg.config import ConfigError, RunConfig
 from privseg.datasets import load_dataset
+from privseg.dp.accounting import MAX_DEFAULT_DELTA
+from privseg.dp.ledger import SiteLedger
 from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.client import SiteClient
 from privseg.federated.server import deployment_record, make_server
-from privseg.federated.sites import build_site
+from privseg.federated.sites import build_site, partition
+from privseg.federated.supernode import agreement_id, ledger_path, run_spend
 from privseg.record import run_dir, write_record
 from privseg.training.setup import default_cache_dir, seed_everything
 
@@ -90,10 +94,13 @@ def wait_for_server(address: str, max_wait_time: float | None, poll_s: float = 0
 
 def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | None = None,
              root_certificates: bytes | None = None, max_wait_time: float | None = None,
-             allow_reproducible_noise: bool = False) -> None:
+             allow_reproducible_noise: bool = False, budget_epsilon: float | None = None,
+             budget_delta: float = MAX_DEFAULT_DELTA) -> None:
     """Serve one site's data to the federation: train and evaluate locally when asked.
 
-    A config with ``privacy.noise_seed`` is refused unless ``allow_reproducible_noise``."""
+    A config with ``privacy.noise_seed`` is refused unless ``allow_reproducible_noise``. The
+    run's planned spend is charged to the site's ledger (as a SuperNode's runs are) before the
+    site connects; past ``budget_epsilon`` it is refused."""
     import flwr
 
     refuse_secure_aggregation(cfg)
@@ -105,8 +112,13 @@ def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | No
                                Path(d.cache_dir) if d.cache_dir else default_cache_dir())
     data = build_site(cfg, subject_set, site)
     client = SiteClient(cfg, data, subject_set)
-    log.info("site %s: %s subjects (train/val/test), connecting to %s", site, data.counts(),
-             server_address)
+    ledger = SiteLedger(ledger_path(cfg, site), budget_epsilon, budget_delta)
+    n_sites = len(set(partition(cfg, subject_set)[0].values()))
+    # the legacy transport has no run id: each process is one run
+    total = ledger.charge(f"legacy-{uuid.uuid4().hex[:12]}", agreement_id(cfg),
+                          run_spend(cfg, client, n_sites))
+    log.info("site %s: %s subjects (train/val/test), connecting to %s; ledger: composed ε = "
+             "%.4g", site, data.counts(), server_address, total)
     wait_for_server(server_address, max_wait_time)
     flwr.client.start_client(server_address=server_address, client=client.to_client(),
                              insecure=root_certificates is None,

@@ -55,6 +55,7 @@ from flwr.server.strategy import (
 
 from privseg.architectures import build, get_entry
 from privseg.config import RunConfig
+from privseg.dp.accounting import delta_warning
 from privseg.dp.randomness import noise_note
 from privseg.federated.site_dp import (
     PoissonSiteDP,
@@ -77,18 +78,20 @@ except ImportError:  # pragma: no cover
 SAMPLE_NOT_COVERED = [
     "each site's exact number of training subjects (FedAvg weight, num_examples) and its split "
     "counts, sent to the server and in the record",
-    "each site's local wall time per round and its per-round training loss (un-noised, "
-    "computed on training subjects), sent to the server",
+    "each site's local wall time per round (it tracks the site's Poisson batch sizes), sent "
+    "to the server",
     "per-round validation and final test metrics of every site's held-out subjects "
     "(un-noised aggregates), sent to the server and in the record",
 ]
 #: what a site-level DP run discloses outside its guarantee (the record says so)
 SITE_NOT_COVERED = [
-    "which sites took part in each round (history[].sites): ε assumes the server keeps the "
-    "coins secret, so do not publish the record's history rows",
-    "every site's training loss, wall time and held-out metrics per round (un-noised), sent "
-    "to the server",
+    "which sites took part in each round, which ε assumes the server keeps secret: "
+    "history[].sites and fit_s, federated.bytes_per_round (bytes up and sites per round) and "
+    "federated.wire_bytes (per site): do not publish these parts of the record",
+    "every site's wall time and held-out metrics per round (un-noised), sent to the server",
     "the sites' numbers of training subjects, sent to the server",
+    "the roster of sites (dataset.sites): the guarantee is for one enrolled site's data, "
+    "present or not, in a federation of N sites fixed beforehand",
 ]
 
 
@@ -185,6 +188,7 @@ class RecordingStrategy(Strategy):
         #: the SecAgg+ parameters (set by privseg.federated.secagg) when secure_aggregation
         self.secagg: dict | None = None
         self.site_fit_metrics: dict[str, dict] = {}
+        self.site_train_subjects: dict[str, int] = {}
         self.final_test: dict[str, dict] = {}
         self.compute_s = 0.0
 
@@ -293,6 +297,7 @@ class RecordingStrategy(Strategy):
             site = str(res.metrics["site"])
             row["sites"].append(site)
             self.site_fit_metrics[site] = dict(res.metrics)
+            self.site_train_subjects[site] = int(res.num_examples)
             self.compute_s += float(res.metrics.get("fit_s", 0.0))
         row["site_metrics"] = {str(r.metrics["site"]): {k: v for k, v in r.metrics.items()
                                                         if k != "site"} for _, r in results}
@@ -367,6 +372,9 @@ class RecordingStrategy(Strategy):
                 "accountant": self.cfg.privacy.accountant,
                 "max_grad_norm": self.cfg.privacy.max_grad_norm,
                 "crops_per_subject": self.cfg.training.crops_per_subject,
+                "delta_warning_per_site": {
+                    s: w for s, v in m.items()
+                    if (w := delta_warning(v["delta"], self.site_train_subjects.get(s, 1)))},
                 "sampling": "Poisson sampling of each site's subjects (secret coins at the site)",
                 "neighbouring": "add or remove one subject of a site",
                 "noise": noise,
@@ -390,8 +398,9 @@ class RecordingStrategy(Strategy):
         return {
             **common, "secure_aggregation": False,
             "guarantee": (
-                f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to adding or "
-                "removing one whole site's data (DP-FedAvg, McMahan et al. 2018): "
+                f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to one whole "
+                f"site's data being present or absent among the {d['n_sites']} enrolled sites "
+                "(DP-FedAvg, McMahan et al. 2018): "
                 f"{d['sampling']}; each taking part site's update clipped to L2 norm "
                 f"{d['clipping_norm']:g}; Gaussian noise σ·C (σ = {d['noise_multiplier']:.4g}) "
                 f"added by the server to their sum, divided by the fixed q·N = "
@@ -406,8 +415,9 @@ class RecordingStrategy(Strategy):
         d, sa = self.dp_site, self.secagg or {}
         step = 2 * sa.get("clipping_range", math.nan) / sa.get("quantization_range", math.nan)
         return (
-            f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to adding or removing "
-            "one whole site's data (DP-FedAvg, McMahan et al. 2018), with secure aggregation: "
+            f"site-level: ({eps:.4g}, {d['delta']:.3g})-DP with respect to one whole site's "
+            f"data being present or absent among the {d['n_sites']} enrolled sites (DP-FedAvg, "
+            "McMahan et al. 2018), with secure aggregation: "
             f"each site clips its own update to L2 norm {d['clipping_norm']:g} (Flower "
             "fixedclipping_mod) and sends it masked under SecAgg+ (secaggplus_mod; "
             f"{sa.get('reconstruction_threshold')} of {sa.get('num_shares')} shares unmask), so "
@@ -543,7 +553,9 @@ class FederatedServer(Server):
                 "strategy": fed.strategy, "dp_mode": fed.dp_mode, "rounds": fed.rounds,
                 "local_epochs": fed.local_epochs, "local_steps": fed.local_steps,
                 "fraction_fit": fed.fraction_fit,
-                "sites_per_round": sites_per_round(self.n_sites, fed.fraction_fit),
+                # site-level DP samples by Poisson coins: q·N sites per round on average
+                "sites_per_round": (fed.fraction_fit * self.n_sites if rec.dp_site is not None
+                                    else sites_per_round(self.n_sites, fed.fraction_fit)),
                 "n_sites": self.n_sites, "partition": fed.partition,
                 "parameter_payload_bytes": payload_bytes(self.parameters),
                 "bytes_per_round": bpr,

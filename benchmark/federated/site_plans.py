@@ -11,8 +11,11 @@ with probability q = ``fraction_fit``, by secret coins at the server; each takin
 its model update to norm C; the server adds N(0, σ²C²) to the sum of clipped updates and
 divides by the fixed, public q·N. Under adding or removing one whole site the sum moves by at
 most C and nothing else depends on the data, so each round is a Poisson-subsampled Gaussian
-mechanism and Opacus' accountant composes ``rounds`` of them. With q = 1 every site is in every
-round: no amplification, and the same accountant then composes plain Gaussian mechanisms.
+mechanism and Opacus' accountant composes ``rounds`` of them. N is the public, fixed roster
+of enrolled sites (it sets the denominator): the neighbouring relation is one enrolled site's
+data present or absent (zero-out), not a change in how many sites there are. With q = 1
+every site is in every round: no amplification, and the same accountant then composes plain
+Gaussian mechanisms.
 (Flower's own fixed-size sampling of ⌊q·N⌋ sites without replacement is *not* Poisson
 sampling, and accounting it as such is optimistic; Lebeda et al. 2024, arXiv 2405.20769.)
 """
@@ -89,7 +92,9 @@ def site_level_plan(cfg: RunConfig, n_sites: int) -> dict:
             "rounds": fed.rounds, "delta": delta, "noise_multiplier": float(sigma),
             "clipping_norm": fed.site_clip_norm, "target_epsilon": p.target_epsilon,
             "accountant": p.accountant, "unit": "site", "sampling": sampling,
-            "neighbouring": "add or remove one whole site (sum sensitivity C)",
+            "neighbouring": ("one enrolled site's whole data present or absent (an absent "
+                             "site contributes nothing), among N sites fixed beforehand: the "
+                             "denominator q·N is public; sum sensitivity C"),
             "delta_warning": warning}
 
 
