@@ -21,6 +21,12 @@ from pathlib import Path
 
 from privseg.dp.accounting import MAX_DEFAULT_DELTA, epsilon_of_history
 
+#: what each kind of run's ε protects, and against whom (the ledger composes them all alike)
+UNIT_NOTES = {
+    "subject": "each subject, against the server and other sites (DP-SGD at this site)",
+    "site": "this site's whole data in the released models only: the server saw its raw updates",
+}
+
 
 class BudgetExceeded(RuntimeError):
     """A run would take the site's composed privacy spend past its operator's budget."""
@@ -126,11 +132,12 @@ class SiteLedger:
         """The ledger as a table, with the composed total and the budget."""
         lines = [f"ledger {self.path}: {len(self.entries)} run(s)",
                  f"{'run id':>22} {'agreement':>12} {'σ':>8} {'q':>8} {'steps':>6} "
-                 f"{'run δ':>9} {'ε alone':>8}"]
+                 f"{'run δ':>9} {'ε alone':>8}  protects"]
         for e in self.entries:
             lines.append(f"{e['run_id']:>22} {e['agreement_id']:>12} "
                          f"{e['noise_multiplier']:>8.4g} {e['sample_rate']:>8.4g} "
-                         f"{e['steps']:>6} {e['delta']:>9.3g} {e['epsilon']:>8.4g}")
+                         f"{e['steps']:>6} {e['delta']:>9.3g} {e['epsilon']:>8.4g}  "
+                         f"{UNIT_NOTES.get(e.get('unit', ''), e.get('unit', ''))}")
         budget = "none set" if self.budget_epsilon is None else f"ε = {self.budget_epsilon:g}"
         lines.append(f"(ε alone and composed: {self.accountant} at the ledger's δ = "
                      f"{self.budget_delta:g})")
