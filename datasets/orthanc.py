@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from privseg.processes import stop_process
+
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 
@@ -108,9 +110,4 @@ def local_orthanc(workdir: Path, timeout: float = 30.0) -> Iterator[OrthancServe
         _wait_ready(url, proc, log, timeout)
         yield OrthancServer(url, storage)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

@@ -48,6 +48,7 @@ from privseg.federated.federation import flower_command, flower_env
 from privseg.federated.secagg import secagg_rounding_state, site_app
 from privseg.federated.site_plans import site_level_plan
 from privseg.federated.sites import SiteData, build_site, partition
+from privseg.processes import stop_process
 
 log = logging.getLogger("privseg")
 
@@ -348,11 +349,6 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
         listener.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
