@@ -29,8 +29,8 @@ _MT_OFFSET, _MT_WORDS = 24, 624
 #: what the record says about the noise of a run that opted into reproducible streams
 REPRODUCIBLE_NOTE = ("noise reproducible from the config (privacy.noise_seed): a benchmark run, "
                      "not a private release")
-SECRET_NOTE = ("noise and sampling drawn from per-run secret seeds (operating-system entropy, "
-               "never recorded or sent)")
+SECRET_NOTE = ("noise and sampling drawn from secret generators, their whole state taken from "
+               "operating-system entropy for every run (never recorded or sent)")
 
 
 def dp_seed(noise_seed: int | None, stream: str, *context: object) -> int:
