@@ -78,6 +78,7 @@ def privacy(
     if accountant not in ("prv", "rdp"):
         fail("--accountant must be prv or rdp")
     warnings.filterwarnings("ignore")
+    show_info_logs()  # a weak δ is warned through privseg's logger
     try:
         plan = plan_privacy(subjects, batch, epochs, target_epsilon=epsilon, noise_multiplier=sigma,
                             delta=delta, accountant=accountant)
