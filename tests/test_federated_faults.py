@@ -1,0 +1,130 @@
+"""Faults survived, nothing lost: a site failing mid-run, a run that cannot go on (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from test_federated import dp_accounting_epsilon, tiny
+
+from privseg.config import parse_config
+from privseg.federated.client import SiteClient
+from privseg.federated.server import SAMPLE_DROPOUT_NOTE, SITE_DROPOUT_NOTE
+from privseg.federated.simulation import run_federated
+from privseg.federated.site_plans import site_level_epsilon
+from privseg.record import RECORD_NAME, read_record, run_dir
+
+warnings.filterwarnings("ignore", module="opacus")
+
+
+def fail_site_in_round(monkeypatch, site: str, rnd: int) -> None:
+    """``site``'s fit raises in round ``rnd`` (before it takes any step)."""
+    fit = SiteClient.fit
+
+    def faulty(self, parameters, config):
+        if self.site == site and int(config["round"]) == rnd:
+            raise RuntimeError(f"injected fault at {site} in round {rnd}")
+        return fit(self, parameters, config)
+
+    monkeypatch.setattr(SiteClient, "fit", faulty)
+
+
+def raw_record(cfg) -> dict:
+    return json.loads((run_dir(cfg.output.dir, cfg.run_id()) / RECORD_NAME).read_text())
+
+
+@pytest.fixture(scope="module")
+def sample_cfg(tmp_path_factory):
+    return parse_config(tiny(tmp_path_factory.mktemp("faults"), rounds=3, min_fit_sites=2))
+
+
+@pytest.fixture(scope="module")
+def sample_baseline(sample_cfg):
+    return run_federated(sample_cfg, progress=False, force=True)
+
+
+
+def test_site_failing_in_round_2_is_missed_and_rejoins(monkeypatch, sample_cfg,
+                                                       sample_baseline):
+    fail_site_in_round(monkeypatch, "site-B", 2)
+    rec = run_federated(sample_cfg, progress=False, force=True)
+    assert raw_record(sample_cfg)["status"] == "complete"
+    h = rec["history"]
+    assert [r["sites"] for r in h] == [["site-A", "site-B", "site-C"], ["site-A", "site-C"],
+                                       ["site-A", "site-B", "site-C"]]
+    assert "missed" not in h[0] and "missed" not in h[2]
+    (miss,) = h[1]["missed"]
+    assert miss["site"] == "site-B" and "injected fault at site-B in round 2" in miss["reason"]
+    p, base = rec["privacy"], sample_baseline["privacy"]
+    for s in ("site-A", "site-C"):  # the others' ε is unchanged by the fault
+        assert p["epsilon_per_site"][s] == base["epsilon_per_site"][s]
+        assert p["steps_per_site"][s] == base["steps_per_site"][s] == 3 * 2
+    # site-B took no step in round 2: its accountant composed the 2 rounds it trained
+    assert p["steps_per_site"]["site-B"] == 2 * 2
+    assert p["epsilon_per_site"]["site-B"] == pytest.approx(dp_accounting_epsilon(
+        p["noise_multiplier_per_site"]["site-B"], p["sample_rate_per_site"]["site-B"], 4,
+        p["delta_per_site"]["site-B"]), rel=1e-6)
+    assert p["epsilon_per_site"]["site-B"] < base["epsilon_per_site"]["site-B"]
+    assert SAMPLE_DROPOUT_NOTE in p["not_covered"]
+    assert SAMPLE_DROPOUT_NOTE not in base["not_covered"]
+
+
+def test_run_that_cannot_go_on_writes_a_failed_record(monkeypatch, tmp_path):
+    cfg = parse_config(tiny(tmp_path, rounds=3))  # min_fit_sites: all three
+    fail_site_in_round(monkeypatch, "site-B", 2)
+    with pytest.raises(RuntimeError, match="min_fit_sites=3"):
+        run_federated(cfg, progress=False, force=True)
+    rec = raw_record(cfg)
+    assert rec["status"] == "failed" and rec["run_id"] == cfg.run_id()
+    assert "2 of 3 site(s) answered" in rec["error"]
+    assert rec["rounds_done"] == 1
+    assert rec["history"][1]["missed"][0]["site"] == "site-B"
+    p = rec["privacy"]
+    # A and C trained in round 2 before the run stopped: their spend is in the record
+    assert p["steps_per_site"] == {"site-A": 4, "site-B": 2, "site-C": 4}
+    for s, steps in p["steps_per_site"].items():
+        assert p["epsilon_per_site"][s] == pytest.approx(dp_accounting_epsilon(
+            p["noise_multiplier_per_site"][s], p["sample_rate_per_site"][s], steps,
+            p["delta_per_site"][s]), rel=1e-6)
+    assert SAMPLE_DROPOUT_NOTE in p["not_covered"]
+    # a failed record is not a complete one: the rerun is not blocked by it
+    assert read_record(run_dir(cfg.output.dir, cfg.run_id())) is None
+    monkeypatch.undo()
+    again = run_federated(cfg, progress=False)
+    assert raw_record(cfg)["status"] == "complete" and "error" not in again
+
+
+@pytest.mark.parametrize("min_fit_sites", [2, None])
+def test_site_level_dp_drops_a_failed_site_or_stops(monkeypatch, tmp_path, min_fit_sites):
+    """Site-level DP: a drawn site that failed is an update left out (denominator and noise
+    unchanged, the record says why that is sound); below the minimum the run stops and the
+    record accounts the rounds released."""
+    cfg = parse_config(tiny(tmp_path, dp_mode="site", rounds=3, local_steps=1, eval_every=0,
+                            min_fit_sites=min_fit_sites))
+    fail_site_in_round(monkeypatch, "site-B", 2)
+    if min_fit_sites is None:
+        with pytest.raises(RuntimeError, match="min_fit_sites"):
+            run_federated(cfg, progress=False, force=True)
+        rec = raw_record(cfg)
+        assert rec["status"] == "failed" and rec["rounds_done"] == 1
+    else:
+        rec = run_federated(cfg, progress=False, force=True)
+        assert raw_record(cfg)["status"] == "complete" and rec["history"][1]["sites"] == ["site-A",
+                                                                              "site-C"]
+    p = rec["privacy"]
+    released = 3 if min_fit_sites else 1
+    assert p["rounds_done"] == released
+    assert p["epsilon"] == pytest.approx(site_level_epsilon(
+        p["noise_multiplier"], p["sample_rate"], released, p["delta"], "rdp"), rel=1e-9)
+    assert rec["history"][1]["missed"][0]["site"] == "site-B"
+    assert SITE_DROPOUT_NOTE in p["not_covered"] and "Dropouts" in p["guarantee"]
+
+
+def test_min_fit_sites_default_keeps_run_ids(tmp_path):
+    cfg = parse_config(tiny(tmp_path))
+    data = cfg.model_dump(mode="json")
+    assert data["setting"]["federated"]["min_fit_sites"] is None
+    data["setting"]["federated"].pop("min_fit_sites")
+    assert parse_config(data).run_id() == cfg.run_id()
+    assert parse_config(tiny(tmp_path, min_fit_sites=2)).run_id() != cfg.run_id()
