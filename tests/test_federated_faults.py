@@ -128,3 +128,30 @@ def test_min_fit_sites_default_keeps_run_ids(tmp_path):
     data["setting"]["federated"].pop("min_fit_sites")
     assert parse_config(data).run_id() == cfg.run_id()
     assert parse_config(tiny(tmp_path, min_fit_sites=2)).run_id() != cfg.run_id()
+
+
+class IdleWorker:
+    """A site worker stand-in: serve_site's retry loop needs no data."""
+
+    def serve(self, listener) -> None:
+        pass
+
+
+@pytest.mark.parametrize("max_wait,starts,code", [(30.0, 3, 0), (None, 1, 305 % 256)])
+def test_refused_supernode_is_started_again_until_max_wait(monkeypatch, tmp_path, max_wait,
+                                                           starts, code):
+    """A SuperNode refused by the SuperLink (exit 305: a quick re-activation) is started
+    again until ``--max-wait``; without it the refusal is the site's exit code (305 modulo
+    256 as a process exit status)."""
+    from privseg.federated import supernode
+
+    count = tmp_path / "starts"
+    script = tmp_path / "supernode"  # refused twice, then served and stopped cleanly
+    script.write_text(f'#!/bin/sh\necho x >> {count}\n'
+                      f'[ "$(wc -l < {count})" -ge 3 ] && exit 0\nexit 305\n')
+    script.chmod(0o755)
+    monkeypatch.setattr(supernode.SiteWorker, "load", staticmethod(lambda *a: IdleWorker()))
+    monkeypatch.setattr(supernode, "supernode_command", lambda *a: [str(script)])
+    monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
+    got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=max_wait)
+    assert got == code and len(count.read_text().splitlines()) == starts
