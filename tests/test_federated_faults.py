@@ -6,7 +6,7 @@ import json
 import warnings
 
 import pytest
-from test_federated import dp_accounting_epsilon, tiny
+from test_federated import dp_accounting_epsilon, secagg_tiny, tiny
 
 from privseg.config import parse_config
 from privseg.federated.client import SiteClient
@@ -155,3 +155,37 @@ def test_refused_supernode_is_started_again_until_max_wait(monkeypatch, tmp_path
     monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
     got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=max_wait)
     assert got == code and len(count.read_text().splitlines()) == starts
+
+
+def test_secure_aggregation_still_refuses_fewer_than_all_sites(monkeypatch, tmp_path):
+    """min_fit_sites=2 does not lower site-level DP with SecAgg+: its noise σC/N is sized for
+    all N sites, so a round with one site missing stops the run (with a failed record)."""
+    cfg = parse_config(secagg_tiny(tmp_path, sigma=None, rounds=2, local_steps=1,
+                                   min_fit_sites=2))
+    fail_site_in_round(monkeypatch, "site-B", 2)
+    # the in-process SecAgg+ grid passes a site's error on at once; over a SuperLink the
+    # workflow drops the site and aggregate_fit refuses the N-1 masked updates
+    with pytest.raises(RuntimeError, match="injected fault|adds noise for all of them"):
+        run_federated(cfg, progress=False, force=True)
+    rec = raw_record(cfg)
+    assert rec["status"] == "failed" and rec["rounds_done"] == 1
+    assert rec["privacy"]["rounds_done"] == 1
+
+
+def test_secagg_round_with_a_site_dropped_is_refused_whatever_min_fit_sites(tmp_path):
+    """The SecAgg+ workflow over a SuperLink drops a silent site: aggregate_fit then sees
+    N-1 results, which min_fit_sites=2 would accept in plain site-level DP, but not here."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from privseg.federated.server import RecordingStrategy
+
+    cfg = parse_config(secagg_tiny(tmp_path, sigma=None, rounds=2, min_fit_sites=2))
+    strategy = RecordingStrategy(cfg, 3)
+    strategy.dp_site = {"n_sites": 3}
+    strategy._round(1)["asked"] = ["site-A", "site-B", "site-C"]
+    res = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([]), 4, {"site": s}))
+           for s in ("site-A", "site-C")]
+    with pytest.raises(RuntimeError, match="only 2 of 3 sites' masked updates"):
+        strategy.aggregate_fit(1, res, [TimeoutError("site-B: no reply")])
+    assert strategy.rounds[0]["missed"] == [{"site": "site-B",
+                                             "reason": "TimeoutError: site-B: no reply"}]
