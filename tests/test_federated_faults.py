@@ -189,3 +189,39 @@ def test_secagg_round_with_a_site_dropped_is_refused_whatever_min_fit_sites(tmp_
         strategy.aggregate_fit(1, res, [TimeoutError("site-B: no reply")])
     assert strategy.rounds[0]["missed"] == [{"site": "site-B",
                                              "reason": "TimeoutError: site-B: no reply"}]
+
+
+class NamedProxy:
+    """A connected site as the client manager sees it: a cid that answers its name."""
+
+    def __init__(self, cid: str, site: str):
+        self.cid, self.site = cid, site
+
+    def get_properties(self, ins, timeout, group_id):
+        from flwr.common import Code, GetPropertiesRes, Status
+
+        return GetPropertiesRes(Status(Code.OK, ""), {"site": self.site})
+
+
+@pytest.mark.parametrize("fraction", [1.0, 2 / 3])
+def test_round_goes_on_without_a_site_gone_from_the_federation(fraction):
+    """A SuperNode killed is unregistered once its heartbeat expires: with min_fit_sites the
+    next round waits a bounded time, then goes on with the others; the draw is over all
+    enrolled sites (the same as if it were there), the absent site is named."""
+    from privseg.federated.server import SiteClientManager
+
+    def manager():
+        cm = SiteClientManager(3, seed=3, min_sites=2, absent_wait_s=0.1)
+        proxies = {s: NamedProxy(str(i), s) for i, s in enumerate(["a", "b", "c"])}
+        for p in proxies.values():
+            cm.register(p)
+        cm.sites()
+        return cm, proxies
+
+    full, _ = manager()
+    cm, proxies = manager()
+    cm.unregister(proxies["b"])
+    want = [p.site for p in full.sample(round(3 * fraction))]
+    got = cm.sample(round(3 * fraction))
+    assert [p.site for p in got] == [s for s in want if s != "b"]
+    assert cm.absent == (["b"] if "b" in want else [])

@@ -171,10 +171,22 @@ def payload_bytes(parameters: Parameters) -> int:
     return sum(len(t) for t in parameters.tensors)
 
 
-class SiteClientManager(SimpleClientManager):
-    """Flower's client manager, sampling by site name with its own seeded RNG."""
+#: seconds a round waits for an enrolled site that is not connected (a SuperNode killed,
+#: unregistered after Flower's heartbeat expired) before going on without it, where
+#: ``min_fit_sites`` allows; without a minimum it waits for all sites (Flower's one day)
+ABSENT_SITE_WAIT_S = 120.0
 
-    def __init__(self, n_sites: int, seed: int, poisson: PoissonSiteSampler | None = None):
+
+class SiteClientManager(SimpleClientManager):
+    """Flower's client manager, sampling by site name with its own seeded RNG.
+
+    Sites are drawn among all enrolled sites (every site seen so far), connected or not, so
+    that a site gone missing changes neither the draw nor the others' coins; a drawn site not
+    connected is left out of the round and listed in :attr:`absent` (the record names it).
+    """
+
+    def __init__(self, n_sites: int, seed: int, poisson: PoissonSiteSampler | None = None,
+                 min_sites: int | None = None, absent_wait_s: float = ABSENT_SITE_WAIT_S):
         super().__init__()
         self.n_sites = n_sites
         self.rng = random.Random(seed)
@@ -182,6 +194,10 @@ class SiteClientManager(SimpleClientManager):
         self.poisson = poisson
         self.site_of: dict[str, str] = {}
         self.props: dict[str, dict] = {}
+        self.min_sites = min_sites
+        self.absent_wait_s = absent_wait_s
+        #: sites drawn in the last sample that were not connected
+        self.absent: list[str] = []
 
     def site_name(self, cid: str) -> str:
         if cid not in self.site_of:
@@ -192,24 +208,28 @@ class SiteClientManager(SimpleClientManager):
         return self.site_of[cid]
 
     def sites(self) -> dict[str, str]:
-        """site name -> cid of every connected site (waits for all of them)."""
+        """site name -> cid of every connected site (waits for all of them; once all were
+        seen, with ``min_sites``, for :attr:`absent_wait_s` and at least ``min_sites``)."""
         self.num_available()  # a Grid-backed manager (SecAgg+ workflow) registers nodes here
-        self.wait_for(self.n_sites)
+        enrolled = len(set(self.site_of.values())) >= self.n_sites
+        if not (self.min_sites and enrolled and self.wait_for(self.n_sites,
+                                                               self.absent_wait_s)):
+            self.wait_for(self.min_sites if self.min_sites and enrolled else self.n_sites)
         by_site = {self.site_name(cid): cid for cid in list(self.clients)}
         if len(by_site) != len(self.clients):
             raise RuntimeError(f"two connected clients claim the same site: {self.site_of}")
         return dict(sorted(by_site.items()))
 
     def sample(self, num_clients, min_num_clients=None, criterion=None):
-        self.wait_for(max(min_num_clients or num_clients, self.n_sites))
         by_site = self.sites()
-        names = list(by_site)
+        names = sorted(set(self.site_of.values()) | set(by_site))  # every enrolled site
         if self.poisson is not None:
             chosen = self.poisson.draw(names)
         else:
             chosen = names if num_clients >= len(names) else sorted(
                 self.rng.sample(names, num_clients))
-        return [self.clients[by_site[n]] for n in chosen]
+        self.absent = [n for n in chosen if n not in by_site]
+        return [self.clients[by_site[n]] for n in chosen if n in by_site]
 
 
 def initial_model_weights(cfg: RunConfig, in_channels: int, num_classes: int,
@@ -320,7 +340,9 @@ class RecordingStrategy(Strategy):
         row = self._round(server_round)
         row["t_start"] = time.perf_counter()
         self.site_of = getattr(client_manager, "site_of", {})
-        row["asked"] = sorted(self.site_of.get(p.cid, p.cid) for p, _ in ins)
+        absent = list(getattr(client_manager, "absent", []))
+        row["asked"] = sorted([self.site_of.get(p.cid, p.cid) for p, _ in ins] + absent)
+        row["absent"] = absent
         if not self.fed.secure_aggregation:  # SecAgg+: the grid counts all four stages
             row["bytes_down"] += sum(payload_bytes(fi.parameters) for _, fi in ins)
         return ins
@@ -367,15 +389,11 @@ class RecordingStrategy(Strategy):
         asked = row.get("asked", [])
         answered = {str(r.metrics.get("site")) for _, r in results}
         missed = missed_sites(asked, answered, failures, self.site_of)
+        for m in missed:
+            if m["site"] in row.get("absent", ()):
+                m["reason"] = "not connected when the round began"
         if missed:
             row["missed"] = missed
-        if len(results) < self.min_sites(len(asked)) or (failures and not asked):
-            for _, res in results:  # their steps are spent: their ε goes in the record
-                self.site_fit_metrics[str(res.metrics["site"])] = dict(res.metrics)
-            raise RuntimeError(
-                f"round {server_round}: {len(results)} of {len(asked)} site(s) answered, "
-                f"fewer than setting.federated.min_fit_sites="
-                f"{self.min_sites(len(asked))}; missed: {missed}")
         if self.dp_site is not None and self.fed.secure_aggregation and (
                 len(results) != self.n_sites):
             # Flower's SecAgg+ workflow drops a silent site without a failure; the noise
@@ -383,6 +401,13 @@ class RecordingStrategy(Strategy):
             raise RuntimeError(f"round {server_round}: only {len(results)} of {self.n_sites} "
                                "sites' masked updates were aggregated; site-level DP with "
                                "secure aggregation adds noise for all of them: stopping")
+        if len(results) < self.min_sites(len(asked)) or (failures and not asked):
+            for _, res in results:  # their steps are spent: their ε goes in the record
+                self.site_fit_metrics[str(res.metrics["site"])] = dict(res.metrics)
+            raise RuntimeError(
+                f"round {server_round}: {len(results)} of {len(asked)} site(s) answered, "
+                f"fewer than setting.federated.min_fit_sites="
+                f"{self.min_sites(len(asked))}; missed: {missed}")
         results = sorted(results, key=lambda cr: str(cr[1].metrics.get("site")))
         for _, res in results:
             self._check_fitres(res)
@@ -580,7 +605,8 @@ class FederatedServer(Server):
         self.recorder = RecordingStrategy(cfg, n_sites)
         site_dp = cfg.setting.federated.dp_mode == "site" and cfg.privacy.enabled
         super().__init__(client_manager=SiteClientManager(
-            n_sites, cfg.seed, site_sampler(cfg) if site_dp else None), strategy=self.recorder)
+            n_sites, cfg.seed, site_sampler(cfg) if site_dp else None,
+            cfg.setting.federated.min_fit_sites), strategy=self.recorder)
         self.cfg = cfg
         self.n_sites = n_sites
         self.test_metrics: dict[str, dict] = {}
