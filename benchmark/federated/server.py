@@ -103,7 +103,8 @@ SITE_DROPOUT_NOTE = (
     "the sum, which is still divided by the fixed q·N and noised: the accounting holds only "
     "because whether a site drops depends on nothing but that site itself (its own machine, "
     "link or data), never on another site's data; a dropout that depended on other sites' "
-    "data is not covered")
+    "data is not covered; history[].missed names drawn sites, revealing the coins as "
+    "history[].sites does: do not publish it")
 #: what a sample-level DP record cannot know about a site that failed mid-round
 SAMPLE_DROPOUT_NOTE = (
     "a site that failed mid-round (history[].missed) may have taken DP steps it never "
