@@ -225,3 +225,34 @@ def test_round_goes_on_without_a_site_gone_from_the_federation(fraction):
     got = cm.sample(round(3 * fraction))
     assert [p.site for p in got] == [s for s in want if s != "b"]
     assert cm.absent == (["b"] if "b" in want else [])
+
+
+def test_a_site_that_left_is_named_absent_and_the_run_completes(monkeypatch, sample_cfg,
+                                                                 sample_baseline):
+    """site-B fails in round 2 and is gone (unregistered) from round 3 on: the run finishes
+    with A and C, names B as missed (why) in rounds 2 and 3 and at the final test."""
+    from privseg.federated import server as srv
+
+    fail_site_in_round(monkeypatch, "site-B", 2)
+    fit_round = srv.FederatedServer.fit_round
+
+    def leaving(self, server_round, timeout):
+        cm = self.client_manager()
+        cm.absent_wait_s = 0.1
+        if server_round == 3:
+            cm.unregister(cm.clients[cm.sites()["site-B"]])
+        return fit_round(self, server_round, timeout)
+
+    monkeypatch.setattr(srv.FederatedServer, "fit_round", leaving)
+    rec = run_federated(sample_cfg, progress=False, force=True)
+    assert raw_record(sample_cfg)["status"] == "complete"
+    h = rec["history"]
+    assert [r["sites"] for r in h[1:]] == [["site-A", "site-C"]] * 2
+    assert h[2]["missed"] == [{"site": "site-B", "reason": "not connected when the round began"}]
+    assert rec["test"]["missed"] == [{"site": "site-B",
+                                      "reason": "not connected at the final test"}]
+    assert set(rec["test"]["per_site"]) == {"site-A", "site-C"}
+    p, base = rec["privacy"], sample_baseline["privacy"]
+    assert p["steps_per_site"]["site-B"] == 2  # round 1 only
+    for s in ("site-A", "site-C"):
+        assert p["epsilon_per_site"][s] == base["epsilon_per_site"][s]

@@ -208,6 +208,11 @@ class SiteClientManager(SimpleClientManager):
             self.site_of[cid] = str(res.properties["site"])
         return self.site_of[cid]
 
+    def num_available(self) -> int:
+        """Enrolled sites, connected or not (at least those connected): Flower's strategies
+        size a round's sample from it, so a site gone missing leaves the draw unchanged."""
+        return max(super().num_available(), len(set(self.site_of.values())))
+
     def sites(self) -> dict[str, str]:
         """site name -> cid of every connected site (waits for all of them; once all were
         seen, with ``min_sites``, for :attr:`absent_wait_s` and at least ``min_sites``)."""
@@ -658,11 +663,13 @@ class FederatedServer(Server):
                 except Exception as e:  # noqa: BLE001 - a site lost: noted, counted below
                     failures.append(RuntimeError(f"{type(e).__name__}: {e}"))
                     failures[-1].site = cid
-        if failures:
-            site_of = self._client_manager.site_of
+        site_of = self._client_manager.site_of
+        absent = sorted(set(site_of.values()) - set(by_site))
+        if failures or absent:
             self.test_missed = [{"site": site_of.get(f.site, f.site), "reason": str(f)}
-                                for f in failures]
-            if len(results) < self.recorder.min_sites(len(by_site)):
+                                for f in failures] + [
+                {"site": s, "reason": "not connected at the final test"} for s in absent]
+            if len(results) < self.recorder.min_sites(len(by_site) + len(absent)):
                 raise RuntimeError(f"final test: {len(results)} of {len(by_site)} site(s) "
                                    "answered, fewer than setting.federated.min_fit_sites: "
                                    f"{self.test_missed}")
