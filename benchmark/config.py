@@ -216,6 +216,11 @@ class FederatedConfig(_Strict):
         "(step 2R / levels); sites per round × levels must stay below the 2^32 modulus")
     local_baseline: bool = Field(False, description="also train each site alone (simulation)")
     eval_every: int = Field(1, ge=0, description="validate at the sites every n rounds")
+    min_fit_sites: int | None = Field(
+        None, ge=1, description="least sites whose updates finish a round (and answer its "
+        "evaluations); a round with fewer answers stops the run with a failed record; "
+        "default: every site the round asked. Site-level DP with secure_aggregation always "
+        "needs all N")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -414,6 +419,7 @@ _ADDED_LATER = {
     ("setting", "federated", "secagg_reconstruction_threshold"): None,
     ("setting", "federated", "secagg_clipping_range"): 8.0,
     ("setting", "federated", "secagg_quantization_range"): 2**22,
+    ("setting", "federated", "min_fit_sites"): None,
 }
 
 

@@ -59,16 +59,22 @@ def write_record(directory: Path, record: dict) -> Path:
     return path
 
 
-def read_record(directory: Path) -> dict | None:
-    """The complete record in ``directory``, or None if there is none."""
+def read_any_record(directory: Path) -> dict | None:
+    """The record in ``directory`` whatever its status (``complete`` or ``failed``: a run
+    that could not go on), or None if there is none."""
     path = Path(directory) / RECORD_NAME
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return record if record.get("status") == "complete" else None
+
+
+def read_record(directory: Path) -> dict | None:
+    """The complete record in ``directory``, or None if there is none (or it failed)."""
+    record = read_any_record(directory)
+    return record if record is not None and record.get("status") == "complete" else None
 
 
 def environment(device: str) -> dict:

@@ -166,7 +166,12 @@ def serve_federation(grid: Grid, context: Context) -> None:
     """ServerApp main: the rounds, the final test and the run record (see the module doc)."""
     from privseg.config import parse_config
     from privseg.federated.secagg import _fill_round_bytes, run_workflow
-    from privseg.federated.server import deployment_record, make_server
+    from privseg.federated.server import (
+        deployment_record,
+        failed_run_record,
+        fails_as_run,
+        make_server,
+    )
     from privseg.record import run_dir, write_record
     from privseg.training.setup import seed_everything
 
@@ -179,14 +184,24 @@ def serve_federation(grid: Grid, context: Context) -> None:
     server = make_server(cfg, n_sites)
     counting = CountingGrid(grid)
     t0 = time.perf_counter()
-    run_workflow(cfg, server, counting, round_timeout=timeout)
+    transport = {"runtime": "flower-superlink", "flower_run_id": int(context.run_id),
+                 "wire_bytes_by_round": counting.by_round}
+    try:
+        with fails_as_run(server):
+            run_workflow(cfg, server, counting, round_timeout=timeout)
+    except Exception as e:  # what was spent is written down before the ServerApp fails
+        record = failed_run_record(cfg, server, e, "server",
+                                   timing={"total_s": time.perf_counter() - t0})
+        record["federated"]["transport"] = transport
+        path = write_record(run_dir(output, record["run_id"]), record)
+        print(f"privseg: run failed, record written to {path}", flush=True)
+        raise
     if cfg.setting.federated.secure_aggregation:
         _fill_round_bytes(server, counting)
     record = deployment_record(
         cfg, server, time.perf_counter() - t0,
         "deployment (Flower SuperLink/SuperNode"
         + (", SecAgg+)" if cfg.setting.federated.secure_aggregation else ")"),
-        {"runtime": "flower-superlink", "flower_run_id": int(context.run_id),
-         "wire_bytes_by_round": counting.by_round})
+        transport)
     path = write_record(run_dir(output, record["run_id"]), record)
     print(f"privseg: record written to {path}", flush=True)

@@ -202,9 +202,15 @@ def run_cmd(
     output: Annotated[str | None, typer.Option(
         help="record folder on the SuperLink's machine (default output.dir)")] = None,
     round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    lost_wait: Annotated[float, typer.Option(
+        help="seconds to await the run's record when flwr loses the SuperLink (a restart) "
+        "after the run started")] = 600.0,
     set_: SetOpt = None,
 ) -> None:
     """Run the federation on a SuperLink (flwr run) and print the record's summary.
+
+    The outcome is the run's record: a lost connection to the SuperLink (it restarted) is
+    not a failure while the run's ServerApp goes on; a failed record is.
 
     Example:  privseg federated run study.yaml --superlink hub:9093 --ca-cert ca.pem --sites 3
     """
@@ -216,7 +222,7 @@ def run_cmd(
     try:
         record = run_federation(cfg, sites, superlink=superlink, root_certificates=ca_cert,
                                 connection=connection, output_dir=output,
-                                round_timeout=round_timeout)
+                                round_timeout=round_timeout, lost_wait=lost_wait)
     except (ConfigError, RuntimeError, FileNotFoundError) as e:
         fail(str(e), code=1)
     p = record["privacy"]

@@ -26,9 +26,14 @@ from pathlib import Path
 
 from privseg.config import ConfigError, RunConfig
 from privseg.federated.app import APP_DIR, CONFIG_KEY, OUTPUT_KEY, SITES_KEY, TIMEOUT_KEY
-from privseg.record import read_record, run_dir
+from privseg.record import read_any_record, run_dir
 
 CONNECTION = "privseg"
+#: seconds to wait for the record once ``flwr run`` ended: it can end just before the file lands
+RECORD_GRACE_S = 30.0
+#: seconds to keep waiting for the record when ``flwr`` lost the SuperLink after the run
+#: started: the SuperLink restarts on its database and the ServerApp and sites carry on
+LOST_CONNECTION_WAIT_S = 600.0
 
 
 
@@ -87,11 +92,15 @@ def connection_toml(superlink: str, root_certificates: Path | None) -> str:
 def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None,
                    root_certificates: Path | None = None, connection: str | None = None,
                    output_dir: str | Path | None = None, round_timeout: float | None = None,
-                   timeout: float | None = None, log_path: Path | None = None) -> dict:
+                   timeout: float | None = None, log_path: Path | None = None,
+                   lost_wait: float = LOST_CONNECTION_WAIT_S) -> dict:
     """Run ``cfg`` on the SuperLink's federation of ``n_sites`` sites; return its record.
 
-    Raises ``RuntimeError`` (with the end of ``flwr``'s output) if the run fails or leaves no
-    record of this Flower run.
+    The run's outcome is its record, not ``flwr``'s exit status: when ``flwr run`` exits
+    non-zero after the run started (it loses its stream when the SuperLink restarts, while the
+    ServerApp and the sites carry on), the record of this Flower run is awaited up to
+    ``lost_wait`` seconds. Raises ``RuntimeError`` (with the end of ``flwr``'s output) if the
+    run never started, wrote a failed record (its error and rounds done), or left no record.
     """
     from privseg.federated.secagg import refuse_sampled_site_dp, secagg_plan
 
@@ -118,17 +127,31 @@ def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None
     if log_path is not None:
         Path(log_path).write_text(out)
     m = re.search(r"Successfully started run (\d+)", out)
-    if proc.returncode != 0 or m is None:
+    if m is None:
         raise RuntimeError(f"`flwr run` failed (exit {proc.returncode}):\n{out[-3000:]}")
-    flower_run = int(m.group(1))
-    directory = run_dir(output, cfg.run_id())
-    deadline = time.monotonic() + 30  # the log stream can end just before the file lands
+    wait = RECORD_GRACE_S if proc.returncode == 0 else max(lost_wait, RECORD_GRACE_S)
+    record = await_record(run_dir(output, cfg.run_id()), int(m.group(1)), wait)
+    if record is None:
+        raise RuntimeError(f"Flower run {m.group(1)} left no record in "
+                           f"{run_dir(output, cfg.run_id())} within {wait:g} s of `flwr run` "
+                           f"ending (exit {proc.returncode}); its log ends:\n{out[-3000:]}")
+    if record.get("status") != "complete":
+        raise RuntimeError(f"Flower run {m.group(1)} failed after {record.get('rounds_done')} "
+                           f"round(s): {record.get('error')} (its record of what was spent: "
+                           f"{run_dir(output, cfg.run_id())})")
+    return record
+
+
+def await_record(directory: Path, flower_run: int, wait: float,
+                 poll_s: float = 0.5) -> dict | None:
+    """The record (complete or failed) that Flower run ``flower_run`` wrote in ``directory``,
+    polled for up to ``wait`` seconds; None if none came (another run's record is ignored)."""
+    deadline = time.monotonic() + wait
     while True:
-        record = read_record(directory)
+        record = read_any_record(directory)
         transport = (record or {}).get("federated", {}).get("transport", {})
         if transport.get("flower_run_id") == flower_run:
             return record
         if time.monotonic() > deadline:
-            raise RuntimeError(f"Flower run {flower_run} left no record in {directory}; its "
-                               f"log ends:\n{out[-3000:]}")
-        time.sleep(0.5)
+            return None
+        time.sleep(poll_s)

@@ -51,7 +51,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from privseg.config import ConfigError, RunConfig
 from privseg.dp.randomness import np_legacy_state
 from privseg.federated.client import SiteClient
-from privseg.federated.server import FederatedServer, make_server, prefetch_site_properties
+from privseg.federated.server import (
+    FederatedServer,
+    fails_as_run,
+    make_server,
+    prefetch_site_properties,
+)
 from privseg.federated.site_dp import seed_server_noise
 from privseg.federated.site_plans import sites_per_round
 from privseg.federated.sites import site_seed
@@ -330,7 +335,7 @@ def simulate_secagg(cfg: RunConfig, clients: dict[str, SiteClient], *,
         grid.observers.append(on_message)
     server = make_server(cfg, len(clients))
     server.recorder.secagg = plan
-    with _server_identity(grid.run.run_id):
+    with _server_identity(grid.run.run_id), fails_as_run(server):
         run_workflow(cfg, server, grid)
     _fill_round_bytes(server, grid)
     links = {n: SiteLink(clients[n], grid.wire[node_of[n]]) for n in names}

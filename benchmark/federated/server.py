@@ -28,6 +28,8 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging import INFO
 
 import numpy as np
@@ -95,15 +97,97 @@ SITE_NOT_COVERED = [
 ]
 
 
+#: why a site-level DP run's accounting survives a site that was drawn but did not answer
+SITE_DROPOUT_NOTE = (
+    "a site drawn in a round that did not answer (history[].missed) is an update left out of "
+    "the sum, which is still divided by the fixed q·N and noised: the accounting holds only "
+    "because whether a site drops depends on nothing but that site itself (its own machine, "
+    "link or data), never on another site's data; a dropout that depended on other sites' "
+    "data is not covered; history[].missed names drawn sites, revealing the coins as "
+    "history[].sites does: do not publish it")
+#: what a sample-level DP record cannot know about a site that failed mid-round
+SAMPLE_DROPOUT_NOTE = (
+    "a site that failed mid-round (history[].missed) may have taken DP steps it never "
+    "reported: its ε here is its last report; its own ledger (privseg.dp.ledger, charged "
+    "with the run's planned spend before training) is the bound")
+
+
+def failure_reason(failure) -> tuple[str | None, str]:
+    """(cid or None, why) of one of Flower's fit/evaluate failures: an exception (the site is
+    not named) or a ``(ClientProxy, result)`` whose status is not OK."""
+    if isinstance(failure, BaseException):
+        return None, f"{type(failure).__name__}: {failure}"
+    proxy, res = failure
+    return str(proxy.cid), f"status {res.status.code.name}: {res.status.message}"
+
+
+def missed_sites(asked: list[str], answered: set[str], failures: list,
+                 site_of: dict[str, str]) -> list[dict]:
+    """The sites asked but not answering, each with why (Flower's failure, where it names
+    the site or is the only one; else every unnamed failure, or no reply at all)."""
+    named, unnamed = {}, []
+    for f in failures:
+        cid, why = failure_reason(f)
+        if cid is not None:
+            named[site_of.get(cid, cid)] = why
+        else:
+            unnamed.append(why)
+    missed = [s for s in asked if s not in answered]
+    rest = [s for s in missed if s not in named]
+    out = []
+    for s in missed:
+        if s in named:
+            why = named[s]
+        elif unnamed:
+            why = unnamed[0] if len(rest) == len(unnamed) == 1 else "; ".join(unnamed)
+        else:
+            why = "no reply within the round"
+        out.append({"site": s, "reason": why})
+    return out
+
+
+_STOPPED = "privseg_stopped_server"
+
+
+@contextmanager
+def fails_as_run(server: FederatedServer) -> Iterator[None]:
+    """Mark any error of the rounds with ``server`` (what the run had done and spent) and
+    let it pass unchanged, so that the caller can write the failed run's record
+    (:func:`stopped_server`, :func:`failed_run_record`)."""
+    try:
+        yield
+    except Exception as e:
+        if getattr(e, _STOPPED, None) is None:
+            setattr(e, _STOPPED, server)
+        raise
+
+
+def stopped_server(error: BaseException) -> FederatedServer | None:
+    """The server of the federated run that ``error`` stopped (see :func:`fails_as_run`)."""
+    return getattr(error, _STOPPED, None)
+
+
 def payload_bytes(parameters: Parameters) -> int:
     """Bytes of a Flower ``Parameters`` payload (the serialised arrays)."""
     return sum(len(t) for t in parameters.tensors)
 
 
-class SiteClientManager(SimpleClientManager):
-    """Flower's client manager, sampling by site name with its own seeded RNG."""
+#: seconds a round waits for an enrolled site that is not connected (a SuperNode killed,
+#: unregistered after Flower's heartbeat expired) before going on without it, where
+#: ``min_fit_sites`` allows; without a minimum it waits for all sites (Flower's one day)
+ABSENT_SITE_WAIT_S = 120.0
 
-    def __init__(self, n_sites: int, seed: int, poisson: PoissonSiteSampler | None = None):
+
+class SiteClientManager(SimpleClientManager):
+    """Flower's client manager, sampling by site name with its own seeded RNG.
+
+    Sites are drawn among all enrolled sites (every site seen so far), connected or not, so
+    that a site gone missing changes neither the draw nor the others' coins; a drawn site not
+    connected is left out of the round and listed in :attr:`absent` (the record names it).
+    """
+
+    def __init__(self, n_sites: int, seed: int, poisson: PoissonSiteSampler | None = None,
+                 min_sites: int | None = None, absent_wait_s: float = ABSENT_SITE_WAIT_S):
         super().__init__()
         self.n_sites = n_sites
         self.rng = random.Random(seed)
@@ -111,6 +195,10 @@ class SiteClientManager(SimpleClientManager):
         self.poisson = poisson
         self.site_of: dict[str, str] = {}
         self.props: dict[str, dict] = {}
+        self.min_sites = min_sites
+        self.absent_wait_s = absent_wait_s
+        #: sites drawn in the last sample that were not connected
+        self.absent: list[str] = []
 
     def site_name(self, cid: str) -> str:
         if cid not in self.site_of:
@@ -120,25 +208,34 @@ class SiteClientManager(SimpleClientManager):
             self.site_of[cid] = str(res.properties["site"])
         return self.site_of[cid]
 
+    def num_available(self) -> int:
+        """Enrolled sites, connected or not (at least those connected): Flower's strategies
+        size a round's sample from it, so a site gone missing leaves the draw unchanged."""
+        return max(super().num_available(), len(set(self.site_of.values())))
+
     def sites(self) -> dict[str, str]:
-        """site name -> cid of every connected site (waits for all of them)."""
+        """site name -> cid of every connected site (waits for all of them; once all were
+        seen, with ``min_sites``, for :attr:`absent_wait_s` and at least ``min_sites``)."""
         self.num_available()  # a Grid-backed manager (SecAgg+ workflow) registers nodes here
-        self.wait_for(self.n_sites)
+        enrolled = len(set(self.site_of.values())) >= self.n_sites
+        if not (self.min_sites and enrolled and self.wait_for(self.n_sites,
+                                                               self.absent_wait_s)):
+            self.wait_for(self.min_sites if self.min_sites and enrolled else self.n_sites)
         by_site = {self.site_name(cid): cid for cid in list(self.clients)}
         if len(by_site) != len(self.clients):
             raise RuntimeError(f"two connected clients claim the same site: {self.site_of}")
         return dict(sorted(by_site.items()))
 
     def sample(self, num_clients, min_num_clients=None, criterion=None):
-        self.wait_for(max(min_num_clients or num_clients, self.n_sites))
         by_site = self.sites()
-        names = list(by_site)
+        names = sorted(set(self.site_of.values()) | set(by_site))  # every enrolled site
         if self.poisson is not None:
             chosen = self.poisson.draw(names)
         else:
             chosen = names if num_clients >= len(names) else sorted(
                 self.rng.sample(names, num_clients))
-        return [self.clients[by_site[n]] for n in chosen]
+        self.absent = [n for n in chosen if n not in by_site]
+        return [self.clients[by_site[n]] for n in chosen if n in by_site]
 
 
 def initial_model_weights(cfg: RunConfig, in_channels: int, num_classes: int,
@@ -191,6 +288,16 @@ class RecordingStrategy(Strategy):
         self.site_train_subjects: dict[str, int] = {}
         self.final_test: dict[str, dict] = {}
         self.compute_s = 0.0
+        #: cid -> site name (the client manager's), to name the sites of failures
+        self.site_of: dict[str, str] = {}
+
+    def min_sites(self, asked: int) -> int:
+        """Least answers a round of ``asked`` sites needs (``min_fit_sites``, default all)."""
+        return min(self.fed.min_fit_sites or asked, asked)
+
+    def rounds_released(self) -> int:
+        """Rounds whose aggregate (and, in site-level DP, noise) was released."""
+        return sum(1 for r in self.rounds if "fit_s" in r)
 
     # -- setup ----------------------------------------------------------------------------
     def initialize_parameters(self, client_manager: SiteClientManager):
@@ -238,6 +345,10 @@ class RecordingStrategy(Strategy):
         ins = self.strategy.configure_fit(server_round, parameters, client_manager)
         row = self._round(server_round)
         row["t_start"] = time.perf_counter()
+        self.site_of = getattr(client_manager, "site_of", {})
+        absent = list(getattr(client_manager, "absent", []))
+        row["asked"] = sorted([self.site_of.get(p.cid, p.cid) for p, _ in ins] + absent)
+        row["absent"] = absent
         if not self.fed.secure_aggregation:  # SecAgg+: the grid counts all four stages
             row["bytes_down"] += sum(payload_bytes(fi.parameters) for _, fi in ins)
         return ins
@@ -278,9 +389,17 @@ class RecordingStrategy(Strategy):
                 self.audit["violations"].append(f"metric {k} is a {type(v).__name__}")
 
     def aggregate_fit(self, server_round, results, failures):
-        if failures:
-            raise RuntimeError(f"round {server_round}: {len(failures)} site(s) failed: "
-                               f"{[repr(f) for f in failures][:3]}")
+        """Aggregate the sites that answered; a round with fewer than ``min_fit_sites``
+        answers stops the run (after noting what the answering sites reported)."""
+        row = self._round(server_round)
+        asked = row.get("asked", [])
+        answered = {str(r.metrics.get("site")) for _, r in results}
+        missed = missed_sites(asked, answered, failures, self.site_of)
+        for m in missed:
+            if m["site"] in row.get("absent", ()):
+                m["reason"] = "not connected when the round began"
+        if missed:
+            row["missed"] = missed
         if self.dp_site is not None and self.fed.secure_aggregation and (
                 len(results) != self.n_sites):
             # Flower's SecAgg+ workflow drops a silent site without a failure; the noise
@@ -288,8 +407,14 @@ class RecordingStrategy(Strategy):
             raise RuntimeError(f"round {server_round}: only {len(results)} of {self.n_sites} "
                                "sites' masked updates were aggregated; site-level DP with "
                                "secure aggregation adds noise for all of them: stopping")
+        if len(results) < self.min_sites(len(asked)) or (failures and not asked):
+            for _, res in results:  # their steps are spent: their ε goes in the record
+                self.site_fit_metrics[str(res.metrics["site"])] = dict(res.metrics)
+            raise RuntimeError(
+                f"round {server_round}: {len(results)} of {len(asked)} site(s) answered, "
+                f"fewer than setting.federated.min_fit_sites="
+                f"{self.min_sites(len(asked))}; missed: {missed}")
         results = sorted(results, key=lambda cr: str(cr[1].metrics.get("site")))
-        row = self._round(server_round)
         for _, res in results:
             self._check_fitres(res)
             if not self.fed.secure_aggregation:  # SecAgg+: every result holds the sum
@@ -305,7 +430,8 @@ class RecordingStrategy(Strategy):
                   if "train_loss" in r.metrics and math.isfinite(r.metrics["train_loss"])]
         if losses:
             row["train_loss"] = sum(v * n for v, n in losses) / sum(n for _, n in losses)
-        params, _ = self.strategy.aggregate_fit(server_round, results, failures)
+        # the failures are noted above; Flower's DP wrappers would refuse the whole round
+        params, _ = self.strategy.aggregate_fit(server_round, results, [])
         if params is not None and self.fed.secure_aggregation:
             # SecAgg+ dequantises to float64: back to the model's dtypes (payload, equality)
             params = ndarrays_to_parameters([
@@ -324,10 +450,15 @@ class RecordingStrategy(Strategy):
         return ins
 
     def aggregate_evaluate(self, server_round, results, failures):
-        if failures:
-            raise RuntimeError(f"round {server_round}: evaluation failed at {len(failures)} "
-                               "site(s)")
         row = self._round(server_round)
+        if failures:
+            asked = sorted(self.site_of.values()) or [str(i) for i in range(self.n_sites)]
+            answered = {str(r.metrics.get("site")) for _, r in results}
+            row["missed_eval"] = missed_sites(asked, answered, failures, self.site_of)
+            if len(results) < self.min_sites(self.n_sites):
+                raise RuntimeError(f"round {server_round}: evaluation answered by "
+                                   f"{len(results)} of {self.n_sites} site(s), fewer than "
+                                   f"setting.federated.min_fit_sites: {row['missed_eval']}")
         per_site = self._collect_eval(results)
         row["val_mean_dice"] = pooled(per_site, ["dice"])["mean_dice"]
         row["val_per_site"] = {s: m["mean_dice"] for s, m in per_site.items()}
@@ -350,6 +481,7 @@ class RecordingStrategy(Strategy):
         """The privacy block of the run record, with the guarantee in words."""
         mode = self.fed.dp_mode
         noise = noise_note(self.cfg.privacy.noise_seed)
+        dropped = any(r.get("missed") for r in self.rounds)
         if mode == "none":
             return {"enabled": False, "mode": "none", "epsilon": math.inf, "unit": "subject",
                     "guarantee": "none (non-private federated training; only model parameters "
@@ -384,14 +516,18 @@ class RecordingStrategy(Strategy):
                     "subjects, its accountant composing all its local steps over all rounds; "
                     "max over sites reported). Holds against the server and other sites for "
                     f"the model updates; {noise}.{replay}"),
-                "not_covered": SAMPLE_NOT_COVERED,
+                "not_covered": SAMPLE_NOT_COVERED + ([SAMPLE_DROPOUT_NOTE] if dropped else []),
             }
         d = self.dp_site
-        rounds_done = len(self.rounds)
+        if d is None:  # stopped before the first round: nothing released
+            return {"enabled": True, "mode": "site", "rounds_done": 0, "epsilon": 0.0,
+                    "noise": noise, "guarantee": "site-level: no model was released"}
+        rounds_done = self.rounds_released()
         eps = site_level_epsilon(d["noise_multiplier"], d["sample_rate"], rounds_done,
                                  d["delta"], d["accountant"])
         common = {"enabled": True, "mode": "site", **d, "rounds_done": rounds_done,
-                  "epsilon": eps, "noise": noise, "not_covered": SITE_NOT_COVERED}
+                  "epsilon": eps, "noise": noise,
+                  "not_covered": SITE_NOT_COVERED + ([SITE_DROPOUT_NOTE] if dropped else [])}
         if self.fed.secure_aggregation:
             return {**common, "secure_aggregation": True, "secagg": dict(self.secagg or {}),
                     "guarantee": self._secagg_guarantee(eps)}
@@ -407,7 +543,8 @@ class RecordingStrategy(Strategy):
                 f"{d['denominator']:g}; accounted as {rounds_done} Poisson-subsampled Gaussian "
                 f"steps at q = {d['sample_rate']:g} ({d['accountant']}); {noise}. The server is "
                 "trusted with raw updates and with the coins; the guarantee covers the "
-                "released global models against everyone else."),
+                "released global models against everyone else."
+                + (f" Dropouts: {SITE_DROPOUT_NOTE}." if dropped else "")),
         }
 
     def _secagg_guarantee(self, eps: float) -> str:
@@ -474,10 +611,12 @@ class FederatedServer(Server):
         self.recorder = RecordingStrategy(cfg, n_sites)
         site_dp = cfg.setting.federated.dp_mode == "site" and cfg.privacy.enabled
         super().__init__(client_manager=SiteClientManager(
-            n_sites, cfg.seed, site_sampler(cfg) if site_dp else None), strategy=self.recorder)
+            n_sites, cfg.seed, site_sampler(cfg) if site_dp else None,
+            cfg.setting.federated.min_fit_sites), strategy=self.recorder)
         self.cfg = cfg
         self.n_sites = n_sites
         self.test_metrics: dict[str, dict] = {}
+        self.test_missed: list[dict] = []
         self.wall_s = 0.0
 
     def fit(self, num_rounds, timeout):
@@ -507,22 +646,71 @@ class FederatedServer(Server):
         """
         by_site = self._client_manager.sites()
         ins = EvaluateIns(self.parameters, {"split": "test", "round": num_rounds})
+        failures: list = []
         if grid is not None:
             replies = ask_sites(grid, {int(cid): compat.evaluateins_to_recorddict(ins, True)
                                        for cid in by_site.values()},
-                                MessageType.EVALUATE, str(num_rounds), timeout)
+                                MessageType.EVALUATE, str(num_rounds), timeout, failures)
             results = [(self._client_manager.clients[str(nid)],
                         compat.recorddict_to_evaluateres(rd)) for nid, rd in replies.items()]
         else:
             results = []
             for cid in by_site.values():
                 proxy = self._client_manager.clients[cid]
-                results.append((proxy, proxy.evaluate(ins, timeout=timeout,
-                                                       group_id=num_rounds)))
+                try:
+                    results.append((proxy, proxy.evaluate(ins, timeout=timeout,
+                                                           group_id=num_rounds)))
+                except Exception as e:  # noqa: BLE001 - a site lost: noted, counted below
+                    failures.append(RuntimeError(f"{type(e).__name__}: {e}"))
+                    failures[-1].site = cid
+        site_of = self._client_manager.site_of
+        absent = sorted(set(site_of.values()) - set(by_site))
+        if failures or absent:
+            self.test_missed = [{"site": site_of.get(f.site, f.site), "reason": str(f)}
+                                for f in failures] + [
+                {"site": s, "reason": "not connected at the final test"} for s in absent]
+            if len(results) < self.recorder.min_sites(len(by_site) + len(absent)):
+                raise RuntimeError(f"final test: {len(results)} of {len(by_site)} site(s) "
+                                   "answered, fewer than setting.federated.min_fit_sites: "
+                                   f"{self.test_missed}")
         self.recorder.final_test_bytes_down = payload_bytes(self.parameters) * len(results)
         self.test_metrics = self.recorder._collect_eval(results)
         if flwr_log is not None:
             flwr_log(INFO, "privseg: final test evaluation at %d sites done", len(results))
+
+    def history(self) -> list[dict]:
+        """Per round: sites aggregated, those asked that missed it (and why), metrics, ε."""
+        history = []
+        for r in self.recorder.rounds:
+            row = {"round": r["round"], "sites": r["sites"], "fit_s": r.get("fit_s")}
+            for k in ("missed", "missed_eval", "train_loss", "val_mean_dice", "val_per_site"):
+                if k in r:
+                    row[k] = r[k]
+            eps = {s: m["epsilon"] for s, m in r.get("site_metrics", {}).items()
+                   if "epsilon" in m}
+            if eps:
+                row["epsilon_per_site"] = eps
+            history.append(row)
+        return history
+
+    def failed_record(self, error: BaseException) -> dict:
+        """The record of a run that could not go on: status ``failed``, the error, the rounds
+        released and what was spent so far (sample-level: each site's last reported ε, with
+        the answering sites' reports of the failed round; site-level: the server's accountant
+        over the rounds released). Not a complete record: a rerun is not blocked by it."""
+        rec = self.recorder
+        fed = self.cfg.setting.federated
+        return {
+            "status": "failed", "error": f"{type(error).__name__}: {error}",
+            "setting": "federated", "rounds_done": rec.rounds_released(),
+            "dataset": {"name": self.cfg.dataset.name, "sites": sorted(rec.properties)},
+            "federated": {"strategy": fed.strategy, "dp_mode": fed.dp_mode,
+                          "rounds": fed.rounds, "n_sites": self.n_sites,
+                          "min_fit_sites": fed.min_fit_sites,
+                          "bytes_per_round": rec.bytes_per_round()},
+            "history": self.history(),
+            "privacy": rec.privacy(),
+        }
 
     def record(self) -> dict:
         """The run record (minus run id/config/environment, added by the caller)."""
@@ -531,17 +719,9 @@ class FederatedServer(Server):
         props = next(iter(rec.properties.values()))
         test = pooled(self.test_metrics)
         test["per_site"] = {s: site_summary(m) for s, m in self.test_metrics.items()}
-        history = []
-        for r in rec.rounds:
-            row = {"round": r["round"], "sites": r["sites"], "fit_s": r.get("fit_s")}
-            for k in ("train_loss", "val_mean_dice", "val_per_site"):
-                if k in r:
-                    row[k] = r[k]
-            eps = {s: m["epsilon"] for s, m in r.get("site_metrics", {}).items()
-                   if "epsilon" in m}
-            if eps:
-                row["epsilon_per_site"] = eps
-            history.append(row)
+        if self.test_missed:
+            test["missed"] = self.test_missed
+        history = self.history()
         bpr = rec.bytes_per_round()
         audit = dict(rec.audit, metric_types=sorted(rec.audit["metric_types"]))
         return {
@@ -573,22 +753,31 @@ class FederatedServer(Server):
 
 
 def ask_sites(grid, contents: dict[int, RecordDict], message_type: str, group_id: str,
-              timeout: float | None = None) -> dict[int, RecordDict]:
+              timeout: float | None = None, failures: list | None = None
+              ) -> dict[int, RecordDict]:
     """Send each node its instruction in one batch over a Flower ``Grid``; node -> reply.
 
     A site's error reply, or a missing reply, stops the run (the record would otherwise
-    misstate who took part).
+    misstate who took part) unless ``failures`` is given: then each is appended there (an
+    exception with the node id as ``site``) and the caller decides.
     """
     msgs = [Message(content, nid, message_type, group_id=group_id)
             for nid, content in contents.items()]
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     out: dict[int, RecordDict] = {}
+    lost: list[RuntimeError] = []
     for r in replies:
         if r.has_error():
-            raise RuntimeError(f"node {r.metadata.src_node_id}: {r.error.reason}")
-        out[r.metadata.src_node_id] = r.content
-    if set(out) != set(contents):
-        raise RuntimeError(f"no {message_type} reply from node(s) {set(contents) - set(out)}")
+            lost.append(RuntimeError(f"node {r.metadata.src_node_id}: {r.error.reason}"))
+            lost[-1].site = str(r.metadata.src_node_id)
+        else:
+            out[r.metadata.src_node_id] = r.content
+    for nid in sorted(set(contents) - set(out) - {int(e.site) for e in lost}):
+        lost.append(RuntimeError(f"no {message_type} reply from node {nid}"))
+        lost[-1].site = str(nid)
+    if lost and failures is None:
+        raise lost[0]
+    (failures if failures is not None else []).extend(lost)
     return dict(sorted(out.items()))
 
 
@@ -623,6 +812,17 @@ def deployment_record(cfg: RunConfig, server: FederatedServer, elapsed_s: float,
     record["federated"]["transport"] = transport
     record.update(run_id=cfg.run_id(), name=cfg.name, config=cfg.model_dump(mode="json"),
                   environment=environment("server"))
+    return record
+
+
+def failed_run_record(cfg: RunConfig, server: FederatedServer, error: BaseException,
+                      device: str, **extra) -> dict:
+    """A failed run's record (:meth:`FederatedServer.failed_record`) with its run id, config
+    and environment, as a complete record carries them; ``extra`` merged into it."""
+    record = server.failed_record(error)
+    record.update(extra)
+    record.update(run_id=cfg.run_id(), name=cfg.name, config=cfg.model_dump(mode="json"),
+                  environment=environment(device))
     return record
 
 

@@ -42,7 +42,13 @@ from privseg.config import RunConfig
 from privseg.datasets import SubjectSet
 from privseg.federated.client import SiteClient
 from privseg.federated.secagg import SiteLink, secagg_plan, simulate_secagg
-from privseg.federated.server import FederatedServer, make_server
+from privseg.federated.server import (
+    FederatedServer,
+    failed_run_record,
+    fails_as_run,
+    make_server,
+    stopped_server,
+)
 from privseg.federated.sites import build_sites
 from privseg.record import environment, run_dir, write_record
 from privseg.training.setup import completed_record, load_subjects, seed_everything
@@ -118,7 +124,8 @@ def simulate(cfg: RunConfig, subject_set: SubjectSet, sites: dict | None = None,
     for name, client in clients.items():
         proxies[name] = InProcessClientProxy(name, client)
         server.client_manager().register(proxies[name])
-    server.fit(cfg.setting.federated.rounds, timeout=None)
+    with fails_as_run(server):
+        server.fit(cfg.setting.federated.rounds, timeout=None)
     return server, proxies, desc
 
 
@@ -141,7 +148,13 @@ def local_baseline(cfg: RunConfig, subject_set: SubjectSet, sites: dict) -> dict
 
 def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
                   subject_set: SubjectSet | None = None) -> dict:
-    """Simulate one federated run; write and return its record (same writer as central)."""
+    """Simulate one federated run; write and return its record (same writer as central).
+
+    A run that cannot go on (fewer than ``min_fit_sites`` answered a round) still writes a
+    record of what it spent (status ``failed``, :meth:`FederatedServer.failed_record`), then
+    raises the run's error; a failed record does not block a
+    rerun of the config.
+    """
     run_id = cfg.run_id()
     out = run_dir(cfg.output.dir, run_id)
     if not force and (existing := completed_record(out)) is not None:
@@ -150,7 +163,14 @@ def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     subject_set = subject_set or load_subjects(cfg)
     t0 = time.perf_counter()
     sites, desc = build_sites(cfg, subject_set)
-    server, proxies, _ = simulate(cfg, subject_set, sites)
+    try:
+        server, proxies, _ = simulate(cfg, subject_set, sites)
+    except Exception as e:
+        if (stopped := stopped_server(e)) is None:
+            raise
+        write_record(out, failed_run_record(cfg, stopped, e, cfg.training.device))
+        log.error("federated run %s failed (record written to %s): %s", run_id, out, e)
+        raise
     wall = time.perf_counter() - t0
     record = server.record()
     site_compute = sum(p.site.compute_s for p in proxies.values())

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -51,6 +52,13 @@ from privseg.federated.sites import SiteData, build_site, partition
 from privseg.processes import stop_process
 
 log = logging.getLogger("privseg")
+#: Flower's SuperNode exit code when it cannot connect to, or be activated by, the SuperLink
+#: (``flwr.supercore.exit.ExitCode.SUPERNODE_CONNECTION_ERROR``, 305, which the process exit
+#: status carries modulo 256): a SuperLink refuses a quick re-activation of a restarted node
+#: until its heartbeat expires
+SUPERNODE_CONNECTION_ERROR = 305 % 256
+#: seconds between a refused SuperNode's exit and its next start
+ACTIVATION_RETRY_S = 5.0
 
 #: Flower error code for a reply the worker could not compute (ClientApp raised)
 WORKER_ERROR_CODE = 0
@@ -317,6 +325,12 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
     Data never leave this machine: the worker answers only through the ``ClientApp`` (model
     parameters, subject counts, aggregate metrics). The worker's socket sits in a fresh
     directory only this user can enter, behind a random shared secret (file mode 0600).
+
+    A SuperNode that exits because the SuperLink refused it (a restarted node's re-activation
+    is refused until its heartbeat expires; a SuperLink restarting) is started again, same
+    key, every :data:`ACTIVATION_RETRY_S` seconds until ``max_wait`` seconds have passed
+    (no ``max_wait``: no retry). The worker, its ledger and its accountants live on across
+    the restarts.
     """
     if root_certificates is None and auth_key is not None:
         raise ConfigError("node authentication (--auth-key) needs TLS (--ca-cert): Flower "
@@ -337,18 +351,26 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
     # several messages per round (SecAgg+: four), so look every 0.1 s.
     env = flower_env()
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
-    proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own argument list
+    deadline = time.monotonic() + (max_wait or 0.0)
 
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
+    proc = None
     try:
-        code = proc.wait()
-        log.info("site %s: SuperNode exited with code %s", site, code)
-        return code
+        while True:
+            proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own argument list
+            code = proc.wait()
+            log.info("site %s: SuperNode exited with code %s", site, code)
+            if code != SUPERNODE_CONNECTION_ERROR or time.monotonic() >= deadline:
+                return code
+            log.warning("site %s: the SuperLink refused this SuperNode (exit %d); starting it "
+                        "again in %g s (until --max-wait)", site, code, ACTIVATION_RETRY_S)
+            time.sleep(min(ACTIVATION_RETRY_S, max(0.0, deadline - time.monotonic())))
     finally:
         signal.signal(signal.SIGTERM, previous)
-        stop_process(proc)
+        if proc is not None:
+            stop_process(proc)
         listener.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
