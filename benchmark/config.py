@@ -180,8 +180,9 @@ class FederatedConfig(_Strict):
     whole site; ``privacy.target_epsilon``/``noise_multiplier``/``delta`` then refer to sites,
     ``site_clip_norm`` clips each site's update); ``svt`` = selective sharing with the sparse
     vector technique (Li et al. 2019; local DP per site update, ``privacy.target_epsilon`` is
-    each site's ε over all rounds, ``svt_*`` the mechanism; see privseg.dp.svt); ``none``
-    needs ``privacy.enabled: false``. ``share_fraction`` < 1: partial sharing without SVT.
+    each site's ε over all rounds, ``share_fraction`` the fraction selected, ``svt_*``
+    the mechanism; see privseg.dp.svt); ``none`` needs ``privacy.enabled: false``.
+    ``share_fraction`` < 1 in the other modes: partial sharing (``share_rule``) without SVT.
 
     ``secure_aggregation`` (``dp_mode: site`` only, at least 3 sites per round, simulation only):
     Flower SecAgg+; the sites clip their own updates and the server sees only their sum; the
@@ -217,9 +218,6 @@ class FederatedConfig(_Strict):
     secagg_quantization_range: int = Field(
         2**22, ge=2, le=2**31, description="SecAgg+ quantisation levels over [-R, R] "
         "(step 2R / levels); sites per round × levels must stay below the 2^32 modulus")
-    svt_fraction: float = Field(
-        0.1, gt=0.0, le=1.0, description="dp_mode=svt: at most c = ceil(fraction·d) "
-        "coordinates of a site's update selected per round by the sparse vector technique")
     svt_clip: float = Field(1e-3, gt=0.0, description="dp_mode=svt: each coordinate of a "
                             "site's update clipped to [-γ, γ] (Δ = γ per query)")
     svt_threshold: float = Field(1e-4, ge=0.0, description="dp_mode=svt: SVT threshold τ on "
@@ -228,10 +226,12 @@ class FederatedConfig(_Strict):
         0.5, gt=0.0, lt=1.0, description="dp_mode=svt: share of each round's ε spent on the "
         "Laplace release of the selected values (the rest selects, split 1 : (2c)^(2/3))")
     share_fraction: float = Field(
-        1.0, gt=0.0, le=1.0, description="partial sharing without its own DP: each site sends "
-        "only ceil(fraction·d) coordinates of its update (indices + values)")
+        1.0, gt=0.0, le=1.0, description="each site sends only k = ceil(fraction·d) "
+        "coordinates of its update (indices + values): chosen by share_rule, or with "
+        "dp_mode=svt at most c = k chosen by the sparse vector technique")
     share_rule: Literal["topk", "random"] = Field(
-        "topk", description="share_fraction < 1: the largest |update| or a random subset")
+        "topk", description="share_fraction < 1 without SVT: the largest |update| or a "
+        "random subset (no DP of its own)")
     local_baseline: bool = Field(False, description="also train each site alone (simulation)")
     eval_every: int = Field(1, ge=0, description="validate at the sites every n rounds")
 
@@ -239,9 +239,9 @@ class FederatedConfig(_Strict):
     def _check(self) -> FederatedConfig:
         if (self.local_epochs is None) == (self.local_steps is None):
             raise ValueError("set exactly one of local_epochs and local_steps")
-        if self.dp_mode == "svt" and self.share_fraction < 1:
-            raise ValueError("setting.federated.share_fraction < 1 with dp_mode=svt: SVT "
-                             "already selects svt_fraction of the update; set one of them")
+        if self.dp_mode == "svt" and self.share_rule != "topk":
+            raise ValueError("setting.federated.share_rule applies without SVT: with "
+                             "dp_mode=svt the sparse vector technique selects the coordinates")
         if self.dp_mode == "svt" and self.local_baseline:
             raise ValueError("setting.federated.local_baseline=true with dp_mode=svt is not "
                              "built: a site alone would train without its SVT release")
@@ -444,7 +444,6 @@ _ADDED_LATER = {
     ("setting", "federated", "secagg_reconstruction_threshold"): None,
     ("setting", "federated", "secagg_clipping_range"): 8.0,
     ("setting", "federated", "secagg_quantization_range"): 2**22,
-    ("setting", "federated", "svt_fraction"): 0.1,
     ("setting", "federated", "svt_clip"): 1e-3,
     ("setting", "federated", "svt_threshold"): 1e-4,
     ("setting", "federated", "svt_release_share"): 0.5,

@@ -123,7 +123,7 @@ def sent(monkeypatch) -> list[tuple[list, list, list, dict]]:
 
 def test_svt_message_holds_only_clipped_selected_coordinates(tmp_path, sent):
     gamma = 2e-4
-    cfg = parse_config(svt_cfg(tmp_path, math.inf, svt_fraction=0.1, svt_clip=gamma,
+    cfg = parse_config(svt_cfg(tmp_path, math.inf, share_fraction=0.1, svt_clip=gamma,
                                svt_threshold=0.0))
     rec = run_federated(cfg, progress=False, force=True)
     d = rec["federated"]["sparse"]["d"]
@@ -144,7 +144,7 @@ def test_svt_message_holds_only_clipped_selected_coordinates(tmp_path, sent):
 
 def test_svt_record_epsilon_and_bytes(tmp_path):
     rounds, eps = 2, 6.0
-    rec = run_federated(parse_config(svt_cfg(tmp_path, eps, svt_fraction=0.1,
+    rec = run_federated(parse_config(svt_cfg(tmp_path, eps, share_fraction=0.1,
                                              rounds=rounds, eval_every=0)),
                         progress=False, force=True)
     p = rec["privacy"]
@@ -167,7 +167,7 @@ def test_svt_record_epsilon_and_bytes(tmp_path):
 
 
 def test_svt_without_noise_at_fraction_one_equals_fedavg(tmp_path):
-    svt = run_federated(parse_config(svt_cfg(tmp_path / "svt", math.inf, svt_fraction=1.0,
+    svt = run_federated(parse_config(svt_cfg(tmp_path / "svt", math.inf, share_fraction=1.0,
                                              svt_clip=1e9, svt_threshold=0.0)),
                         progress=False, force=True)
     avg = run_federated(parse_config(tiny(tmp_path / "avg", dp_mode="none")),
@@ -192,8 +192,8 @@ def test_topk_sharing_sends_exactly_the_largest_updates(tmp_path, sent):
 
 
 def test_svt_config_checks():
-    with pytest.raises(ValueError, match="share_fraction"):
-        parse_config(svt_cfg(Path("/tmp"), 1.0, share_fraction=0.5))
+    with pytest.raises(ValueError, match="share_rule"):
+        parse_config(svt_cfg(Path("/tmp"), 1.0, share_rule="random"))
     with pytest.raises(ValueError, match="target_epsilon"):
         parse_config(svt_cfg(Path("/tmp"), None))
     assert parse_config(tiny(Path("/tmp"), dp_mode="none")).run_id() == parse_config(

@@ -275,7 +275,7 @@ class RecordingStrategy(Strategy):
         array (checked by content, :func:`privseg.federated.sparse.check_sparse`)."""
         d = self.model_size()
         svt = self.fed.dp_mode == "svt"
-        limit = n_selected(self.fed.svt_fraction if svt else self.fed.share_fraction, d)
+        limit = n_selected(self.fed.share_fraction, d)
         try:
             arrays = parameters_to_ndarrays(res.parameters)
         except Exception as e:  # noqa: BLE001
@@ -465,7 +465,7 @@ class RecordingStrategy(Strategy):
             "epsilon_advanced": advanced, "delta_advanced": delta,
             "composition": "basic" if basic <= advanced else "advanced is tighter",
             "rounds_done": rounds_done, "d": d, "threshold": self.fed.svt_threshold,
-            "fraction": self.fed.svt_fraction, "release_share": self.fed.svt_release_share,
+            "fraction": self.fed.share_fraction, "release_share": self.fed.svt_release_share,
             **budget.as_dict(), "epsilon_per_round_source": "privacy.target_epsilon / rounds",
             "queries_per_round_per_site": queries, "formula": FORMULA, "noise": noise,
             "guarantee": (
@@ -654,7 +654,7 @@ class FederatedServer(Server):
         mean_up = statistics.fmean(up) if up else 0.0
         svt = fed.dp_mode == "svt"
         return {"rule": "svt" if svt else fed.share_rule,
-                "fraction": fed.svt_fraction if svt else fed.share_fraction,
+                "fraction": fed.share_fraction,
                 "d": self.recorder.model_size(),
                 "aggregation": "unsent coordinates count as zero update (the global model's "
                                "value), then the inner strategy's weighted mean",

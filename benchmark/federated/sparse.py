@@ -1,6 +1,7 @@
 """Partial sharing of model updates: a site sends only some coordinates (indices + values).
 
-Two ways to choose them (``setting.federated``):
+``setting.federated.share_fraction`` sets how many (k = ⌈fraction·d⌉, or at most that many
+with SVT); two ways to choose them:
 
 - ``dp_mode: svt`` (Li et al. 2019): the sparse vector technique with Laplace release,
   :mod:`privseg.dp.svt` (local DP per site update, the server need not be trusted);
@@ -49,7 +50,7 @@ def svt_epsilon_per_round(cfg: RunConfig) -> float:
 def round_budget(cfg: RunConfig, d: int) -> SVTBudget:
     """The SVT budget of one round for a model of d coordinates."""
     fed = cfg.setting.federated
-    return svt_budget(svt_epsilon_per_round(cfg), n_selected(fed.svt_fraction, d),
+    return svt_budget(svt_epsilon_per_round(cfg), n_selected(fed.share_fraction, d),
                       fed.svt_clip, fed.svt_release_share)
 
 
