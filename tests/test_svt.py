@@ -203,3 +203,4 @@ def test_svt_config_checks():
 def test_advanced_composition_formula():
     assert advanced_composition(0.1, 100, 1e-5) == pytest.approx(
         0.1 * math.sqrt(200 * math.log(1e5)) + 100 * 0.1 * math.expm1(0.1))
+    assert advanced_composition(5e4, 10, 1e-5) == math.inf  # no overflow at NVFlare-sized ε

@@ -135,4 +135,6 @@ def advanced_composition(epsilon_round: float, rounds: int, delta: float) -> flo
     if rounds == 0:
         return 0.0
     e = epsilon_round
+    if e > 700:  # e^ε overflows a float: the bound is useless there
+        return math.inf
     return e * math.sqrt(2 * rounds * math.log(1 / delta)) + rounds * e * math.expm1(e)
