@@ -16,7 +16,7 @@ from privseg.config import parse_config
 from privseg.dp.svt import SVTBudget, advanced_composition, svt_budget, svt_select
 from privseg.federated.client import SiteClient
 from privseg.federated.simulation import run_federated
-from privseg.federated.sparse import check_sparse, flatten
+from privseg.federated.sparse import SiteSparsifier, check_sparse, flatten
 
 warnings.filterwarnings("ignore", module="opacus")
 
@@ -204,3 +204,20 @@ def test_advanced_composition_formula():
     assert advanced_composition(0.1, 100, 1e-5) == pytest.approx(
         0.1 * math.sqrt(200 * math.log(1e5)) + 100 * 0.1 * math.expm1(0.1))
     assert advanced_composition(5e4, 10, 1e-5) == math.inf  # no overflow at NVFlare-sized ε
+
+
+def test_svt_noise_is_secret_per_run_unless_a_noise_seed_opts_in():
+    current = [np.zeros(500, np.float32)]
+    new = [np.linspace(-1e-3, 1e-3, 500).astype(np.float32)]
+
+    def messages(noise_seed):
+        d = svt_cfg(Path("/tmp"), 50.0, share_fraction=0.1)
+        d["privacy"]["noise_seed"] = noise_seed
+        cfg = parse_config(d)
+        return [SiteSparsifier(cfg, "a", 1).message(current, new)[0] for _ in range(2)]
+
+    secret = messages(None)
+    assert not np.array_equal(secret[0][1], secret[1][1])
+    seeded = messages(3)
+    for a, b in zip(*seeded, strict=True):
+        np.testing.assert_array_equal(a, b)
