@@ -178,7 +178,11 @@ class FederatedConfig(_Strict):
     ``dp_mode``: ``sample`` = DP-SGD inside each site (unit: subject; ``privacy.*`` as in a
     central run, calibrated per site over all its local steps); ``site`` = DP-FedAvg (unit: a
     whole site; ``privacy.target_epsilon``/``noise_multiplier``/``delta`` then refer to sites,
-    ``site_clip_norm`` clips each site's update); ``none`` needs ``privacy.enabled: false``.
+    ``site_clip_norm`` clips each site's update); ``svt`` = selective sharing with the sparse
+    vector technique (Li et al. 2019; local DP per site update, ``privacy.target_epsilon`` is
+    each site's ε over all rounds, ``share_fraction`` the fraction selected, ``svt_*``
+    the mechanism; see privseg.dp.svt); ``none`` needs ``privacy.enabled: false``.
+    ``share_fraction`` < 1 in the other modes: partial sharing (``share_rule``) without SVT.
 
     ``secure_aggregation`` (``dp_mode: site`` only, at least 3 sites per round, simulation only):
     Flower SecAgg+; the sites clip their own updates and the server sees only their sum; the
@@ -190,7 +194,7 @@ class FederatedConfig(_Strict):
     local_epochs: int | None = Field(1, ge=1, description="local epochs per round")
     local_steps: int | None = Field(None, ge=1, description="local steps per round instead")
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="fraction of sites per round")
-    dp_mode: Literal["none", "sample", "site"] = "sample"
+    dp_mode: Literal["none", "sample", "site", "svt"] = "sample"
     partition: Literal["natural", "dirichlet", "size"] = "natural"
     n_sites: int | None = Field(None, ge=1, description="dirichlet/size partitions only")
     partition_alpha: float = Field(0.5, gt=0.0)
@@ -214,6 +218,20 @@ class FederatedConfig(_Strict):
     secagg_quantization_range: int = Field(
         2**22, ge=2, le=2**31, description="SecAgg+ quantisation levels over [-R, R] "
         "(step 2R / levels); sites per round × levels must stay below the 2^32 modulus")
+    svt_clip: float = Field(1e-3, gt=0.0, description="dp_mode=svt: each coordinate of a "
+                            "site's update clipped to [-γ, γ] (Δ = γ per query)")
+    svt_threshold: float = Field(1e-4, ge=0.0, description="dp_mode=svt: SVT threshold τ on "
+                                 "|clipped update|")
+    svt_release_share: float = Field(
+        0.5, gt=0.0, lt=1.0, description="dp_mode=svt: share of each round's ε spent on the "
+        "Laplace release of the selected values (the rest selects, split 1 : (2c)^(2/3))")
+    share_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="each site sends only k = ceil(fraction·d) "
+        "coordinates of its update (indices + values): chosen by share_rule, or with "
+        "dp_mode=svt at most c = k chosen by the sparse vector technique")
+    share_rule: Literal["topk", "random"] = Field(
+        "topk", description="share_fraction < 1 without SVT: the largest |update| or a "
+        "random subset (no DP of its own)")
     local_baseline: bool = Field(False, description="also train each site alone (simulation)")
     eval_every: int = Field(1, ge=0, description="validate at the sites every n rounds")
     min_fit_sites: int | None = Field(
@@ -226,6 +244,15 @@ class FederatedConfig(_Strict):
     def _check(self) -> FederatedConfig:
         if (self.local_epochs is None) == (self.local_steps is None):
             raise ValueError("set exactly one of local_epochs and local_steps")
+        if self.dp_mode == "svt" and self.share_rule != "topk":
+            raise ValueError("setting.federated.share_rule applies without SVT: with "
+                             "dp_mode=svt the sparse vector technique selects the coordinates")
+        if self.dp_mode == "svt" and self.local_baseline:
+            raise ValueError("setting.federated.local_baseline=true with dp_mode=svt is not "
+                             "built: a site alone would train without its SVT release")
+        if self.secure_aggregation and self.share_fraction < 1:
+            raise ValueError("setting.federated.share_fraction < 1 with secure_aggregation: "
+                             "SecAgg+ sums dense vectors; partial sharing is not built for it")
         if self.local_baseline and self.dp_mode == "site":
             raise ValueError("setting.federated.local_baseline=true needs dp_mode sample or "
                              "none: a site trained alone is a one-site federation, where "
@@ -375,7 +402,10 @@ class RunConfig(_Strict):
                                  "federated site's local steps is not built")
             if (fed.dp_mode == "none") == self.privacy.enabled:
                 raise ValueError("setting.federated.dp_mode=none goes with privacy.enabled=false"
-                                 " and sample/site with privacy.enabled=true")
+                                 " and sample/site/svt with privacy.enabled=true")
+            if fed.dp_mode == "svt" and self.privacy.target_epsilon is None:
+                raise ValueError("setting.federated.dp_mode=svt needs privacy.target_epsilon "
+                                 "(ε of each site over all rounds; .inf = no noise)")
             if fed.dp_mode == "site" and fed.strategy == "fedadam":
                 raise ValueError("setting.federated.dp_mode=site needs fedavg or fedprox: the "
                                  "noise is added to the aggregate, which FedAdam rescales")
@@ -420,6 +450,11 @@ _ADDED_LATER = {
     ("setting", "federated", "secagg_clipping_range"): 8.0,
     ("setting", "federated", "secagg_quantization_range"): 2**22,
     ("setting", "federated", "min_fit_sites"): None,
+    ("setting", "federated", "svt_clip"): 1e-3,
+    ("setting", "federated", "svt_threshold"): 1e-4,
+    ("setting", "federated", "svt_release_share"): 0.5,
+    ("setting", "federated", "share_fraction"): 1.0,
+    ("setting", "federated", "share_rule"): "topk",
 }
 
 

@@ -143,6 +143,8 @@ def record_row(record: dict) -> dict[str, Any]:
     setting = record.get("setting") or (cfg.get("setting") or {}).get("kind")
     if unit == "site":  # ε per whole site: not comparable with ε per subject, so its own group
         setting = f"{setting} (site-level DP)"
+    elif priv.get("mode") == "svt" and private:  # pure ε, local DP per site update
+        setting = f"{setting} (SVT, local DP per site update)"
     row: dict[str, Any] = {
         "run_id": record.get("run_id"),
         "name": record.get("name") or cfg.get("name") or record.get("run_id"),

@@ -25,6 +25,7 @@ architecture, ε and setting.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -249,6 +250,7 @@ def _draw(rng: random.Random, spec: dict) -> Any:
 
 
 def _set_path(data: dict, key: str, value: Any) -> None:
+    value = copy.deepcopy(value)  # never alias a sweep's own value (later edits would leak)
     node = data
     parts = key.split(".")
     for p in parts[:-1]:

@@ -101,6 +101,16 @@ def test_bad_sweep_files_are_named_errors(tmp_path):
     assert runs[0].error is None and "unknown model 'nope'" in runs[1].error
 
 
+def test_a_swept_setting_value_is_not_edited_by_an_earlier_point(tmp_path):
+    """ε = ∞ turns a federated point's dp_mode to none; the next point (finite ε) must still
+    get the sweep's own dp_mode (the value dict was once shared and edited in place)."""
+    fed = {"kind": "federated", "federated": {"dp_mode": "site", "rounds": 1}}
+    sw = load_sweep(write_sweep(tmp_path / "alias.yaml", {
+        "setting": {"values": [fed]}, "privacy.target_epsilon": {"values": ["inf", 8]}}))
+    modes = [r.config.setting.federated.dp_mode for r in expand(sw)]
+    assert modes == ["none", "site"]
+
+
 def test_random_method_draws_run_cap_points(tmp_path):
     sw = load_sweep(write_sweep(tmp_path / "r.yaml", {
         "training.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},

@@ -2,7 +2,9 @@
 
 :class:`SiteClient` is a Flower ``NumPyClient``; simulation calls it in-process and deployment
 serves it from one process per clinic, unchanged. What it returns is all that leaves the site:
-model parameters, its number of training subjects (the FedAvg weight), and scalar metrics
+model parameters (with SVT or partial sharing: only the selected coordinates, see
+:mod:`privseg.federated.sparse`), its number of training subjects (the FedAvg weight), and
+scalar metrics
 (aggregate Dice/HD95 of its held-out subjects; its privacy spent; timings). No subject id, image,
 label, prediction or per-subject value is returned.
 
@@ -35,6 +37,7 @@ from privseg.datasets.crops import crop_size
 from privseg.dp.accounting import epsilon_of_history
 from privseg.federated.site_plans import local_steps_per_round, plan_site_sample
 from privseg.federated.sites import SiteData, site_seed
+from privseg.federated.sparse import SiteSparsifier, is_sparse
 from privseg.training.evaluate import evaluate
 from privseg.training.setup import model_knobs, place_model, resolve_device, training_crops
 from privseg.training.step import prepare_training, train_step, unwrap
@@ -97,6 +100,9 @@ class SiteClient(NumPyClient):
         self.steps_per_round = local_steps_per_round(self.scfg, q or 1.0, len(data.train))
         self.steps_done = 0
         self._batches = None
+        #: SVT / partial sharing: what turns the new weights into the sparse message
+        self.sparsifier = (SiteSparsifier(cfg, data.name, seed) if is_sparse(self.fed)
+                           else None)
         # The site's own RNG streams (global torch/NumPy state while it works).
         g = torch.Generator().manual_seed(seed)
         self._torch_rng = g.get_state()
@@ -185,6 +191,9 @@ class SiteClient(NumPyClient):
             weights = get_weights(self.state.model)
         self.compute_split_s["train_s"] += time.perf_counter() - tt
         metrics = {"site": self.site, "steps": self.steps_done}
+        if self.sparsifier is not None:  # only the selected coordinates leave the site
+            weights, counts = self.sparsifier.message(parameters, weights)
+            metrics.update(counts)
         if self.fed.dp_mode == "none":
             # Training loss is data-dependent and not privatised: sent only without DP.
             values = [v for v in (float(loss) for loss in losses) if not math.isnan(v)]

@@ -59,6 +59,7 @@ from privseg.architectures import build, get_entry
 from privseg.config import RunConfig
 from privseg.dp.accounting import delta_warning
 from privseg.dp.randomness import noise_note
+from privseg.dp.svt import FORMULA, advanced_composition, basic_composition
 from privseg.federated.site_dp import (
     PoissonSiteDP,
     PoissonSiteSampler,
@@ -67,6 +68,13 @@ from privseg.federated.site_dp import (
     site_sampler,
 )
 from privseg.federated.site_plans import site_level_epsilon, site_level_plan, sites_per_round
+from privseg.federated.sparse import (
+    Densify,
+    check_sparse,
+    is_sparse,
+    n_selected,
+    round_budget,
+)
 from privseg.record import environment
 from privseg.training.setup import model_knobs
 
@@ -331,6 +339,8 @@ class RecordingStrategy(Strategy):
             else:
                 strategy = PoissonSiteDP(strategy, d["noise_multiplier"], d["clipping_norm"],
                                          d["denominator"])
+        if is_sparse(self.fed):  # sites send indices + values: rebuild dense models first
+            strategy = Densify(strategy)
         self.strategy = strategy
         return initial
 
@@ -359,6 +369,33 @@ class RecordingStrategy(Strategy):
         self.audit["fitres_fields"] = fields
         if fields != ["metrics", "num_examples", "parameters", "status"]:
             self.audit["violations"].append(f"FitRes fields {fields}")
+        if is_sparse(self.fed):
+            self._check_sparse(res)
+        else:
+            self._check_dense(res)
+        if not isinstance(res.num_examples, int):
+            self.audit["violations"].append("num_examples is not an int")
+        self._check_metrics(res.metrics)
+
+    def model_size(self) -> int:
+        """d: the number of coordinates of the model's state (all its arrays)."""
+        return int(sum(np.prod(s, dtype=np.int64) for s in self.param_shapes))
+
+    def _check_sparse(self, res: FitRes) -> None:
+        """A sparse message holds indices and at most c (SVT) or exactly k values: no dense
+        array (checked by content, :func:`privseg.federated.sparse.check_sparse`)."""
+        d = self.model_size()
+        svt = self.fed.dp_mode == "svt"
+        limit = n_selected(self.fed.share_fraction, d)
+        try:
+            arrays = parameters_to_ndarrays(res.parameters)
+        except Exception as e:  # noqa: BLE001
+            self.audit["violations"].append(f"parameters not decodable: {e}")
+            return
+        self.audit["violations"].extend(
+            check_sparse(arrays, d, limit, exact=not svt, dtypes=self.param_dtypes))
+
+    def _check_dense(self, res: FitRes) -> None:
         shapes = None
         try:
             shapes = [tuple(a.shape) for a in parameters_to_ndarrays(res.parameters)]
@@ -369,9 +406,6 @@ class RecordingStrategy(Strategy):
         elif (not self.fed.secure_aggregation  # SecAgg+'s unmasked sum is dequantised
               and [a.dtype for a in parameters_to_ndarrays(res.parameters)] != self.param_dtypes):
             self.audit["violations"].append("parameters are not of the model's dtypes")
-        if not isinstance(res.num_examples, int):
-            self.audit["violations"].append("num_examples is not an int")
-        self._check_metrics(res.metrics)
 
     def _check_metrics(self, metrics: dict) -> None:
         """Content, not only types: numbers, plus strings the server already knows (the site's
@@ -486,6 +520,8 @@ class RecordingStrategy(Strategy):
             return {"enabled": False, "mode": "none", "epsilon": math.inf, "unit": "subject",
                     "guarantee": "none (non-private federated training; only model parameters "
                                  "and aggregate metrics leave the sites)"}
+        if mode == "svt":
+            return self._svt_privacy(noise)
         if mode == "sample":
             m = self.site_fit_metrics
             eps = {s: float(v["epsilon"]) for s, v in m.items()}
@@ -545,6 +581,41 @@ class RecordingStrategy(Strategy):
                 "trusted with raw updates and with the coins; the guarantee covers the "
                 "released global models against everyone else."
                 + (f" Dropouts: {SITE_DROPOUT_NOTE}." if dropped else "")),
+        }
+
+    def _svt_privacy(self, noise: str) -> dict:
+        """The privacy block of an SVT run (Li et al. 2019; Lyu, Su & Li 2017 Alg. 1)."""
+        d = self.model_size()
+        budget = round_budget(self.cfg, d)
+        rounds_done = len(self.rounds)
+        delta = self.cfg.privacy.delta or 1e-5
+        basic = basic_composition(budget.epsilon, rounds_done)
+        advanced = advanced_composition(budget.epsilon, rounds_done, delta)
+        queries = {r["round"]: {s: m.get("svt_queries") for s, m in r.get("site_metrics",
+                                                                        {}).items()}
+                   for r in self.rounds}
+        return {
+            "enabled": True, "mode": "svt", "unit": "one site's whole update (local DP)",
+            "neighbouring": "replace one site's whole update by any other (each coordinate "
+                            f"clipped to [-{budget.gamma:g}, {budget.gamma:g}])",
+            "epsilon": basic, "delta": 0.0,
+            "epsilon_advanced": advanced, "delta_advanced": delta,
+            "composition": "basic" if basic <= advanced else "advanced is tighter",
+            "rounds_done": rounds_done, "d": d, "threshold": self.fed.svt_threshold,
+            "fraction": self.fed.share_fraction, "release_share": self.fed.svt_release_share,
+            **budget.as_dict(), "epsilon_per_round_source": "privacy.target_epsilon / rounds",
+            "queries_per_round_per_site": queries, "formula": FORMULA, "noise": noise,
+            "guarantee": (
+                f"local DP per site: each site's sequence of sparse messages is "
+                f"({basic:.4g}, 0)-DP (basic composition of {rounds_done} rounds of ε = "
+                f"{budget.epsilon:.4g}; advanced composition gives ({advanced:.4g}, "
+                f"{delta:.3g})) with respect to replacing that site's whole update; the server "
+                "and other sites need not be trusted. SVT (Lyu, Su & Li 2017, Alg. 1) selects "
+                f"≤ {budget.c} of {d} coordinates; the selected clipped values are released "
+                f"with Laplace noise of scale {budget.release_scale:.4g}; {noise}."),
+            "not_covered": SITE_NOT_COVERED[1:3] + [
+                "the updates' relation to the site's subjects: the unit is the whole update, "
+                "so one subject's influence is bounded only through it"],
         }
 
     def _secagg_guarantee(self, eps: float) -> str:
@@ -738,6 +809,7 @@ class FederatedServer(Server):
                                     else sites_per_round(self.n_sites, fed.fraction_fit)),
                 "n_sites": self.n_sites, "partition": fed.partition,
                 "parameter_payload_bytes": payload_bytes(self.parameters),
+                "sparse": self.sparse_summary(bpr),
                 "bytes_per_round": bpr,
                 "mean_bytes_per_round": statistics.fmean(b["down"] + b["up"] for b in bpr)
                 if bpr else 0,
@@ -750,6 +822,24 @@ class FederatedServer(Server):
             "test": test,
             "privacy": rec.privacy(),
         }
+
+
+    def sparse_summary(self, bpr: list[dict]) -> dict | None:
+        """Sparse sharing: what was selected and the bytes up against full sharing."""
+        fed = self.cfg.setting.federated
+        if not is_sparse(fed):
+            return None
+        dense = payload_bytes(self.parameters)
+        up = [b["up"] / b["sites"] for b in bpr if b["sites"]]
+        mean_up = statistics.fmean(up) if up else 0.0
+        svt = fed.dp_mode == "svt"
+        return {"rule": "svt" if svt else fed.share_rule,
+                "fraction": fed.share_fraction,
+                "d": self.recorder.model_size(),
+                "aggregation": "unsent coordinates count as zero update (the global model's "
+                               "value), then the inner strategy's weighted mean",
+                "mean_bytes_up_per_site": mean_up, "dense_bytes_up_per_site": dense,
+                "bytes_ratio": mean_up / dense if dense else math.nan}
 
 
 def ask_sites(grid, contents: dict[int, RecordDict], message_type: str, group_id: str,

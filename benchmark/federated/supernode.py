@@ -125,6 +125,10 @@ def run_spend(cfg: RunConfig, client: SiteClient, n_sites: int) -> Spend:
     p, fed = cfg.privacy, cfg.setting.federated
     if not p.enabled or fed.dp_mode == "none":
         return Spend(0.0, 1.0, 1, 0.0, "none (non-private: ε = ∞)")
+    if fed.dp_mode == "svt":
+        raise ValueError("setting.federated.dp_mode=svt: the site ledger composes Gaussian "
+                         "steps only, so a deployed site cannot yet charge an SVT run's pure-ε "
+                         "spend to it; run SVT in simulation (privseg federated simulate)")
     if fed.dp_mode == "sample":
         plan = client.plan
         return Spend(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta)
