@@ -202,6 +202,11 @@ def test_the_wire_audit_checks_what_a_metric_says_not_only_its_type(tmp_path):
     rec._check_metrics({"note": "site-A"})
     rec._check_metrics({"blob": b"\x00\x01"})
     assert len(rec.audit["violations"]) == 3
+    rec.site_of = {"7": "site-A"}  # connection 7 is site-A's
+    rec._check_sender(type("Proxy", (), {"cid": "7"})(), {"site": "site-A"})
+    assert len(rec.audit["violations"]) == 3
+    rec._check_sender(type("Proxy", (), {"cid": "7"})(), {"site": "site-B"})
+    assert "names site 'site-B'" in rec.audit["violations"][-1]
 
 
 def test_flowers_workflow_refuses_sampled_site_dp_whose_empty_rounds_it_would_skip(tmp_path):

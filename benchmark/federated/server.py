@@ -294,6 +294,7 @@ class RecordingStrategy(Strategy):
         self.secagg: dict | None = None
         self.site_fit_metrics: dict[str, dict] = {}
         self.site_train_subjects: dict[str, int] = {}
+        self.site_of: dict[str, str] = {}
         self.final_test: dict[str, dict] = {}
         self.compute_s = 0.0
         #: cid -> site name (the client manager's), to name the sites of failures
@@ -315,6 +316,7 @@ class RecordingStrategy(Strategy):
         if len({tuple(p[k] for k in keys) for p in props.values()}) != 1:
             raise RuntimeError(f"sites disagree on channels/classes/dims: {props}")
         self.properties = props
+        self.site_of = client_manager.site_of  # connection -> site, for the sender check
         first = next(iter(props.values()))
         crops = {str(p.get("crop")) for p in props.values()}
         if "img_size" in get_entry(self.cfg.model.name).knobs() and len(crops) != 1:
@@ -376,6 +378,14 @@ class RecordingStrategy(Strategy):
         if not isinstance(res.num_examples, int):
             self.audit["violations"].append("num_examples is not an int")
         self._check_metrics(res.metrics)
+
+    def _check_sender(self, proxy, metrics: dict) -> None:
+        """A reply names the site of the connection it came on (a site cannot speak for
+        another, e.g. to have its metrics or ε recorded under another site's name)."""
+        expected = self.site_of.get(str(getattr(proxy, "cid", "")))
+        if expected is not None and metrics.get("site") != expected:
+            self.audit["violations"].append(
+                f"a reply on {expected}'s connection names site {metrics.get('site')!r}")
 
     def model_size(self) -> int:
         """d: the number of coordinates of the model's state (all its arrays)."""
@@ -449,8 +459,9 @@ class RecordingStrategy(Strategy):
                 f"fewer than setting.federated.min_fit_sites="
                 f"{self.min_sites(len(asked))}; missed: {missed}")
         results = sorted(results, key=lambda cr: str(cr[1].metrics.get("site")))
-        for _, res in results:
+        for proxy, res in results:
             self._check_fitres(res)
+            self._check_sender(proxy, res.metrics)
             if not self.fed.secure_aggregation:  # SecAgg+: every result holds the sum
                 row["bytes_up"] += payload_bytes(res.parameters)
             site = str(res.metrics["site"])
@@ -500,9 +511,10 @@ class RecordingStrategy(Strategy):
 
     def _collect_eval(self, results) -> dict[str, dict]:
         per_site = {}
-        for _, res in sorted(results, key=lambda cr: str(cr[1].metrics.get("site"))):
+        for proxy, res in sorted(results, key=lambda cr: str(cr[1].metrics.get("site"))):
             self.audit["evaluate_results"] += 1
             self._check_metrics(res.metrics)
+            self._check_sender(proxy, res.metrics)
             self.compute_s += float(res.metrics.get("eval_s", 0.0))
             per_site[str(res.metrics["site"])] = dict(res.metrics)
         return per_site
