@@ -21,6 +21,8 @@ import secrets
 import numpy as np
 import torch
 
+from privseg.config import RunConfig
+
 #: where torch's CPU generator state (``get_state()``, 5056 bytes) keeps its 624 MT19937
 #: words, each in a little-endian uint64 slot: after the initial seed (8 bytes), ``left`` and
 #: ``seeded`` (4 + 4) and ``next`` (8); checked against ``manual_seed`` by the tests
@@ -85,8 +87,8 @@ def noise_note(noise_seed: int | None) -> str:
     return SECRET_NOTE if noise_seed is None else REPRODUCIBLE_NOTE
 
 
-def refuse_replayable_noise(cfg, who: str) -> None:
-    """Raise ValueError if ``cfg`` (a RunConfig) is a DP run whose noise is replayable from the
+def refuse_replayable_noise(cfg: RunConfig, who: str) -> None:
+    """Raise ValueError if ``cfg`` is a DP run whose noise is replayable from the
     config (``privacy.noise_seed``): a deployed party must draw its noise in secret."""
     if cfg.privacy.enabled and cfg.privacy.noise_seed is not None:
         raise ValueError(f"{who}: refusing a config with privacy.noise_seed: its DP noise "
