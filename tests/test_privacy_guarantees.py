@@ -195,16 +195,22 @@ def test_the_wire_audit_checks_what_a_metric_says_not_only_its_type(tmp_path):
     from privseg.federated.server import RecordingStrategy
 
     rec = RecordingStrategy(parse_config(tiny(tmp_path)), 3)
-    rec.properties = {"site-A": {}, "site-B": {}, "site-C": {}}
-    rec._check_metrics({"site": "site-A", "split": "val", "dice_sum/csf": 1.5, "n": 3})
+    rec.properties = {s: {"class_names": "background,csf"} for s in ("site-A", "site-B",
+                                                                       "site-C")}
+    rec._check_metrics({"site": "site-A", "split": "val", "dice_sum/csf": 1.5,
+                        "n_subjects": 3})
     assert rec.audit["violations"] == []
     rec._check_metrics({"site": "patient-017"})
-    rec._check_metrics({"note": "site-A"})
-    rec._check_metrics({"blob": b"\x00\x01"})
-    assert len(rec.audit["violations"]) == 3
+    rec._check_metrics({"split": b"\x00\x01"})
+    assert len(rec.audit["violations"]) == 2
+    # a metric's name is the site's choice too: only names a site sends pass
+    rec._check_metrics({"dice_sum/patient-017-csf": 1.5})
+    rec._check_metrics({"n": 3})
+    assert len(rec.audit["violations"]) == 4
+    assert "'dice_sum/patient-017-csf'" in rec.audit["violations"][2]
     rec.site_of = {"7": "site-A"}  # connection 7 is site-A's
     rec._check_sender(type("Proxy", (), {"cid": "7"})(), {"site": "site-A"})
-    assert len(rec.audit["violations"]) == 3
+    assert len(rec.audit["violations"]) == 4
     rec._check_sender(type("Proxy", (), {"cid": "7"})(), {"site": "site-B"})
     assert "names site 'site-B'" in rec.audit["violations"][-1]
 

@@ -146,7 +146,8 @@ class SiteClient(NumPyClient):
         """Static facts the server needs to build the model (no data)."""
         return {"site": self.site, "in_channels": self.in_channels,
                 "num_classes": self.num_classes, "class_names": ",".join(self.class_names),
-                "dims": self.cfg.dataset.dims, "crop": "x".join(map(str, self.roi))}
+                "dims": self.cfg.dataset.dims, "crop": "x".join(map(str, self.roi)),
+                "regions": ",".join(self.regions or {})}
 
     # -- Flower NumPyClient ---------------------------------------------------------------
     def get_properties(self, config):

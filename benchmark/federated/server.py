@@ -120,6 +120,13 @@ SAMPLE_DROPOUT_NOTE = (
     "with the run's planned spend before training) is the bound")
 
 
+#: the metric names a site's fit and evaluate replies may carry (besides per-class keys)
+SITE_METRIC_KEYS = frozenset({
+    "site", "steps", "fit_s", "train_loss", "shared", "svt_queries", "svt_selected",
+    "epsilon", "delta", "noise_multiplier", "sample_rate", "planned_steps", "accountant",
+    "split", "eval_s", "n_subjects", "mean_dice", "mean_hd95"})
+
+
 def failure_reason(failure) -> tuple[str | None, str]:
     """(cid or None, why) of one of Flower's fit/evaluate failures: an exception (the site is
     not named) or a ``(ClientProxy, result)`` whose status is not OK."""
@@ -417,14 +424,30 @@ class RecordingStrategy(Strategy):
               and [a.dtype for a in parameters_to_ndarrays(res.parameters)] != self.param_dtypes):
             self.audit["violations"].append("parameters are not of the model's dtypes")
 
+    def _metric_keys(self) -> set[str]:
+        """Every metric name a site may send: :data:`SITE_METRIC_KEYS` and the per-class
+        (and per-region) evaluation keys of the classes the sites declared. A name outside
+        this set is reported: a key is a string the site chooses, so it could carry data."""
+        names = set()
+        for props in self.properties.values():
+            for field in ("class_names", "regions"):
+                names.update(c for c in str(props.get(field, "")).split(",") if c)
+        per_class = {f"{m}{part}/{c}" for m in ("dice", "hd95") for part in ("", "_sum", "_n")
+                     for c in names}
+        return SITE_METRIC_KEYS | per_class
+
     def _check_metrics(self, metrics: dict) -> None:
-        """Content, not only types: numbers, plus strings the server already knows (the site's
-        own name, the split it asked for, the config's accountant). Any other string could
-        carry data."""
+        """Content, not only types: known names (:meth:`_metric_keys`), numbers, plus strings
+        the server already knows (the site's own name, the split it asked for, the config's
+        accountant). Any other name or string could carry data."""
         known = {"site": set(self.properties), "split": {"val", "test"},
                  "accountant": {"prv", "rdp"}}
+        allowed = self._metric_keys()
         for k, v in metrics.items():
             self.audit["metric_types"].add(type(v).__name__)
+            if k not in allowed:
+                self.audit["violations"].append(f"metric name {str(k)[:40]!r} is not one a "
+                                                "site sends")
             if isinstance(v, str):
                 if v not in known.get(k, ()):
                     self.audit["violations"].append(f"metric {k} is a string the server did "
