@@ -1,6 +1,7 @@
 """Test-wide settings: no network, no W&B server, deterministic CPU torch."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+# a site's ledger and trained-runs list (privseg.federated.supernode.site_state_dir): never the
+# user's own; processes started by module-scoped fixtures inherit this one
+os.environ["PRIVSEG_SITE_STATE"] = tempfile.mkdtemp(prefix="privseg-site-state-")
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +20,7 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("PRIVSEG_SITE_STATE", str(tmp_path / "site-state"))
 
 
 @pytest.fixture(scope="module")

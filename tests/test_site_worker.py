@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -68,7 +69,7 @@ def test_a_run_dropped_after_training_is_refused_not_restarted(cfg):
 def test_a_restarted_worker_refuses_runs_it_trained_in_before(cfg):
     worker = SiteWorker.load([cfg], SITE)
     train_once(worker, cfg, 201)
-    assert "201" in trained_runs_path(cfg, SITE).read_text().split()
+    assert "201" in trained_runs_path(SITE).read_text().split()
     restarted = SiteWorker.load([cfg], SITE)
     with pytest.raises(RuntimeError, match="under-report"):
         restarted._site_run(context(cfg, 201))
@@ -94,7 +95,7 @@ def test_a_training_message_is_recorded_before_it_is_answered(cfg):
     # an empty train message fails in the ClientApp, after the run was recorded
     worker.handle(message(301, MessageType.TRAIN), ctx)
     assert 301 in worker.trained
-    assert "301" in trained_runs_path(cfg, SITE).read_text().split()
+    assert "301" in trained_runs_path(SITE).read_text().split()
 
 
 def test_a_site_refuses_a_config_whose_noise_is_replayable(tmp_path):
@@ -129,7 +130,7 @@ def test_the_ledger_composes_runs_and_refuses_the_one_past_the_budget(tmp_path):
     restarted = SiteWorker.load([cfg], SITE, budget_epsilon=budget)
     with pytest.raises(BudgetExceeded):
         restarted._site_run(context(cfg, 405), trains=True)
-    ledger = SiteLedger(ledger_path(cfg, SITE))
+    ledger = SiteLedger(ledger_path(SITE))
     assert [e["run_id"] for e in ledger.entries] == ["401", "402"]
     assert ledger.spent() == pytest.approx(e2)
     assert "composed: ε = " in ledger.report()
@@ -162,3 +163,35 @@ def test_two_workers_on_one_ledger_cannot_both_spend_the_same_room(tmp_path):
     with pytest.raises(BudgetExceeded):
         b.charge(2, "x", run)
     assert [e["run_id"] for e in SiteLedger(tmp_path / "l.jsonl").entries] == ["1"]
+
+
+def test_a_config_naming_another_cache_dir_finds_the_same_ledger(tmp_path):
+    """The budget is the site's, not a config's: a second run under a config that moves
+    ``dataset.cache_dir`` (or any other machine-local path) composes with the first."""
+    cfg = parse_config(deployable(tmp_path))
+    elsewhere = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(
+        update={"cache_dir": str(tmp_path / "another-cache")})})
+    probe = SiteWorker.load([cfg], SITE)
+    plan = probe._site_run(context(cfg, 1)).client.plan
+    one = [(plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    budget = (epsilon_of_history(one, 1e-5) + epsilon_of_history(one * 2, 1e-5)) / 2
+
+    train_once(SiteWorker.load([cfg], SITE, budget_epsilon=budget), cfg, 501)
+    moved = SiteWorker.load([elsewhere], SITE, budget_epsilon=budget)
+    with pytest.raises(BudgetExceeded):
+        moved._site_run(context(elsewhere, 502), trains=True)
+    assert ledger_path(SITE) == ledger_path(SITE, tmp_path / "site-state")  # conftest's env
+
+
+def test_a_ledger_left_beside_the_data_cache_stops_the_site(tmp_path):
+    from privseg.config import ConfigError
+
+    cfg = parse_config(deployable(tmp_path))
+    old = Path(cfg.dataset.cache_dir) / "site-ledger" / f"{SITE}.jsonl"
+    old.parent.mkdir(parents=True)
+    old.write_text('{"run_id": "1"}\n')
+    with pytest.raises(ConfigError, match="site-ledger"):
+        SiteWorker.load([cfg], SITE)
+    ledger_path(SITE).parent.mkdir(parents=True)
+    ledger_path(SITE).write_text("")  # moved (here: a fresh one chosen by the operator)
+    SiteWorker.load([cfg], SITE)

@@ -22,6 +22,10 @@ BudgetOpt = Annotated[float | None, typer.Option(
     help="this site's total privacy budget ε over all runs on its data (composed in its "
          "ledger); a run that would exceed it is refused before training")]
 BudgetDeltaOpt = Annotated[float, typer.Option(help="δ at which the ledger composes")]
+StateDirOpt = Annotated[Path | None, typer.Option(
+    envvar="PRIVSEG_SITE_STATE",
+    help="folder of this site's privacy ledger and trained-runs list (default "
+         "~/.local/state/privseg): one per site machine, whatever the run config")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key, e.g. --set setting.federated.rounds=5")]
 
@@ -82,6 +86,7 @@ def site(
     allow_reproducible_noise: AllowNoiseOpt = False,
     budget_epsilon: BudgetOpt = None,
     budget_delta: BudgetDeltaOpt = 1e-5,
+    state_dir: StateDirOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Legacy transport (Flower start_client): one site; see `supernode` for the current one.
@@ -94,7 +99,7 @@ def site(
     try:
         run_site(cfg, name, server_address, data,
                  ca_cert.read_bytes() if ca_cert is not None else None, max_wait,
-                 allow_reproducible_noise, budget_epsilon, budget_delta)
+                 allow_reproducible_noise, budget_epsilon, budget_delta, state_dir)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(str(e), code=1)
 
@@ -143,6 +148,7 @@ def supernode(
     budget_epsilon: BudgetOpt = None,
     budget_delta: BudgetDeltaOpt = 1e-5,
     allow_reproducible_noise: AllowNoiseOpt = False,
+    state_dir: StateDirOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Serve one site as a Flower SuperNode: its data stay here; it answers every run.
@@ -160,7 +166,8 @@ def supernode(
     configs = [_load(c, set_) for c in config]
     try:
         code = serve_site(configs, name, superlink, data, ca_cert, auth_key, runtime_port,
-                          max_wait, budget_epsilon, budget_delta, allow_reproducible_noise)
+                          max_wait, budget_epsilon, budget_delta, allow_reproducible_noise,
+                          state_dir)
     except (ValueError, FileNotFoundError, ConfigError) as e:
         fail(str(e), code=1)
     raise typer.Exit(code)
@@ -168,22 +175,19 @@ def supernode(
 
 @app.command()
 def ledger(
-    config: Annotated[str, typer.Argument(help="one run config this site agreed to (its "
-                                               "dataset.cache_dir locates the ledger)")],
     name: Annotated[str, typer.Option("--site", help="this site's name, e.g. site-A")],
     budget_delta: Annotated[float, typer.Option(help="δ at which the ledger composes")] = 1e-5,
-    set_: SetOpt = None,
+    state_dir: StateDirOpt = None,
 ) -> None:
     """Print this site's privacy ledger: every run trained on its data and the composed ε.
 
-    Example:  privseg federated ledger study.yaml --site site-A
+    Example:  privseg federated ledger --site site-A --state-dir /var/lib/privseg
     """
     from privseg.dp.ledger import SiteLedger
     from privseg.federated.supernode import ledger_path
 
-    cfg = _load(config, set_)
     try:
-        typer.echo(SiteLedger(ledger_path(cfg, name), budget_delta=budget_delta).report())
+        typer.echo(SiteLedger(ledger_path(name, state_dir), budget_delta=budget_delta).report())
     except ValueError as e:
         fail(str(e), code=1)
 

@@ -29,7 +29,12 @@ from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.client import SiteClient
 from privseg.federated.server import deployment_record, make_server
 from privseg.federated.sites import build_site, partition
-from privseg.federated.supernode import agreement_id, ledger_path, run_spend
+from privseg.federated.supernode import (
+    agreement_id,
+    ledger_path,
+    refuse_moved_state,
+    run_spend,
+)
 from privseg.record import run_dir, write_record
 from privseg.training.setup import default_cache_dir, seed_everything
 
@@ -95,7 +100,8 @@ def wait_for_server(address: str, max_wait_time: float | None, poll_s: float = 0
 def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | None = None,
              root_certificates: bytes | None = None, max_wait_time: float | None = None,
              allow_reproducible_noise: bool = False, budget_epsilon: float | None = None,
-             budget_delta: float = MAX_DEFAULT_DELTA) -> None:
+             budget_delta: float = MAX_DEFAULT_DELTA,
+             state_dir: Path | str | None = None) -> None:
     """Serve one site's data to the federation: train and evaluate locally when asked.
 
     A config with ``privacy.noise_seed`` is refused unless ``allow_reproducible_noise``. The
@@ -112,7 +118,8 @@ def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | No
                                Path(d.cache_dir) if d.cache_dir else default_cache_dir())
     data = build_site(cfg, subject_set, site)
     client = SiteClient(cfg, data, subject_set)
-    ledger = SiteLedger(ledger_path(cfg, site), budget_epsilon, budget_delta)
+    refuse_moved_state([cfg], site, state_dir)
+    ledger = SiteLedger(ledger_path(site, state_dir), budget_epsilon, budget_delta)
     n_sites = len(set(partition(cfg, subject_set)[0].values()))
     # the legacy transport has no run id: each process is one run
     total = ledger.charge(f"legacy-{uuid.uuid4().hex[:12]}", agreement_id(cfg),

@@ -107,17 +107,52 @@ class TrainedRuns:
         self.ids.add(run_id)
 
 
-def trained_runs_path(cfg: RunConfig, site: str) -> Path:
-    """Where a site's :class:`TrainedRuns` file lives: beside its data cache."""
+#: environment variable naming the folder of a site's state (its ledger and trained runs)
+SITE_STATE_ENV = "PRIVSEG_SITE_STATE"
+
+
+def site_state_dir(state_dir: Path | str | None = None) -> Path:
+    """The folder of this machine's site state: ``state_dir`` (the operator's
+    ``--state-dir``), else ``$PRIVSEG_SITE_STATE``, else ``$XDG_STATE_HOME/privseg`` (default
+    ``~/.local/state/privseg``).
+
+    Not beside the data cache, as it was: the cache dir is a key of each run config, so a
+    config naming another cache dir would have opened a fresh, empty ledger and spent the
+    site's budget again."""
+    if state_dir is not None:
+        return Path(state_dir)
+    if os.environ.get(SITE_STATE_ENV):
+        return Path(os.environ[SITE_STATE_ENV])
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "privseg"
+
+
+def trained_runs_path(site: str, state_dir: Path | str | None = None) -> Path:
+    """Where a site's :class:`TrainedRuns` file lives (:func:`site_state_dir`)."""
+    return site_state_dir(state_dir) / "site-runs" / f"{site}.runs"
+
+
+def ledger_path(site: str, state_dir: Path | str | None = None) -> Path:
+    """Where a site's privacy ledger (:class:`privseg.dp.ledger.SiteLedger`) lives."""
+    return site_state_dir(state_dir) / "site-ledger" / f"{site}.jsonl"
+
+
+def refuse_moved_state(configs: list[RunConfig], site: str,
+                       state_dir: Path | str | None = None) -> None:
+    """Refuse to start while a ledger or trained-runs file of ``site`` lies where privseg
+    kept them before (beside a config's data cache) but not where it keeps them now: starting
+    would open an empty ledger and forget what the site has spent."""
     from privseg.training.setup import default_cache_dir
 
-    cache = Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else default_cache_dir()
-    return cache / "site-runs" / f"{site}.runs"
-
-
-def ledger_path(cfg: RunConfig, site: str) -> Path:
-    """Where a site's privacy ledger (:class:`privseg.dp.ledger.SiteLedger`) lives."""
-    return trained_runs_path(cfg, site).parent.parent / "site-ledger" / f"{site}.jsonl"
+    for cfg in configs:
+        cache = Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else default_cache_dir()
+        for old, new in ((cache / "site-ledger" / f"{site}.jsonl", ledger_path(site, state_dir)),
+                         (cache / "site-runs" / f"{site}.runs",
+                          trained_runs_path(site, state_dir))):
+            if old.exists() and not new.exists():
+                raise ConfigError(
+                    f"site {site}: {old} holds this site's privacy state, which now lives in "
+                    f"{new} (--state-dir / ${SITE_STATE_ENV}); move it there before starting")
 
 
 def run_spend(cfg: RunConfig, client: SiteClient, n_sites: int) -> Spend:
@@ -169,13 +204,16 @@ class SiteWorker:
     @classmethod
     def load(cls, configs: list[RunConfig], site: str, data_root: str | None = None,
              budget_epsilon: float | None = None, budget_delta: float = MAX_DEFAULT_DELTA,
-             allow_reproducible_noise: bool = False) -> SiteWorker:
+             allow_reproducible_noise: bool = False,
+             state_dir: Path | str | None = None) -> SiteWorker:
         """Load the site's data (``data_root`` or ``dataset.root``) for every agreed config.
 
         A config whose DP noise is replayable (``privacy.noise_seed``) is refused: a deployed
         site's noise must be its own secret (``allow_reproducible_noise``: the operator's
         explicit opt-in, for loopback tests and benchmark deployments). The site's ledger
-        (:func:`ledger_path`) holds the operator's budget."""
+        (:func:`ledger_path` in ``state_dir``, see :func:`site_state_dir`) holds the
+        operator's budget."""
+        refuse_moved_state(configs, site, state_dir)
         for cfg in configs:
             if not allow_reproducible_noise:
                 refuse_replayable_noise(cfg, f"site {site}")
@@ -192,9 +230,9 @@ class SiteWorker:
             agreed[agreement_id(cfg)] = (cfg, data, subject_set)
             log.info("site %s: run config %s (%s): %s subjects (train/val/test)", site,
                      cfg.name, agreement_id(cfg), data.counts())
-        ledger = SiteLedger(ledger_path(configs[0], site), budget_epsilon, budget_delta)
+        ledger = SiteLedger(ledger_path(site, state_dir), budget_epsilon, budget_delta)
         log.info("site %s: %s", site, ledger.report().splitlines()[-1])
-        return cls(site, agreed, trained=TrainedRuns(trained_runs_path(configs[0], site)),
+        return cls(site, agreed, trained=TrainedRuns(trained_runs_path(site, state_dir)),
                    ledger=ledger)
 
     def _site_run(self, context: Context, trains: bool = False) -> SiteRun:
@@ -323,7 +361,8 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
                root_certificates: Path | None = None, auth_key: Path | None = None,
                runtime_port: int | None = None, max_wait: float | None = None,
                budget_epsilon: float | None = None, budget_delta: float = MAX_DEFAULT_DELTA,
-               allow_reproducible_noise: bool = False) -> int:
+               allow_reproducible_noise: bool = False,
+               state_dir: Path | str | None = None) -> int:
     """Serve one site to a SuperLink until its SuperNode exits; return the SuperNode's code.
 
     Data never leave this machine: the worker answers only through the ``ClientApp`` (model
@@ -340,7 +379,7 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
         raise ConfigError("node authentication (--auth-key) needs TLS (--ca-cert): Flower "
                           "refuses SuperNode authentication over an insecure channel")
     worker = SiteWorker.load(configs, site, data_root, budget_epsilon, budget_delta,
-                             allow_reproducible_noise)
+                             allow_reproducible_noise, state_dir)
     sock_dir = Path(tempfile.mkdtemp(prefix="privseg-site-"))  # mode 0700
     socket_path = sock_dir / "worker.sock"
     key_path = worker_authkey_path(socket_path)
