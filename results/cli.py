@@ -183,21 +183,31 @@ def reproduce(
         if not agrees:
             typer.echo("the rerun does NOT agree with the reference (see above)")
     if entry.get("report") == "sharing":
-        _sharing_report(new, result.output_dir / "figures")
+        _sharing_report(new, result.output_dir / "figures", entry.get("published"))
     if not result.ok:
         raise typer.Exit(1)
 
 
-def _sharing_report(df: pd.DataFrame, folder: Path) -> None:
+def _sharing_report(df: pd.DataFrame, folder: Path, published: dict | None = None) -> None:
     """Dice per fraction shared × ε (SVT, no DP, DP-FedAvg beside), bytes per round against
-    full sharing, and the figure (``privseg reproduce li2019``)."""
-    from privseg.results.sharing import bytes_table, dice_vs_fraction, sharing_table
+    full sharing, the published numbers (index.json ``published``) beside, and the figure
+    (``privseg reproduce li2019``)."""
+    from privseg.results.sharing import (
+        bytes_table,
+        dice_vs_fraction,
+        published_table,
+        sharing_table,
+    )
     from privseg.results.tables import to_markdown
 
     typer.echo("\nTest Dice per fraction of each update shared × ε (ε per site):\n")
     typer.echo(to_markdown(sharing_table(df)))
     typer.echo("\nBytes each site sends per round (parameter payload) vs full sharing:\n")
     typer.echo(to_markdown(bytes_table(df)))
+    if published:
+        typer.echo(f"\nPublished: {published.get('source', '?')} ({published.get('metric', '')})"
+                   ":\n")
+        typer.echo(to_markdown(published_table(df, published)))
     _save_figure(dice_vs_fraction(df), folder, "li2019_dice_vs_fraction")
 
 

@@ -175,3 +175,31 @@ def _err(g: pd.DataFrame, metric: str):
     """Error bars only where there is a spread over seeds (NaN std: none)."""
     std = g[f"{metric}.std"]
     return None if std.isna().all() else std
+
+
+#: rows of :func:`published_table`: the published key and what in privseg's runs matches it
+PUBLISHED_ROWS = (("central", "central, non-private"), ("fedavg", "FedAvg (no DP, full sharing)"),
+                  ("fedavg+svt", "FedAvg + SVT (privseg: each ε and fraction shared)"))
+
+
+def published_table(df: pd.DataFrame, published: dict, metric: str = METRIC) -> pd.DataFrame:
+    """Published mean Dice (e.g. NVFlare's BraTS 2018 example) beside this rerun's: central
+    (privseg's central non-private runs, if any), FedAvg (no DP at fraction 1), and FedAvg +
+    SVT (every SVT cell, each named by its ε and fraction: the published run's own ε is not
+    comparable, its accounting being the one privseg replaces)."""
+    d = sharing_frame(df)
+    agg = aggregate(d, [metric], ["series", "fraction"]) if not d.empty else d
+    central = df[(df.get("setting") == "central") & ~df["private"].astype(bool)] if (
+        "setting" in df and "private" in df) else df.iloc[0:0]
+    ours = {"central": f"{central[metric].mean():.3f}" if len(central) else "–"}
+    if not agg.empty:
+        full = agg[(agg["series"] == "no DP") & (agg["fraction"] == 1.0)]
+        ours["fedavg"] = _fmt(full, metric, 3)
+        svt = agg[agg["series"] == "SVT"].sort_values(["epsilon", "fraction"],
+                                                       ascending=False)
+        ours["fedavg+svt"] = "; ".join(
+            f"{r[f'{metric}.mean']:.3f} (ε {r['epsilon']:g}, shared {r['fraction']:g})"
+            for _, r in svt.iterrows()) or "–"
+    return pd.DataFrame([{"run": label, "published": published.get(key, "–"),
+                          "privseg (this rerun)": ours.get(key, "–")}
+                         for key, label in PUBLISHED_ROWS])

@@ -100,3 +100,20 @@ def test_reference_keeps_runs_that_differ_in_the_fraction_apart(runs, tmp_path):
     table = compare(ref, runs)
     assert len(table) == len(runs)  # one row per run: nothing pooled across fractions
     assert set(table["agrees"]) == {"exact"}
+
+
+def test_published_numbers_are_printed_beside_the_matching_runs(runs):
+    from privseg.results.reference import table_entry
+    from privseg.results.sharing import published_table
+
+    published = table_entry("li2019", quick=False)["published"]
+    assert (published["central"], published["fedavg"], published["fedavg+svt"]) == (
+        0.856, 0.857, 0.821)  # NVFlare's BraTS 2018 example
+    t = published_table(runs, published).set_index("run")
+    rows = list(t.index)
+    assert t.loc[rows[1], "published"] == 0.857
+    assert t.loc[rows[1], "privseg (this rerun)"] == f"{dice('none', 1, math.inf):.3f}"
+    assert t.loc[rows[0], "privseg (this rerun)"] == "–"  # no central run in the study
+    svt = t.loc[rows[2], "privseg (this rerun)"]
+    assert f"{dice('svt', 0.1, 1e8):.3f} (ε 1e+08, shared 0.1)" in svt
+    assert svt.count("(ε ") == 6  # every SVT cell, none of the DP-FedAvg or no-DP runs
