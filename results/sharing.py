@@ -28,7 +28,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from privseg.results.tables import METRIC, aggregate, fmt_cell, seeds_text  # noqa: E402
+from privseg.results.tables import (  # noqa: E402
+    METRIC,
+    aggregate,
+    eps_label,
+    fmt_cell,
+    seeds_text,
+)
 
 FRACTION = "config.setting.federated.share_fraction"
 #: the series of the table and figure, in order
@@ -99,22 +105,25 @@ def _fmt(r: pd.DataFrame, metric: str, digits: int) -> str:
 
 
 def bytes_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Bytes a site sent per round (mean over rounds and runs) vs full sharing, per series
-    and fraction: what sharing less saves on the wire."""
+    """Bytes a site sent per round (mean over rounds and runs) vs full sharing, per series, ε
+    and fraction: what sharing less saves on the wire (SVT sends at most c coordinates, as
+    uint32 index + value each, so its bytes depend on ε)."""
     d = sharing_frame(df)
     if d.empty or "federated.bytes_up_per_site" not in d:
         return pd.DataFrame()
     rows = []
-    for (series, f), g in d.groupby(["series", "fraction"], sort=False):
+    for (series, eps, f), g in d.groupby(["series", "epsilon", "fraction"], sort=False):
         up = float(g["federated.bytes_up_per_site"].mean())
         dense = float(g["federated.dense_bytes_up_per_site"].mean())
-        rows.append({"series": series, "fraction": f, "runs": len(g),
+        rows.append({"series": series, "ε": eps, "fraction": f, "runs": len(g),
                      "bytes up per site per round": f"{up:,.0f}",
                      "full sharing": f"{dense:,.0f}", "ratio": f"{up / dense:.3f}"})
     out = pd.DataFrame(rows)
     order = {s: i for i, s in enumerate(SERIES)}
-    return out.sort_values(["series", "fraction"], key=lambda c: c.map(order) if
-                           c.name == "series" else -c).reset_index(drop=True)
+    out = out.sort_values(["series", "ε", "fraction"], key=lambda c: c.map(order) if
+                          c.name == "series" else -c).reset_index(drop=True)
+    out["ε"] = [eps_label(e) for e in out["ε"]]
+    return out
 
 
 def dice_vs_fraction(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
@@ -154,7 +163,7 @@ def dice_vs_fraction(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     fractions = sorted(agg["fraction"].unique())
     ax.set_xscale("log")
     ax.set_xticks(fractions)
-    ax.set_xticklabels([f"{f:g}" for f in fractions])
+    ax.set_xticklabels([f"{f:g}" + ("\n(all)" if f == 1 else "") for f in fractions])
     ax.minorticks_off()
     ax.invert_xaxis()  # full sharing at the left, sharing less to the right
     ax.set_xlabel("fraction of each site's update shared per round (log scale)")
@@ -162,12 +171,12 @@ def dice_vs_fraction(df: pd.DataFrame, metric: str = METRIC) -> Figure | None:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     name = d["dataset"].iloc[0] if "dataset" in d and d["dataset"].nunique() == 1 else None
-    ax.set_title("Selective parameter sharing (Li et al. 2019)" + (f" ({name})" if name else ""))
+    ax.set_title("Selective parameter sharing (Li et al. 2019)" + (f", {name}" if name else ""))
     ax.legend(title="privacy: ε per site over all rounds", fontsize="x-small",
               title_fontsize="small")
-    ax.text(0.01, 0.01, f"{SVT_UNIT};\nDP-FedAvg: (ε, δ)-DP, unit one site's data present "
-            "or absent (central DP, trusted server);\n" + seeds_text(agg["n_seeds"]),
-            transform=ax.transAxes, fontsize="xx-small", color="grey", va="bottom")
+    fig.supxlabel(f"{SVT_UNIT};\nDP-FedAvg: (ε, δ)-DP, unit one site's data present or absent "
+                  f"(central DP, trusted server); {seeds_text(agg['n_seeds'])}",
+                  fontsize="xx-small", color="grey")
     return fig
 
 

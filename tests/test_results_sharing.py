@@ -69,10 +69,10 @@ def test_table_cells_are_the_runs_of_their_series_fraction_and_epsilon(runs):
 
 def test_bytes_per_round_against_full_sharing(runs):
     b = bytes_table(runs)
-    svt = b[(b["series"] == "SVT") & (b["fraction"] == 0.1)].iloc[0]
-    assert svt["runs"] == 2 and svt["bytes up per site per round"] == f"{DENSE * 0.1 + 320:,.0f}"
+    svt = b[(b["series"] == "SVT") & (b["fraction"] == 0.1) & (b["ε"] == "ε = 10")].iloc[0]
+    assert svt["runs"] == 1 and svt["bytes up per site per round"] == f"{DENSE * 0.1 + 320:,.0f}"
     assert float(svt["ratio"]) == pytest.approx((DENSE * 0.1 + 320) / DENSE, abs=1e-3)
-    assert list(b["series"]) == ["no DP"] * 3 + ["SVT"] * 3 + ["DP-FedAvg"]
+    assert list(b["series"]) == ["no DP"] * 3 + ["SVT"] * 6 + ["DP-FedAvg"] * 2
 
 
 def test_figure_draws_each_series_at_its_fractions_with_delta_and_unit(runs):
@@ -84,7 +84,7 @@ def test_figure_draws_each_series_at_its_fractions_with_delta_and_unit(runs):
     assert "DP-FedAvg, ε = 10, δ = 1e-05 (full sharing)" in text
     assert any(t.startswith("no DP") for t in text)
     assert "fraction" in ax.get_xlabel()
-    notes = " ".join(t.get_text() for t in ax.texts)
+    notes = fig.get_supxlabel()
     assert "one site's whole update" in notes and "δ = 0" in notes
     bars = {c.get_label(): c.lines[0] for c in ax.containers}  # one errorbar per series
     line = next(ln for k, ln in bars.items() if k.startswith("SVT, ε = 10,"))
@@ -117,3 +117,20 @@ def test_published_numbers_are_printed_beside_the_matching_runs(runs):
     svt = t.loc[rows[2], "privseg (this rerun)"]
     assert f"{dice('svt', 0.1, 1e8):.3f} (ε 1e+08, shared 0.1)" in svt
     assert svt.count("(ε ") == 6  # every SVT cell, none of the DP-FedAvg or no-DP runs
+
+
+def test_committed_li2019_reference_is_the_shipped_sweep_run():
+    """The committed numbers come from `privseg reproduce li2019 --quick` on the sweep as
+    shipped (its hash), one run per fraction × ε × series, with its figure beside."""
+    from privseg.results.reference import file_sha256, reference_dir, table_entry
+    from privseg.sweeps.spec import resolve_sweep_path
+
+    entry = table_entry("li2019", quick=True)
+    ref, meta = read_reference(reference_dir() / entry["reference"])
+    assert meta["command"].startswith("privseg reproduce li2019 --quick")
+    sweep = resolve_sweep_path(entry["sweep"])
+    assert meta["sweep"] == f"{sweep.name} sha256:{file_sha256(sweep)}"
+    cells = set(zip(ref["setting"], ref["config.setting.federated.share_fraction"],
+                    ref["epsilon"], strict=True))
+    assert len(cells) == len(ref) == 15  # 3 no-DP + 3 fractions × 3 ε SVT + 3 DP-FedAvg
+    assert (reference_dir() / entry["figure"]).stat().st_size > 10_000
