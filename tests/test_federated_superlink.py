@@ -214,7 +214,7 @@ def deployed(federation):
     records = {}
     for k, p in runs.items():
         try:
-            code = p.wait(timeout=150)
+            code = p.wait(timeout=400)  # a slow start (sites load 3 configs) on a busy CI
         except subprocess.TimeoutExpired:
             code = None
         log = f.logs[f"run-{k}"].read_text()
@@ -235,7 +235,7 @@ def deployed_svt(federation, deployed):
         "--round-timeout", "120"], f.work / "home-run-svt")
     f.simulated["svt"] = simulate(f.cfg["svt"])
     try:
-        code = p.wait(timeout=150)
+        code = p.wait(timeout=400)
     except subprocess.TimeoutExpired:
         code = None
     assert code == 0, (f"svt: exit {code}\n{f.logs['run-svt'].read_text()[-4000:]}")
