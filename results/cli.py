@@ -182,8 +182,43 @@ def reproduce(
         typer.echo("\n" + text)
         if not agrees:
             typer.echo("the rerun does NOT agree with the reference (see above)")
+    if entry.get("report") == "sharing":
+        _sharing_report(new, result.output_dir / "figures", entry.get("published"))
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _sharing_report(df: pd.DataFrame, folder: Path, published: dict | None = None) -> None:
+    """Dice per fraction shared × ε (SVT, no DP, DP-FedAvg beside), bytes per round against
+    full sharing, the published numbers (index.json ``published``) beside, and the figure
+    (``privseg reproduce li2019``)."""
+    from privseg.results.sharing import (
+        bytes_table,
+        dice_vs_fraction,
+        published_table,
+        sharing_table,
+    )
+    from privseg.results.tables import to_markdown
+
+    typer.echo("\nTest Dice per fraction of each update shared × ε (ε per site):\n")
+    typer.echo(to_markdown(sharing_table(df)))
+    typer.echo("\nBytes each site sends per round (parameter payload) vs full sharing:\n")
+    typer.echo(to_markdown(bytes_table(df)))
+    if published:
+        typer.echo(f"\nPublished: {published.get('source', '?')} ({published.get('metric', '')})"
+                   ":\n")
+        typer.echo(to_markdown(published_table(df, published)))
+    _save_figure(dice_vs_fraction(df), folder, "li2019_dice_vs_fraction")
+
+
+def _save_figure(fig, folder: Path, name: str) -> None:
+    """Save a report's figure as PNG and PDF under ``folder`` and name it (None: nothing)."""
+    if fig is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "pdf"):
+        fig.savefig(folder / f"{name}.{ext}", dpi=150)
+    typer.echo(f"figure: {folder / name}.png")
 
 
 def _audit_report(df: pd.DataFrame, folder: Path) -> None:
@@ -198,12 +233,7 @@ def _audit_report(df: pd.DataFrame, folder: Path) -> None:
     typer.echo(to_markdown(audit_table(df)))
     text, ok = audit_verdict(df)
     typer.echo("\n" + text)
-    fig = claimed_vs_audited(df)
-    if fig is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for ext in ("png", "pdf"):
-            fig.savefig(folder / f"audit_claimed_vs_audited.{ext}", dpi=150)
-        typer.echo(f"figure: {folder / 'audit_claimed_vs_audited.png'}")
+    _save_figure(claimed_vs_audited(df), folder, "audit_claimed_vs_audited")
     if not ok:
         typer.echo("the audit does NOT behave as a correct mechanism must (see above)")
         raise typer.Exit(1)

@@ -5,6 +5,7 @@
 - central vs federated per architecture and ε
 - per-site Dice per architecture (at the most private ε and non-private)
 - claimed vs audited ε (``privseg audit`` records; :mod:`privseg.results.audit_figure`)
+- Dice vs fraction shared per privacy setting (Li et al. 2019; :mod:`privseg.results.sharing`)
 
 Every function returns a matplotlib Figure (or None when the data cannot support it);
 :func:`make_figures` saves each as PNG and PDF.
@@ -25,6 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from privseg.results.audit_figure import claimed_vs_audited  # noqa: E402
 from privseg.results.grouping import VARIANT, split_variants  # noqa: E402
+from privseg.results.sharing import dice_vs_fraction  # noqa: E402
 from privseg.results.tables import (  # noqa: E402
     METRIC,
     aggregate,
@@ -248,6 +250,7 @@ FIGURES = {
     "central_vs_federated": central_vs_federated,
     "per_site_dice": per_site,
     "claimed_vs_audited_epsilon": claimed_vs_audited,
+    "dice_vs_fraction_shared": dice_vs_fraction,
 }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from privseg.results.grouping import VARIANT, differing_keys
 from privseg.results.tables import METRIC, aggregate, class_columns, eps_label, group_keys
 
 REFERENCE_COLUMNS = ["run_id", "model", "width", "setting", "seed", "epsilon",
@@ -69,8 +70,12 @@ def file_sha256(path: Path) -> str:
 
 def write_reference(df: pd.DataFrame, path: Path, *, command: str, sweep_file: Path | None
                     ) -> Path:
-    """Write the per-run reference CSV (with a ``#`` header: command, date, machine)."""
-    cols = [c for c in REFERENCE_COLUMNS if c in df] + class_columns(df)
+    """Write the per-run reference CSV (with a ``#`` header: command, date, machine).
+
+    Config keys in which runs of one row differ besides the seed (e.g. the fraction shared)
+    are kept as columns, so the comparison keeps those runs apart as the live table does."""
+    cols = ([c for c in REFERENCE_COLUMNS if c in df] + differing_keys(df, group_keys(df))
+            + class_columns(df))
     m = machine()
     header = [f"# command: {command}",
               f"# date: {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}",
@@ -104,6 +109,9 @@ def compare(reference: pd.DataFrame, new: pd.DataFrame, metric: str = METRIC) ->
     keys = [k for k in group_keys(reference) if k in new]
     ref = aggregate(reference, [metric], keys)
     cur = aggregate(new, [metric], keys) if not new.empty else ref.iloc[0:0]
+    if VARIANT in ref or VARIANT in cur:  # runs differing in more than the seed: own rows
+        ref, cur = (a if VARIANT in a else a.assign(**{VARIANT: ""}) for a in (ref, cur))
+        keys = [*keys, VARIANT]
     merged = ref.merge(cur, on=keys + ["epsilon"], how="outer", suffixes=(".ref", ".new"))
     merged = (merged.assign(_o=-merged["epsilon"].astype(float))
               .sort_values(keys + ["_o"], kind="stable").drop(columns="_o"))

@@ -122,6 +122,21 @@ def _audit_columns(audit: dict) -> dict[str, Any]:
             "audit.fault": tag if audit else None}
 
 
+def _federated_columns(fed: dict, priv: dict) -> dict[str, Any]:
+    """A federated run's bytes each site sent per round (mean over rounds), the dense model's
+    bytes (full sharing), and an SVT run's ε per round; empty for other runs."""
+    rows = [b for b in fed.get("bytes_per_round") or [] if b.get("sites")]
+    if not rows:
+        return {}
+    up = sum(b["up"] / b["sites"] for b in rows) / len(rows)
+    dense = _num(fed.get("parameter_payload_bytes"))
+    out = {"federated.bytes_up_per_site": up, "federated.dense_bytes_up_per_site": dense,
+           "federated.bytes_ratio": up / dense if dense else math.nan}
+    if priv.get("mode") == "svt":
+        out["privacy.epsilon_per_round"] = _num(priv.get("epsilon_per_round"))
+    return out
+
+
 def record_row(record: dict) -> dict[str, Any]:
     """One run record -> one flat row."""
     cfg = record.get("config") or {}
@@ -169,6 +184,7 @@ def record_row(record: dict) -> dict[str, Any]:
         "privacy.accountant": priv.get("accountant"),
         "privacy.guarantee": priv.get("guarantee"),
         **_audit_columns(record.get("audit") or {}),
+        **_federated_columns(record.get("federated") or {}, priv if private else {}),
     }
     for cls, v in (test.get("dice") or {}).items():
         row[f"test.dice.{cls}"] = _num(v)

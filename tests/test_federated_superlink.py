@@ -4,8 +4,10 @@ One SuperLink (TLS, ``--enable-supernode-auth``) and three site SuperNodes
 (``privseg federated supernode``, each with its registered EC key) run as subprocesses; a fourth
 SuperNode whose key was never registered must be refused. Two runs go through
 ``privseg federated run`` at once (Flower serves several runs; each site keeps one state per
-run): a plain sample-DP run, which must give the in-process simulation's record exactly, and a
-SecAgg+ run with site-level DP, compared with the simulated SecAgg+ run.
+run): a plain sample-DP run, which must give the in-process simulation's record exactly, a
+SecAgg+ run with site-level DP, compared with the simulated SecAgg+ run, and an SVT run
+(selective sharing, sparse messages, pure-ε local DP charged to each site's ledger), which must
+give its simulation's record exactly.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import yaml
 from test_federated import assert_dice_close, secagg_tiny, tiny
 
 from privseg.config import parse_config
+from privseg.dp.ledger import SiteLedger
 from privseg.federated.federation import connection_toml, flower_command, flower_env
 from privseg.federated.simulation import run_federated
+from privseg.federated.supernode import ledger_path
 from privseg.record import read_record
 
 warnings.filterwarnings("ignore", module="opacus")
@@ -77,6 +81,15 @@ def make_certificates(d: Path) -> None:
             pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
         (d / f"site-{name}.pub").write_bytes(k.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+
+def svt_tiny(work: Path) -> dict:
+    """The tiny federation with SVT: 40% of each update, ε = 2000 per site (1000 per round),
+    reproducible noise (``privacy.noise_seed``; the sites opt in); no validation rounds (fewer
+    messages: the final test compares the models)."""
+    d = tiny(work, dp_mode="svt", share_fraction=0.4, eval_every=0)
+    d["privacy"]["target_epsilon"] = 2000.0
+    return d
 
 
 def simulate(config: dict) -> dict:
@@ -163,7 +176,8 @@ def federation(tmp_path_factory, request):
         assert r.returncode == 0, r.stdout + r.stderr
 
     # Everyone holds the same agreed config; sites load the phantom into a shared cache.
-    cfg = {"plain": tiny(work), "secagg": secagg_tiny(work, site_clip_norm=0.1)}
+    cfg = {"plain": tiny(work), "secagg": secagg_tiny(work, site_clip_norm=0.1),
+           "svt": svt_tiny(work)}
     paths = {}
     for k, d in cfg.items():
         paths[k] = work / f"{k}.yaml"
@@ -173,10 +187,12 @@ def federation(tmp_path_factory, request):
     for s in (*SITES, "X"):  # X says it is site-A: only its key tells it apart
         site = f"site-{s}" if s != "X" else "site-A"
         start(f"site-{s}", CLI + [
-            "supernode", str(paths["plain"]), str(paths["secagg"]), "--site", site, "--superlink",
+            "supernode", str(paths["plain"]), str(paths["secagg"]), str(paths["svt"]),
+            "--site", site, "--superlink",
             f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
             "--auth-key", str(certs / f"site-{s}"), "--runtime-port", str(_free_port()),
-            "--max-wait", "60", "--allow-reproducible-noise"], work / f"home-site-{s}")
+            "--max-wait", "60", "--allow-reproducible-noise",
+            "--state-dir", str(work / "site-state")], work / f"home-site-{s}")
     return SimpleNamespace(work=work, port=port, certs=certs, procs=procs, logs=logs,
                            paths=paths, cfg=cfg, simulated=simulated, start=start)
 
@@ -199,7 +215,7 @@ def deployed(federation):
     records = {}
     for k, p in runs.items():
         try:
-            code = p.wait(timeout=150)
+            code = p.wait(timeout=400)  # a slow start (sites load 3 configs) on a busy CI
         except subprocess.TimeoutExpired:
             code = None
         log = f.logs[f"run-{k}"].read_text()
@@ -207,6 +223,24 @@ def deployed(federation):
                            + f.logs["superlink"].read_text()[-3000:])
         records[k] = read_record(out / f.simulated[k]["run_id"])
     return records
+
+
+@pytest.fixture(scope="module")
+def deployed_svt(federation, deployed):
+    """The SVT run, submitted after the other two finished; its record and the simulated one."""
+    f = federation
+    out = f.work / "deployed"
+    p = f.start("run-svt", CLI + [
+        "run", str(f.paths["svt"]), "--superlink", f"127.0.0.1:{f.port}",
+        "--ca-cert", str(f.certs / "ca.crt"), "--sites", "3", "--output", str(out),
+        "--round-timeout", "120"], f.work / "home-run-svt")
+    f.simulated["svt"] = simulate(f.cfg["svt"])
+    try:
+        code = p.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        code = None
+    assert code == 0, (f"svt: exit {code}\n{f.logs['run-svt'].read_text()[-4000:]}")
+    return read_record(out / f.simulated["svt"]["run_id"])
 
 
 def test_superlink_run_equals_simulation(deployed, federation):
@@ -253,7 +287,37 @@ def test_superlink_secagg_matches_simulated_secagg(deployed, federation):
     assert math.isfinite(rec["test"]["mean_dice"])
 
 
-def test_unregistered_site_is_refused(federation, deployed):
+def test_superlink_svt_run_equals_simulation_and_sends_only_the_selection(deployed_svt,
+                                                                         federation):
+    """(d) SVT over SuperLink/SuperNodes: the simulation's record exactly (same reproducible
+    SVT noise at each site), sparse messages on the wire (indices + at most c values, audited
+    by content at the server), and each site's ledger charged the run's pure ε."""
+    rec, sim = deployed_svt, federation.simulated["svt"]
+    assert rec["timing"]["mode"].startswith("deployment (Flower SuperLink")
+    assert rec["run_id"] == sim["run_id"] and rec["privacy"]["mode"] == "svt"
+    assert rec["test"]["dice"] == sim["test"]["dice"]
+    assert rec["test"]["per_site"] == sim["test"]["per_site"]
+    assert [h.get("train_loss") for h in rec["history"]] == [
+        h.get("train_loss") for h in sim["history"]]
+    p = rec["privacy"]
+    for k in ("epsilon", "epsilon_per_round", "release_scale", "queries_per_round_per_site"):
+        assert p[k] == sim["privacy"][k], k
+    assert p["epsilon"] == 2000.0 and p["delta"] == 0.0
+    fed = rec["federated"]
+    assert fed["wire_audit"]["violations"] == [] and fed["wire_audit"]["fit_results"] == 6
+    assert fed["bytes_per_round"] == sim["federated"]["bytes_per_round"]
+    assert fed["sparse"] == sim["federated"]["sparse"]
+    for row in fed["bytes_per_round"]:  # ≤ c (uint32 index + float32 value) + .npy headers
+        assert row["up"] <= row["sites"] * (8 * p["c"] + 2 * 160)
+    assert fed["sparse"]["bytes_ratio"] < 0.85  # 40% of the coordinates, 8 bytes each
+    for s in SITES:
+        entries = SiteLedger(ledger_path(f"site-{s}", federation.work / "site-state")).entries
+        svt = [e for e in entries if e.get("pure_rounds")]
+        assert len(svt) == 1 and svt[0]["epsilon"] == 2000.0 and svt[0]["delta"] == 0.0
+        assert svt[0]["epsilon_per_round"] == 1000.0 and svt[0]["pure_rounds"] == 2
+
+
+def test_unregistered_site_is_refused(federation, deployed, deployed_svt):
     """(b) A SuperNode whose public key was not registered cannot join the federation.
 
     Checked last: site X was started with the others, so its refusal overlapped the runs.

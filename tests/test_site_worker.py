@@ -195,3 +195,54 @@ def test_a_ledger_left_beside_the_data_cache_stops_the_site(tmp_path):
     ledger_path(SITE).parent.mkdir(parents=True)
     ledger_path(SITE).write_text("")  # moved (here: a fresh one chosen by the operator)
     SiteWorker.load([cfg], SITE)
+
+
+def svt_deployable(tmp, eps: float) -> dict:
+    """An SVT run (2 rounds, so ε/2 per round) as a deployed site accepts it."""
+    d = tiny(tmp, dp_mode="svt", share_fraction=0.1)
+    d["privacy"]["target_epsilon"] = eps
+    d["privacy"].pop("noise_seed")
+    return d
+
+
+def test_an_svt_run_is_charged_its_pure_epsilon_composed_with_gaussian_runs(tmp_path):
+    """A DP-SGD run, then an SVT run (ε 6 = 2 rounds × 3, δ 0) on the same site's data: the
+    ledger's total is the Gaussian run's ε plus 6 (basic composition, see privseg.dp.ledger);
+    a second SVT run would take it past a budget with room for one, and is refused."""
+    gauss, svt = parse_config(deployable(tmp_path)), parse_config(svt_deployable(tmp_path, 6.0))
+    probe = SiteWorker.load([gauss], SITE)
+    plan = probe._site_run(context(gauss, 1)).client.plan
+    e_gauss = epsilon_of_history([(plan.noise_multiplier, plan.sample_rate, plan.steps)], 1e-5)
+    budget = e_gauss + 6.0 + 3.0  # room for one SVT run after the Gaussian one, not two
+
+    worker = SiteWorker.load([gauss, svt], SITE, budget_epsilon=budget)
+    train_once(worker, gauss, 501)
+    train_once(worker, svt, 502)  # its sparse message is the SiteClient's fit result
+    ledger = SiteLedger(ledger_path(SITE))
+    entry = ledger.entries[-1]
+    assert entry["run_id"] == "502" and entry["delta"] == 0.0 and entry["steps"] == 0
+    assert entry["epsilon_per_round"] == pytest.approx(3.0) and entry["pure_rounds"] == 2
+    assert entry["epsilon"] == pytest.approx(6.0) and "local DP" in ledger.report()
+    assert ledger.spent() == pytest.approx(e_gauss + 6.0, rel=1e-3)  # PRV's own tolerance
+
+    with pytest.raises(BudgetExceeded) as refused:
+        worker._site_run(context(svt, 503), trains=True)
+    assert "2 earlier run(s)" in str(refused.value)
+    assert f"composed total to {e_gauss + 12.0:.4g}" in str(refused.value)
+    assert 503 not in worker.trained
+    assert [e["run_id"] for e in SiteLedger(ledger_path(SITE)).entries] == ["501", "502"]
+
+
+def test_pure_epsilon_spends_add_and_an_infinite_one_is_refused(tmp_path):
+    from privseg.dp.ledger import Spend
+
+    ledger = SiteLedger(tmp_path / "l.jsonl", budget_epsilon=10.0)
+    ledger.charge(1, "a", Spend.pure(2.0, 3))
+    assert ledger.charge(2, "a", Spend.pure(1.0, 4)) == pytest.approx(10.0)  # 6 + 4
+    with pytest.raises(BudgetExceeded, match="composed total to 10.5"):
+        ledger.charge(3, "a", Spend.pure(0.5, 1))
+    with pytest.raises(BudgetExceeded, match="composed total to inf"):
+        SiteLedger(tmp_path / "m.jsonl", budget_epsilon=1e9).charge(
+            1, "a", Spend.pure(float("inf"), 2))
+    with pytest.raises(ValueError, match="rounds"):
+        Spend.pure(1.0, 0)

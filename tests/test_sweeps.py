@@ -140,6 +140,21 @@ def test_builtin_sweeps_expand():
                   for r in qs) == [1, 1, 8, 8, math.inf, math.inf]
 
 
+def test_li2019_full_sweep_is_the_nvflare_brats_setup():
+    """BraTS 2018 in 3D, 4 sites, 600 rounds, the SegResNet-sized residual U-Net; SVT at three
+    fractions and DP-FedAvg at full sharing, each at every finite ε."""
+    cfgs = {r.run_id: r.config for r in expand(load_sweep("li2019-brats18"))}
+    assert len(cfgs) == 15  # the ε = ∞ point of DP-FedAvg is FedAvg at fraction 1
+    for c in cfgs.values():
+        fed = c.setting.federated
+        assert (c.dataset.name, c.dataset.dims, c.model.name) == ("brats", 3, "resunet-scalenorm")
+        assert (fed.rounds, fed.n_sites, fed.partition) == (600, 4, "size")
+    private = sorted((c.setting.federated.dp_mode, c.setting.federated.share_fraction,
+                      c.privacy.target_epsilon) for c in cfgs.values() if c.privacy.enabled)
+    assert private == sorted((m, f, e) for m, f in (("site", 1.0), ("svt", 0.1), ("svt", 0.4),
+                                                    ("svt", 1.0)) for e in (10, 1e8, 1e10))
+
+
 def test_wandb_conversion_and_agent_round_trip(tmp_path):
     """What wandb.sweep gets is schema-clean JSON; the agent's args rebuild the same runs."""
     sw = load_sweep(write_sweep(tmp_path / "w.yaml", {

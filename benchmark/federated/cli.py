@@ -20,7 +20,8 @@ AllowNoiseOpt = Annotated[bool, typer.Option(
          "holds the config): for loopback tests and benchmarks, never for patients' data")]
 BudgetOpt = Annotated[float | None, typer.Option(
     help="this site's total privacy budget ε over all runs on its data (composed in its "
-         "ledger); a run that would exceed it is refused before training")]
+         "ledger: the Gaussian runs' ε at --budget-delta plus the SVT runs' pure ε); a run "
+         "that would exceed it is refused before training")]
 BudgetDeltaOpt = Annotated[float, typer.Option(help="δ at which the ledger composes")]
 StateDirOpt = Annotated[Path | None, typer.Option(
     envvar="PRIVSEG_SITE_STATE",

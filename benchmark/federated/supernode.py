@@ -49,6 +49,7 @@ from privseg.federated.federation import flower_command, flower_env
 from privseg.federated.secagg import secagg_rounding_state, site_app
 from privseg.federated.site_plans import site_level_plan
 from privseg.federated.sites import SiteData, build_site, partition
+from privseg.federated.sparse import svt_epsilon_per_round
 from privseg.processes import stop_process
 
 log = logging.getLogger("privseg")
@@ -156,14 +157,13 @@ def refuse_moved_state(configs: list[RunConfig], site: str,
 
 
 def run_spend(cfg: RunConfig, client: SiteClient, n_sites: int) -> Spend:
-    """What one run may spend on this site's data, from its plan (all planned steps)."""
+    """What one run may spend on this site's data, from its plan (all planned steps; SVT:
+    all planned rounds at ε per round, local DP per site update, δ 0)."""
     p, fed = cfg.privacy, cfg.setting.federated
     if not p.enabled or fed.dp_mode == "none":
         return Spend(0.0, 1.0, 1, 0.0, "none (non-private: ε = ∞)")
-    if fed.dp_mode == "svt":
-        raise ValueError("setting.federated.dp_mode=svt: the site ledger composes Gaussian "
-                         "steps only, so a deployed site cannot yet charge an SVT run's pure-ε "
-                         "spend to it; run SVT in simulation (privseg federated simulate)")
+    if fed.dp_mode == "svt":  # pure ε: a site answers at most once per round, every round
+        return Spend.pure(svt_epsilon_per_round(cfg), fed.rounds, "svt")
     if fed.dp_mode == "sample":
         plan = client.plan
         return Spend(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta)
