@@ -246,3 +246,24 @@ def test_pure_epsilon_spends_add_and_an_infinite_one_is_refused(tmp_path):
             1, "a", Spend.pure(float("inf"), 2))
     with pytest.raises(ValueError, match="rounds"):
         Spend.pure(1.0, 0)
+
+
+def test_a_site_level_run_is_refused_under_a_budget_unless_the_server_is_trusted(tmp_path):
+    """Site-level DP: the server adds the noise to raw updates it has seen, so against the
+    server the site's subjects have ε = ∞; a budget holds against everyone unless the operator
+    says it trusts the server, and the report says which parties the total holds against."""
+    from privseg.dp.ledger import Spend
+
+    site_level = Spend(1.2, 1.0, 5, 1e-5, "site")
+    strict = SiteLedger(tmp_path / "l.jsonl", budget_epsilon=1e6)
+    with pytest.raises(BudgetExceeded, match="raw updates"):
+        strict.charge(1, "a", site_level)
+    assert strict.entries == []
+    trusting = SiteLedger(tmp_path / "l.jsonl", budget_epsilon=1e6, trusted_server=True)
+    trusting.charge(1, "a", site_level)
+    report = SiteLedger(tmp_path / "l.jsonl").report()
+    assert "against the server: ε = ∞" in report and "released models only" in report
+    subject = SiteLedger(tmp_path / "s.jsonl", budget_epsilon=1e6)
+    subject.charge(2, "a", Spend(1.2, 0.1, 5, 1e-5))
+    assert "against everyone outside the site" in subject.report()
+    assert "against the server: ε = ∞" not in subject.report()

@@ -24,6 +24,13 @@ the site's data, one subject's included (every update is every other's neighbour
 update is a function of the data): its ε bounds a subject's loss as well as the site's. The
 bound is loose (basic composition of the pure part, and no joint accounting of Gaussian and
 Laplace), never optimistic.
+
+Against whom: the total holds against everyone outside the site (the server included) only if
+no run showed the server this site's raw updates. A site-level DP run (unit ``site``, DP-FedAvg
+with the noise added at the server) does: against the server its subjects have ε = ∞ from that
+run, and the total then holds only against those who see the released models. So under a
+budget such a run is refused unless the operator trusts the server (``trusted_server``), and
+:meth:`SiteLedger.report` prints both totals.
 """
 
 from __future__ import annotations
@@ -89,7 +96,8 @@ class SiteLedger:
     """
 
     def __init__(self, path: Path, budget_epsilon: float | None = None,
-                 budget_delta: float = MAX_DEFAULT_DELTA, accountant: str = "prv"):
+                 budget_delta: float = MAX_DEFAULT_DELTA, accountant: str = "prv",
+                 trusted_server: bool = False):
         if budget_epsilon is not None and not budget_epsilon > 0:
             raise ValueError(f"--budget-epsilon must be > 0, got {budget_epsilon}")
         if not 0 < budget_delta < 1:
@@ -98,6 +106,8 @@ class SiteLedger:
         self.budget_epsilon = budget_epsilon
         self.budget_delta = budget_delta
         self.accountant = accountant
+        #: the operator trusts the server with raw updates (site-level DP runs allowed)
+        self.trusted_server = trusted_server
         self.entries: list[dict] = self._read(self.path.read_text()) if self.path.exists() else []
 
     def _read(self, text: str) -> list[dict]:
@@ -131,6 +141,10 @@ class SiteLedger:
         pure = self.pure_epsilon() + (extra.pure_epsilon if extra else 0.0)
         return epsilon_of_history(history, self.budget_delta, self.accountant) + pure
 
+    def server_saw_raw_updates(self) -> list[str]:
+        """Runs whose raw updates the server saw (site-level DP): against the server, ε = ∞."""
+        return [e["run_id"] for e in self.entries if e.get("unit") == "site"]
+
     def alone(self, spend: Spend) -> float:
         """One run's ε alone at the ledger's δ."""
         return (epsilon_of_history(spend.history(), self.budget_delta, self.accountant)
@@ -156,6 +170,14 @@ class SiteLedger:
         before = self.spent()
         after = self.spent(spend)
         alone = self.alone(spend)
+        if (self.budget_epsilon is not None and spend.unit == "site"
+                and not self.trusted_server):
+            raise BudgetExceeded(
+                f"run {run_id} (agreement {agreement_id}) is site-level DP: the server sees "
+                "this site's raw updates and adds the noise itself, so against the server the "
+                f"site's subjects would have ε = ∞, past the budget ε = {self.budget_epsilon:g};"
+                " refused before training (start the site with --trust-server to budget only "
+                f"against the released models; ledger {self.path})")
         if self.budget_epsilon is not None and after > self.budget_epsilon:
             raise BudgetExceeded(
                 f"privacy budget ε = {self.budget_epsilon:g} (δ = {self.budget_delta:g}) would "
@@ -194,8 +216,14 @@ class SiteLedger:
                      f"{self.budget_delta:g} for the Gaussian runs, plus the pure-ε runs' ε "
                      "per round × rounds, basic composition; pure-ε rows show ε per round "
                      "× rounds in place of σ, q, steps)")
+        raw = self.server_saw_raw_updates()
+        against = ("against everyone outside the site" if not raw else
+                   "against those who see the released models only")
         lines.append(f"composed: ε = {self.spent():.4g} at δ = {self.budget_delta:g} "
-                     f"({self.accountant}); budget {budget}")
+                     f"({self.accountant}), {against}; budget {budget}")
+        if raw:
+            lines.append(f"against the server: ε = ∞ (it saw this site's raw updates in run(s) "
+                         f"{', '.join(raw)}: site-level DP)")
         return "\n".join(lines)
 
 

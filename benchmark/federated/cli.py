@@ -23,6 +23,9 @@ BudgetOpt = Annotated[float | None, typer.Option(
          "ledger: the Gaussian runs' ε at --budget-delta plus the SVT runs' pure ε); a run "
          "that would exceed it is refused before training")]
 BudgetDeltaOpt = Annotated[float, typer.Option(help="δ at which the ledger composes")]
+TrustServerOpt = Annotated[bool, typer.Option(
+    help="under --budget-epsilon, accept site-level DP runs, whose raw updates the server "
+         "sees (against the server their ε is ∞): only for a server this site trusts")]
 StateDirOpt = Annotated[Path | None, typer.Option(
     envvar="PRIVSEG_SITE_STATE",
     help="folder of this site's privacy ledger and trained-runs list (default "
@@ -88,6 +91,7 @@ def site(
     budget_epsilon: BudgetOpt = None,
     budget_delta: BudgetDeltaOpt = 1e-5,
     state_dir: StateDirOpt = None,
+    trust_server: TrustServerOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Legacy transport (Flower start_client): one site; see `supernode` for the current one.
@@ -100,7 +104,8 @@ def site(
     try:
         run_site(cfg, name, server_address, data,
                  ca_cert.read_bytes() if ca_cert is not None else None, max_wait,
-                 allow_reproducible_noise, budget_epsilon, budget_delta, state_dir)
+                 allow_reproducible_noise, budget_epsilon, budget_delta, state_dir,
+                 trust_server)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(str(e), code=1)
 
@@ -150,6 +155,7 @@ def supernode(
     budget_delta: BudgetDeltaOpt = 1e-5,
     allow_reproducible_noise: AllowNoiseOpt = False,
     state_dir: StateDirOpt = None,
+    trust_server: TrustServerOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Serve one site as a Flower SuperNode: its data stay here; it answers every run.
@@ -168,7 +174,7 @@ def supernode(
     try:
         code = serve_site(configs, name, superlink, data, ca_cert, auth_key, runtime_port,
                           max_wait, budget_epsilon, budget_delta, allow_reproducible_noise,
-                          state_dir)
+                          state_dir, trust_server)
     except (ValueError, FileNotFoundError, ConfigError) as e:
         fail(str(e), code=1)
     raise typer.Exit(code)

@@ -101,7 +101,7 @@ def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | No
              root_certificates: bytes | None = None, max_wait_time: float | None = None,
              allow_reproducible_noise: bool = False, budget_epsilon: float | None = None,
              budget_delta: float = MAX_DEFAULT_DELTA,
-             state_dir: Path | str | None = None) -> None:
+             state_dir: Path | str | None = None, trust_server: bool = False) -> None:
     """Serve one site's data to the federation: train and evaluate locally when asked.
 
     A config with ``privacy.noise_seed`` is refused unless ``allow_reproducible_noise``. The
@@ -119,7 +119,8 @@ def run_site(cfg: RunConfig, site: str, server_address: str, data_root: str | No
     data = build_site(cfg, subject_set, site)
     client = SiteClient(cfg, data, subject_set)
     refuse_moved_state([cfg], site, state_dir)
-    ledger = SiteLedger(ledger_path(site, state_dir), budget_epsilon, budget_delta)
+    ledger = SiteLedger(ledger_path(site, state_dir), budget_epsilon, budget_delta,
+                        trusted_server=trust_server)
     n_sites = len(set(partition(cfg, subject_set)[0].values()))
     # the legacy transport has no run id: each process is one run
     total = ledger.charge(f"legacy-{uuid.uuid4().hex[:12]}", agreement_id(cfg),

@@ -205,14 +205,15 @@ class SiteWorker:
     def load(cls, configs: list[RunConfig], site: str, data_root: str | None = None,
              budget_epsilon: float | None = None, budget_delta: float = MAX_DEFAULT_DELTA,
              allow_reproducible_noise: bool = False,
-             state_dir: Path | str | None = None) -> SiteWorker:
+             state_dir: Path | str | None = None, trust_server: bool = False) -> SiteWorker:
         """Load the site's data (``data_root`` or ``dataset.root``) for every agreed config.
 
         A config whose DP noise is replayable (``privacy.noise_seed``) is refused: a deployed
         site's noise must be its own secret (``allow_reproducible_noise``: the operator's
         explicit opt-in, for loopback tests and benchmark deployments). The site's ledger
         (:func:`ledger_path` in ``state_dir``, see :func:`site_state_dir`) holds the
-        operator's budget."""
+        operator's budget; ``trust_server``: the operator lets site-level DP runs (the server
+        sees raw updates) count against it (see :mod:`privseg.dp.ledger`)."""
         refuse_moved_state(configs, site, state_dir)
         for cfg in configs:
             if not allow_reproducible_noise:
@@ -230,7 +231,8 @@ class SiteWorker:
             agreed[agreement_id(cfg)] = (cfg, data, subject_set)
             log.info("site %s: run config %s (%s): %s subjects (train/val/test)", site,
                      cfg.name, agreement_id(cfg), data.counts())
-        ledger = SiteLedger(ledger_path(site, state_dir), budget_epsilon, budget_delta)
+        ledger = SiteLedger(ledger_path(site, state_dir), budget_epsilon, budget_delta,
+                            trusted_server=trust_server)
         log.info("site %s: %s", site, ledger.report().splitlines()[-1])
         return cls(site, agreed, trained=TrainedRuns(trained_runs_path(site, state_dir)),
                    ledger=ledger)
@@ -362,7 +364,7 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
                runtime_port: int | None = None, max_wait: float | None = None,
                budget_epsilon: float | None = None, budget_delta: float = MAX_DEFAULT_DELTA,
                allow_reproducible_noise: bool = False,
-               state_dir: Path | str | None = None) -> int:
+               state_dir: Path | str | None = None, trust_server: bool = False) -> int:
     """Serve one site to a SuperLink until its SuperNode exits; return the SuperNode's code.
 
     Data never leave this machine: the worker answers only through the ``ClientApp`` (model
@@ -379,7 +381,7 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
         raise ConfigError("node authentication (--auth-key) needs TLS (--ca-cert): Flower "
                           "refuses SuperNode authentication over an insecure channel")
     worker = SiteWorker.load(configs, site, data_root, budget_epsilon, budget_delta,
-                             allow_reproducible_noise, state_dir)
+                             allow_reproducible_noise, state_dir, trust_server)
     sock_dir = Path(tempfile.mkdtemp(prefix="privseg-site-"))  # mode 0700
     socket_path = sock_dir / "worker.sock"
     key_path = worker_authkey_path(socket_path)
