@@ -9,7 +9,12 @@ from monai.inferers import sliding_window_inference
 from privseg.architectures import build
 from privseg.datasets.base import Subject
 from privseg.datasets.phantom import make_subject
-from privseg.training.evaluate import predict_volume, volume_logits, volume_metrics
+from privseg.training.evaluate import (
+    inference_forward,
+    predict_volume,
+    volume_logits,
+    volume_metrics,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE, CLASSES = 24, 8
@@ -26,7 +31,8 @@ def _former_logits(model, image: torch.Tensor, roi) -> torch.Tensor:
 @pytest.mark.parametrize("roi", [(1, SIZE, SIZE), (1, 16, 16)], ids=["whole", "tiled"])
 def test_batched_slices_equal_one_slice_deep_window(roi):
     """Whole slices (one forward per 32 slices) and tiles of slices (non-dividing 16² on
-    24², so tiles overlap) give the former path's logits, hence the same labels and metrics."""
+    24², so tiles overlap) give the former path's logits (to the float rounding of the
+    channels-last layout), hence the same labels and metrics."""
     image, label, _ = make_subject(0, SIZE, "site-A", 0)
     subject = Subject("s0", "site-A", image, label)
     torch.manual_seed(0)
@@ -35,9 +41,29 @@ def test_batched_slices_equal_one_slice_deep_window(roi):
         former = _former_logits(model, torch.as_tensor(image), roi)
         got = volume_logits(model, subject, 2, roi, torch.device("cpu"))
     assert got.shape == (CLASSES, SIZE, SIZE, SIZE)
-    torch.testing.assert_close(got, former, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, former, rtol=0, atol=1e-5)
     pred = predict_volume(model, subject, 2, roi, torch.device("cpu"))
     assert len(pred.unique()) > 1  # the comparison of labels is not trivial
     assert torch.equal(pred, former.argmax(0))
     names = [f"c{i}" for i in range(CLASSES)]
     assert volume_metrics(pred, label, names) == volume_metrics(former.argmax(0), label, names)
+
+
+def test_inference_forward_channels_last_leaves_the_model_alone():
+    """On a CPU in 2D the forward runs channels-last (its output is in that layout) and gives
+    the model's logits to float rounding, without touching the model's parameters (same
+    storage, default layout: the optimizer and the per-sample hooks still hold them)."""
+    torch.manual_seed(0)
+    model = build("unet", 2, 1, CLASSES, base_channels=4, depth=2).eval()
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    x = torch.randn(5, 1, SIZE, SIZE)
+    forward = inference_forward(model, 2, torch.device("cpu"))
+    with torch.no_grad():
+        got, want = forward(x), model(x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert not want.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert p.data_ptr() == before[n][0] and p.is_contiguous()
+        assert torch.equal(p, before[n][1])
+    assert inference_forward(model, 3, torch.device("cpu")) is model

@@ -14,10 +14,20 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from opacus.accountants import PRVAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.analysis.prv import Domain
-from opacus.accountants.utils import get_noise_multiplier
+
+from privseg.dp.opacus_accountants import opacus_accountants
+
+# Opacus' accountants without torch unless Opacus is already imported (privseg.dp.
+# opacus_accountants): `privseg privacy` and the CLI's calibrations import no torch.
+_opacus = opacus_accountants()
+PRVAccountant = _opacus.PRVAccountant
+rdp_analysis = _opacus.analysis.rdp
+Domain = _opacus.analysis.prv.Domain
+
+
+def get_noise_multiplier(**kwargs) -> float:
+    """Opacus' ``get_noise_multiplier`` (``opacus.accountants.utils``), of the loaded copy."""
+    return _opacus.utils.get_noise_multiplier(**kwargs)
 
 # Opacus' RDP accountant evaluates fractional orders (1.1, 1.2, ...) with a truncated series
 # that comes out *below* Google's dp_accounting at those orders (seen: α=2.2, q=0.19, σ=1.27,
