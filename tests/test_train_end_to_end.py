@@ -171,3 +171,23 @@ def test_wandb_round_trip_equals_the_records_and_a_rerun_replaces_its_folder(tmp
     run_training(configs[run_id], progress=False)
     after = offline_run_dirs(runs / run_id)
     assert len(after) == 1 and after[0] != stale
+
+
+def test_record_splits_its_time(tmp_path):
+    """The record's timing says where a run's time went, so that a report reads it: setup
+    (data load, σ calibration), the epochs, evaluation by split and part, in wall and CPU
+    seconds, and the process's start before the run (imports)."""
+    cfg = config(tmp_path, training={"epochs": 2, "eval_every": 1},
+                 privacy={"enabled": True, "target_epsilon": 8.0, "noise_seed": 1})
+    t = run_training(cfg, progress=False)["timing"]
+    for key in ("load_s", "calibration_s", "setup_s", "train_s", "eval_s", "accounting_s",
+                "data_s", "startup_s", "wall_s"):
+        assert t[key] > 0, key
+    split = t["eval_split_s"]
+    assert set(split) == {"val_predict_s", "val_metrics_s", "test_predict_s", "test_metrics_s"}
+    assert sum(split.values()) <= t["eval_s"]
+    assert t["train_s"] + t["eval_s"] + t["accounting_s"] <= t["total_s"] <= t["wall_s"]
+    assert t["data_s"] <= t["train_s"]
+    assert set(t["cpu_s"]) == {"train_s", "eval_s", "startup_s", "wall_s"}
+    assert t["cpu_s"]["train_s"] + t["cpu_s"]["eval_s"] <= t["cpu_s"]["wall_s"]
+    assert all(v > 0 for v in t["cpu_s"].values())
