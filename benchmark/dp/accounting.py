@@ -291,7 +291,20 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float,
         return rdp_epsilon(history, delta)
     if accountant != "prv":
         raise ValueError(f"unknown accountant {accountant!r}; allowed: prv, rdp")
+    kwargs = kwargs or accountant_kwargs(accountant, rdp_epsilon(history, delta))
+    if set(kwargs) != {"eps_error"}:  # other Opacus options: asked as they are, uncached
+        acc = IntegerOrderPRVAccountant()
+        acc.history = list(history)
+        return float(acc.get_epsilon(delta=delta, **kwargs))
+    return _prv_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta,
+                        kwargs["eps_error"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
+                 eps_error: float) -> float:
+    # Cached: a calibration's last probe is the query its run (or `privseg privacy`) then
+    # reports, and identical site plans ask the same questions.
     acc = IntegerOrderPRVAccountant()
     acc.history = list(history)
-    kwargs = kwargs or accountant_kwargs(accountant, rdp_epsilon(history, delta))
-    return float(acc.get_epsilon(delta=delta, **kwargs))
+    return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
