@@ -192,6 +192,13 @@ def test_simulation_is_deterministic(workdir, sample_record):
     assert again["privacy"]["epsilon_per_site"] == sample_record["privacy"]["epsilon_per_site"]
     t = again["timing"]
     assert t["site_compute_s"] > 0 and t["simulation_overhead"] is not None
+    # where the sites' compute went: its parts add up to it; batch loading is part of train_s
+    split = t["site_compute_split_s"]
+    assert set(split) == {"calibration_s", "setup_s", "train_s", "accounting_s", "eval_s",
+                     "exchange_s"}
+    assert sum(split.values()) == pytest.approx(t["site_compute_s"], rel=1e-6)
+    assert 0 < t["site_data_s"] <= split["train_s"] and split["eval_s"] > 0
+    assert t["load_s"] > 0 and t["startup_s"] > 0
 
 
 def _free_port() -> int:
