@@ -28,7 +28,7 @@ from privseg.recipes import recipe_statement
 from privseg.record import environment, run_dir, write_record
 from privseg.tracking import Tracker
 from privseg.training.ema import evaluate_averages
-from privseg.training.evaluate import evaluate
+from privseg.training.evaluate import evaluate, validation_subset
 from privseg.training.setup import (
     completed_record,
     load_subjects,
@@ -169,6 +169,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     t = cfg.training
     train_ids, val_ids, test_ids = splits
     val = [by_id[i] for i in val_ids]
+    val_between = validation_subset(val, t.val_subjects, cfg.seed)  # before the last epoch
     test = [by_id[i] for i in test_ids]
     amp = t.amp
     history, step_times, subjects_seen = [], [], 0
@@ -214,13 +215,15 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                 accounting_time += time.perf_counter() - ta
             if val and checkpoint_epoch:
                 te, te_cpu = time.perf_counter(), time.process_time()
-                m = evaluate(state.model, val, cfg.dataset.dims, roi, subject_set.class_names,
+                subjects = val if epoch == t.epochs else val_between
+                m = evaluate(state.model, subjects, cfg.dataset.dims, roi, subject_set.class_names,
                              device, subject_set.eval_regions, hd95=False, amp=amp,
                              timing=eval_split["val"])
                 eval_time += time.perf_counter() - te
                 cpu["eval_s"] += time.process_time() - te_cpu
                 row["val_mean_dice"] = m["mean_dice"]
                 row["val_dice"] = m["dice"]
+                row["val_n_subjects"] = len(subjects)
                 bar.update(steps_task, info=f"epoch {epoch} val dice {m['mean_dice']:.3f}")
             history.append(row)
             tracker.log({f"train/{k}" if k != "epoch" else k: v for k, v in row.items()},
@@ -267,6 +270,9 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                     "sites": sorted({s.site for s in subject_set.subjects})},
         "splits": {"train": train_ids, "val": val_ids, "test": test_ids},
         "history": history,
+        # validations before the last epoch on a fixed subset (training.val_subjects)?
+        "validation": {"subjects": len(val), "between_checkpoints": len(val_between),
+                       "eval_every": t.eval_every},
         "test": test_metrics,
         **averaged,  # "ema" / "polyak": the averaged weights' test metrics
         "privacy": privacy,

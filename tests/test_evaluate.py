@@ -12,6 +12,7 @@ from privseg.datasets.phantom import make_subject
 from privseg.training.evaluate import (
     inference_forward,
     predict_volume,
+    validation_subset,
     volume_logits,
     volume_metrics,
 )
@@ -67,3 +68,16 @@ def test_inference_forward_channels_last_leaves_the_model_alone():
         assert p.data_ptr() == before[n][0] and p.is_contiguous()
         assert torch.equal(p, before[n][1])
     assert inference_forward(model, 3, torch.device("cpu")) is model
+
+
+def test_validation_subset_is_fixed_by_the_seed_and_in_order():
+    """n subjects drawn once from the seed, in their order; all of them without n."""
+    subjects = [Subject(f"s{i}", "site-A", None, None) for i in range(10)]
+    a = validation_subset(subjects, 4, seed=3)
+    assert len(a) == 4 and a == validation_subset(subjects, 4, seed=3)
+    assert [s.subject_id for s in a] == sorted((s.subject_id for s in a),
+                                               key=lambda i: int(i[1:]))
+    assert {s.subject_id for s in validation_subset(subjects, 4, seed=4)} != {
+        s.subject_id for s in a}
+    assert validation_subset(subjects, None, 3) == subjects
+    assert validation_subset(subjects, 20, 3) == subjects

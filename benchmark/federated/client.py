@@ -38,7 +38,7 @@ from privseg.dp.accounting import epsilon_of_history
 from privseg.federated.site_plans import local_steps_per_round, plan_site_sample
 from privseg.federated.sites import SiteData, site_seed
 from privseg.federated.sparse import SiteSparsifier, is_sparse
-from privseg.training.evaluate import evaluate
+from privseg.training.evaluate import evaluate, validation_subset
 from privseg.training.setup import model_knobs, place_model, resolve_device, training_crops
 from privseg.training.step import prepare_training, train_step, unwrap
 
@@ -224,6 +224,10 @@ class SiteClient(NumPyClient):
         t0 = time.perf_counter()
         split = str(config.get("split", "val"))
         subjects = {"val": self.data.val, "test": self.data.test}[split]
+        if split == "val" and int(config.get("round", self.fed.rounds)) < self.fed.rounds:
+            # before the last round: the fixed validation subset (training.val_subjects)
+            subjects = validation_subset(subjects, self.cfg.training.val_subjects,
+                                         self.scfg.seed)
         if not subjects:
             return 0.0, 0, {"site": self.site, "split": split, "n_subjects": 0}
         with self._own_rng():

@@ -174,6 +174,19 @@ def evaluate(model: nn.Module, subjects: list[Subject], dims: int, roi: tuple[in
     return summarise(per_subject)
 
 
+def validation_subset(subjects: list[Subject], n: int | None, seed: int) -> list[Subject]:
+    """``n`` of ``subjects`` drawn once from ``seed`` (in their order), or all of them.
+
+    Validations between checkpoints (``training.val_subjects``) run on this fixed subset, so
+    that a curve compares one model with the next on the same subjects at a fraction of the
+    cost; a run's last validation and its test use every subject.
+    """
+    if n is None or n >= len(subjects):
+        return list(subjects)
+    chosen = np.random.default_rng(seed).permutation(len(subjects))[:n]
+    return [subjects[i] for i in sorted(chosen)]
+
+
 def summarise(per_subject: dict[str, tuple[str, dict]]) -> dict:
     """Average per-subject metrics into per-class, mean and per-site figures."""
     def agg(items: list[dict]) -> dict:
