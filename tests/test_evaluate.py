@@ -81,3 +81,48 @@ def test_validation_subset_is_fixed_by_the_seed_and_in_order():
         s.subject_id for s in a}
     assert validation_subset(subjects, None, 3) == subjects
     assert validation_subset(subjects, 20, 3) == subjects
+
+
+def _former_hd95(pred, target, n_classes):
+    """The previous HD95: MONAI on every class, then the empty-mask convention."""
+    import math
+    import warnings
+
+    from monai.metrics import compute_hausdorff_distance
+
+    from privseg.training.evaluate import _onehot, worst_case_distance
+
+    p, t = _onehot(pred, n_classes), _onehot(torch.as_tensor(target).long(), n_classes)
+    with warnings.catch_warnings():  # MONAI warns on the empty masks this test makes
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95)[0]
+    worst = worst_case_distance(tuple(t.shape[2:]))
+    out = []
+    for c, h in enumerate(hd, start=1):
+        present, empty = bool(t[0, c].any()), not bool(p[0, c].any())
+        out.append(worst if present and empty else (float(h) if present else math.nan))
+    return out
+
+
+def test_hd95_of_classes_in_both_masks_only_changes_nothing():
+    """HD95 asked of MONAI only where reference and prediction both hold the class gives
+    the former values exactly, with classes missed by the prediction (worst case), absent
+    from the reference (NaN, though predicted) and absent from both among them."""
+    import math
+
+    _, label, _ = make_subject(0, SIZE, "site-A", 0)
+    target = torch.as_tensor(label).long()
+    pred = target.clone()
+    pred[2:10] = torch.roll(target[2:10], shifts=2, dims=1)  # imperfect prediction
+    pred[pred == 3] = 0  # class 3 missed by the prediction
+    target_t = target.clone()
+    target_t[target_t == 5] = 0  # class 5 absent from the reference, still predicted
+    assert bool((pred == 5).any()) and bool((target_t == 3).any())
+    names = [f"c{i}" for i in range(CLASSES)]
+    got = volume_metrics(pred, target_t.numpy(), names)
+    want = _former_hd95(pred, target_t.numpy(), CLASSES)
+    for name, w in zip(names[1:], want, strict=True):
+        g = got["hd95"][name]
+        assert (math.isnan(g) and math.isnan(w)) or g == w, name
+    assert got["empty_pred"]["c3"] == 1 and math.isnan(got["hd95"]["c5"])
+    assert sum(math.isfinite(v) for v in want) >= 4  # MONAI's values are compared too

@@ -122,15 +122,25 @@ def volume_metrics(pred: torch.Tensor, target: np.ndarray, class_names: list[str
         spatial = tuple(range(2, p.ndim))
         ref_present = (t.sum(dim=spatial)[0, first:] > 0).tolist()
         pred_empty = (p.sum(dim=spatial)[0, first:] == 0).tolist()
-        with warnings.catch_warnings():  # MONAI warns on each empty mask; handled below
-            warnings.simplefilter("ignore")
-            hd = compute_hausdorff_distance(p, t, include_background=include_bg,
-                                            percentile=95)[0]
+        # MONAI's HD95 only for the classes present in both masks: the others' values are set
+        # by the convention above (NaN without a reference, the worst case when missed), so
+        # asking MONAI for them (its crop, erosion and empty-mask handling) changed nothing
+        both = [i for i, (r, e) in enumerate(zip(ref_present, pred_empty, strict=True))
+                if r and not e]
+        hd = {}
+        if both:
+            channels = [first + i for i in both]
+            with warnings.catch_warnings():  # MONAI warns on empty masks
+                warnings.simplefilter("ignore")
+                values = compute_hausdorff_distance(p[:, channels], t[:, channels],
+                                                    include_background=True, percentile=95)[0]
+            hd = dict(zip(both, values.tolist(), strict=True))
         worst = worst_case_distance(tuple(t.shape[2:]))
         out["hd95"], out["empty_pred"] = {}, {}
-        for n, h, present, empty in zip(names, hd, ref_present, pred_empty, strict=True):
+        for i, (n, present, empty) in enumerate(zip(names, ref_present, pred_empty,
+                                                    strict=True)):
             missed = present and empty
-            out["hd95"][n] = worst if missed else (float(h) if present else float("nan"))
+            out["hd95"][n] = worst if missed else (float(hd[i]) if present else float("nan"))
             out["empty_pred"][n] = int(missed)
     return out
 
