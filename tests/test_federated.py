@@ -495,3 +495,15 @@ def test_sample_mode_record_carries_each_sites_weak_delta_warning(workdir):
     warnings_ = rec["privacy"]["delta_warning_per_site"]
     assert set(warnings_) == set(rec["privacy"]["epsilon_per_site"])
     assert all("1/(10·n)" in w for w in warnings_.values())
+
+
+def test_sites_validate_on_a_subset_before_the_last_round(tmp_path):
+    """training.val_subjects: 1 validation subject per site before the last round, all of
+    them in the last; the history says how many were validated."""
+    d = tiny(tmp_path, rounds=2, local_steps=1)
+    d["dataset"]["val_fraction"] = 0.4
+    d["training"]["val_subjects"] = 1
+    rec = run_federated(parse_config(d), progress=False, force=True)
+    n_val = sum(s["val"] for s in rec["splits"].values())
+    assert n_val > 3
+    assert [h["val_n_subjects"] for h in rec["history"]] == [3, n_val]
