@@ -28,7 +28,7 @@ from privseg.recipes import recipe_statement
 from privseg.record import environment, run_dir, write_record
 from privseg.tracking import Tracker
 from privseg.training.ema import evaluate_averages
-from privseg.training.evaluate import evaluate
+from privseg.training.evaluate import evaluate, validation_subset
 from privseg.training.setup import (
     completed_record,
     load_subjects,
@@ -39,7 +39,7 @@ from privseg.training.setup import (
     training_crops,
 )
 from privseg.training.step import TrainState, prepare_training, train_step, unwrap
-from privseg.training.timing import GpuBusySampler, StepTimer
+from privseg.training.timing import GpuBusySampler, StepTimer, process_age_s
 
 #: what a central DP run's record discloses outside its guarantee
 CENTRAL_NOT_COVERED = [
@@ -69,6 +69,8 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     out = run_dir(cfg.output.dir, run_id)
     if not force and (existing := completed_record(out)) is not None:
         return existing
+    startup_s = process_age_s()  # the interpreter, imports and command line before the run
+    startup_cpu_s = time.process_time()
     t_setup = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.training.device)
@@ -96,7 +98,7 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         timing = record["timing"]
         # before the loop: loading the subjects, σ calibration, the rest (model, tracker)
         timing.update(load_s=load_s, calibration_s=state.calibration_s,
-                      setup_s=setup_s - load_s - state.calibration_s)
+                      setup_s=setup_s - load_s - state.calibration_s, startup_s=startup_s)
         record.update(run_id=run_id, name=cfg.name, config=cfg.model_dump(mode="json"),
                       environment=environment(str(device)))
         if cfg.output.save_checkpoint:
@@ -105,6 +107,12 @@ def run_central(cfg: RunConfig, *, progress: bool = True, force: bool = False,
             for name, averaged in (state.averages.averaged() if state.averages else {}).items():
                 _save_checkpoint(averaged, out / f"model-{name}.pt")
                 record[name]["checkpoint"] = f"model-{name}.pt"
+        # wall_s: this run from its setup to its record (startup_s came before it)
+        timing["wall_s"] = time.perf_counter() - t_setup
+        # the same in this process's CPU seconds: on a shared machine the wall-clock figures
+        # grow with other processes' load, these far less
+        timing["cpu_s"].update(startup_s=startup_cpu_s,
+                               wall_s=time.process_time() - startup_cpu_s)
         tracker.summary(summary_scalars(record))
         tracker.finish(0)
     except BaseException:
@@ -161,11 +169,14 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
     t = cfg.training
     train_ids, val_ids, test_ids = splits
     val = [by_id[i] for i in val_ids]
+    val_between = validation_subset(val, t.val_subjects, cfg.seed)  # before the last epoch
     test = [by_id[i] for i in test_ids]
     amp = t.amp
     history, step_times, subjects_seen = [], [], 0
     steps_per_epoch = len(state.loader)
     train_time = eval_time = accounting_time = 0.0
+    cpu = {"train_s": 0.0, "eval_s": 0.0}
+    eval_split: dict[str, dict[str, float]] = {"val": {}, "test": {}}
     step_timer = StepTimer(device)
     gpu_busy = GpuBusySampler(device)
     start = time.perf_counter()
@@ -176,7 +187,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
         steps_task = bar.add_task("steps", total=steps_per_epoch * t.epochs, info="")
         for epoch in range(1, t.epochs + 1):
             losses, data_time = [], 0.0
-            epoch_start = time.perf_counter()
+            epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
             fetch_start = epoch_start
             pending = None  # the previous step's loss, read once this step is queued
             for x, y in state.loader:
@@ -193,6 +204,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                 _note_loss(losses, pending, bar, steps_task, epoch, t.epochs)
             step_times.extend(step_timer.collect())
             train_time += time.perf_counter() - epoch_start
+            cpu["train_s"] += time.process_time() - epoch_cpu
             row = {"epoch": epoch, "train_loss": statistics.fmean(losses) if losses else None,
                    "epoch_time_s": time.perf_counter() - epoch_start,
                    "data_time_s": data_time}
@@ -202,23 +214,29 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                 row["epsilon"] = _spent(state)  # PRV queries cost ~0.3 s: not every epoch
                 accounting_time += time.perf_counter() - ta
             if val and checkpoint_epoch:
-                te = time.perf_counter()
-                m = evaluate(state.model, val, cfg.dataset.dims, roi, subject_set.class_names,
-                             device, subject_set.eval_regions, hd95=False, amp=amp)
+                te, te_cpu = time.perf_counter(), time.process_time()
+                subjects = val if epoch == t.epochs else val_between
+                m = evaluate(state.model, subjects, cfg.dataset.dims, roi, subject_set.class_names,
+                             device, subject_set.eval_regions, hd95=False, amp=amp,
+                             timing=eval_split["val"])
                 eval_time += time.perf_counter() - te
+                cpu["eval_s"] += time.process_time() - te_cpu
                 row["val_mean_dice"] = m["mean_dice"]
                 row["val_dice"] = m["dice"]
+                row["val_n_subjects"] = len(subjects)
                 bar.update(steps_task, info=f"epoch {epoch} val dice {m['mean_dice']:.3f}")
             history.append(row)
             tracker.log({f"train/{k}" if k != "epoch" else k: v for k, v in row.items()},
                         step=epoch)
-    te = time.perf_counter()
+    te, te_cpu = time.perf_counter(), time.process_time()
     test_metrics = evaluate(state.model, test, cfg.dataset.dims, roi, subject_set.class_names,
-                            device, subject_set.eval_regions, hd95=True, amp=amp)
+                            device, subject_set.eval_regions, hd95=True, amp=amp,
+                            timing=eval_split["test"])
     averaged = evaluate_averages(state.averages, lambda m: evaluate(
         m, test, cfg.dataset.dims, roi, subject_set.class_names, device,
-        subject_set.eval_regions, hd95=True, amp=amp))
+        subject_set.eval_regions, hd95=True, amp=amp, timing=eval_split["test"]))
     eval_time += time.perf_counter() - te
+    cpu["eval_s"] += time.process_time() - te_cpu
     ta = time.perf_counter()
     eps_final = _spent(state) if state.accountant is not None else None
     accounting_time += time.perf_counter() - ta
@@ -252,6 +270,9 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                     "sites": sorted({s.site for s in subject_set.subjects})},
         "splits": {"train": train_ids, "val": val_ids, "test": test_ids},
         "history": history,
+        # validations before the last epoch on a fixed subset (training.val_subjects)?
+        "validation": {"subjects": len(val), "between_checkpoints": len(val_between),
+                       "eval_every": t.eval_every},
         "test": test_metrics,
         **averaged,  # "ema" / "polyak": the averaged weights' test metrics
         "privacy": privacy,
@@ -260,6 +281,9 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             # total_s: the loop (training, evaluation, accounting); train_s: the epochs'
             # steps and batch loading (data_s of it); eval_s: validation and test
             "total_s": total, "train_s": train_time, "eval_s": eval_time,
+            # eval_s by split and part: predicting volumes, computing Dice (and HD95: test)
+            "eval_split_s": {f"{split}_{part}": v for split, parts in eval_split.items()
+                             for part, v in parts.items()},
             "accounting_s": accounting_time,
             "median_step_s": statistics.median(step_times) if step_times else None,
             "steps": len(step_times),
@@ -270,6 +294,7 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             "peak_memory_mb": _peak_memory_mb(device),
             "data_s": sum(row["data_time_s"] for row in history),
             "gpu_busy_percent": gpu_busy.mean_percent(),
+            "cpu_s": cpu,  # train_s, eval_s in this process's CPU seconds
         },
     }
 

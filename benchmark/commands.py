@@ -5,6 +5,7 @@ A sub-app of the ``privseg`` command tree, assembled in :mod:`privseg.cli`.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -71,7 +72,7 @@ def privacy(
 
     Example:  privseg privacy --subjects 120 --batch 8 --epochs 60 --epsilon 8
     """
-    from privseg.dp.accounting import epsilon_for, plan_privacy
+    from privseg.dp.calculator_cache import cached_answer, question_key, store_answer
 
     if (epsilon is None) == (sigma is None):
         fail("give exactly one of --epsilon and --sigma")
@@ -79,19 +80,42 @@ def privacy(
         fail("--accountant must be prv or rdp")
     warnings.filterwarnings("ignore")
     show_info_logs()  # a weak δ is warned through privseg's logger
+    # a question asked before is answered from disk, without SciPy or a calibration
+    key = question_key(subjects=subjects, batch=batch, epochs=epochs, epsilon=epsilon,
+                       sigma=sigma, delta=delta, accountant=accountant)
+    answer = cached_answer(key)
+    if answer is None:
+        answer = _privacy_answer(subjects, batch, epochs, epsilon, sigma, delta, accountant)
+        store_answer(key, answer)
+    elif answer["delta_warning"]:
+        logging.getLogger("privseg").warning("warning: %s", answer["delta_warning"])
+    eps = answer["epsilon"]
+    typer.echo(f"subjects n        {answer['n_subjects']}")
+    typer.echo(f"sample rate q     {answer['sample_rate']:.6f}  (expected batch {batch})")
+    typer.echo(f"steps             {answer['steps']}  ({answer['steps_per_epoch']} per epoch × "
+               f"{epochs})")
+    typer.echo(f"delta             {answer['delta']:.4g}")
+    typer.echo(f"noise multiplier  {answer['noise_multiplier']:.6f}")
+    typer.echo(f"epsilon           {eps:.4f}  ({accountant})" if math.isfinite(eps)
+               else "epsilon           inf")
+
+
+def _privacy_answer(subjects: int, batch: int, epochs: int, epsilon: float | None,
+                    sigma: float | None, delta: float | None, accountant: str) -> dict:
+    """What ``privseg privacy`` prints, computed (Opacus' accountants, no torch)."""
+    from privseg.dp.accounting import epsilon_for, plan_privacy
+
     try:
         plan = plan_privacy(subjects, batch, epochs, target_epsilon=epsilon, noise_multiplier=sigma,
                             delta=delta, accountant=accountant)
     except ValueError as e:
         fail(str(e))
     eps = epsilon_for(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta, accountant)
-    typer.echo(f"subjects n        {plan.n_subjects}")
-    typer.echo(f"sample rate q     {plan.sample_rate:.6f}  (expected batch {batch})")
-    typer.echo(f"steps             {plan.steps}  ({plan.steps_per_epoch} per epoch × {epochs})")
-    typer.echo(f"delta             {plan.delta:.4g}")
-    typer.echo(f"noise multiplier  {plan.noise_multiplier:.6f}")
-    typer.echo(f"epsilon           {eps:.4f}  ({accountant})" if math.isfinite(eps)
-               else "epsilon           inf")
+    return {"n_subjects": plan.n_subjects, "sample_rate": plan.sample_rate,
+            "steps": plan.steps, "steps_per_epoch": plan.steps_per_epoch,
+            "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
+            "epsilon": eps if math.isfinite(eps) else math.inf,
+            "delta_warning": plan.delta_warning}
 
 
 @app.command()

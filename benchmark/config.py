@@ -109,6 +109,10 @@ class TrainingConfig(_Strict):
     channels_last: bool = Field(
         False, description="channels-last memory format for 2D models on CUDA (NHWC convs)")
     eval_every: int = Field(1, ge=0, description="validate every n epochs (0: only at the end)")
+    val_subjects: int | None = Field(
+        None, ge=1, description="validations before the last epoch (federated: round) use "
+        "this many validation subjects (per site): a fixed subset drawn once from the seed, "
+        "so the curve is comparable; the last validation and the test use all. null: all")
     num_workers: int = Field(0, ge=0)
     foreground_fraction: float = Field(
         0.9, ge=0.0, le=1.0, description="chance a crop is centred in the brain/foreground"
@@ -435,6 +439,7 @@ class RunConfig(_Strict):
 #: fields added after runs were recorded: at these values they leave the run id unchanged
 _ADDED_LATER = {
     ("training", "channels_last"): False,
+    ("training", "val_subjects"): None,
     ("training", "ema"): None,
     ("training", "polyak_epochs"): 0,
     ("training", "augment"): {"flip": False, "affine": 0.0, "intensity": 0.0},

@@ -192,6 +192,13 @@ def test_simulation_is_deterministic(workdir, sample_record):
     assert again["privacy"]["epsilon_per_site"] == sample_record["privacy"]["epsilon_per_site"]
     t = again["timing"]
     assert t["site_compute_s"] > 0 and t["simulation_overhead"] is not None
+    # where the sites' compute went: its parts add up to it; batch loading is part of train_s
+    split = t["site_compute_split_s"]
+    assert set(split) == {"calibration_s", "setup_s", "train_s", "accounting_s", "eval_s",
+                     "exchange_s"}
+    assert sum(split.values()) == pytest.approx(t["site_compute_s"], rel=1e-6)
+    assert 0 < t["site_data_s"] <= split["train_s"] and split["eval_s"] > 0
+    assert t["load_s"] > 0 and t["startup_s"] > 0
 
 
 def _free_port() -> int:
@@ -488,3 +495,15 @@ def test_sample_mode_record_carries_each_sites_weak_delta_warning(workdir):
     warnings_ = rec["privacy"]["delta_warning_per_site"]
     assert set(warnings_) == set(rec["privacy"]["epsilon_per_site"])
     assert all("1/(10·n)" in w for w in warnings_.values())
+
+
+def test_sites_validate_on_a_subset_before_the_last_round(tmp_path):
+    """training.val_subjects: 1 validation subject per site before the last round, all of
+    them in the last; the history says how many were validated."""
+    d = tiny(tmp_path, rounds=2, local_steps=1)
+    d["dataset"]["val_fraction"] = 0.4
+    d["training"]["val_subjects"] = 1
+    rec = run_federated(parse_config(d), progress=False, force=True)
+    n_val = sum(s["val"] for s in rec["splits"].values())
+    assert n_val > 3
+    assert [h["val_n_subjects"] for h in rec["history"]] == [3, n_val]

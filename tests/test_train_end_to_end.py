@@ -171,3 +171,29 @@ def test_wandb_round_trip_equals_the_records_and_a_rerun_replaces_its_folder(tmp
     run_training(configs[run_id], progress=False)
     after = offline_run_dirs(runs / run_id)
     assert len(after) == 1 and after[0] != stale
+
+
+def test_record_splits_its_time(tmp_path):
+    """The record's timing says where a run's time went, so that a report reads it: setup
+    (data load, σ calibration), the epochs, evaluation by split and part, in wall and CPU
+    seconds, and the process's start before the run (imports). Validations between
+    checkpoints run on the configured subset, the last on every validation subject."""
+    cfg = config(tmp_path, training={"epochs": 2, "eval_every": 1, "val_subjects": 1},
+                 privacy={"enabled": True, "target_epsilon": 8.0, "noise_seed": 1})
+    record = run_training(cfg, progress=False)
+    t = record["timing"]
+    # training.val_subjects: the validation before the last epoch on 1 subject, the last on all
+    n_val = len(record["splits"]["val"])
+    assert n_val > 1 and record["validation"]["between_checkpoints"] == 1
+    assert [h["val_n_subjects"] for h in record["history"]] == [1, n_val]
+    for key in ("load_s", "calibration_s", "setup_s", "train_s", "eval_s", "accounting_s",
+                "data_s", "startup_s", "wall_s"):
+        assert t[key] > 0, key
+    split = t["eval_split_s"]
+    assert set(split) == {"val_predict_s", "val_metrics_s", "test_predict_s", "test_metrics_s"}
+    assert sum(split.values()) <= t["eval_s"]
+    assert t["train_s"] + t["eval_s"] + t["accounting_s"] <= t["total_s"] <= t["wall_s"]
+    assert t["data_s"] <= t["train_s"]
+    assert set(t["cpu_s"]) == {"train_s", "eval_s", "startup_s", "wall_s"}
+    assert t["cpu_s"]["train_s"] + t["cpu_s"]["eval_s"] <= t["cpu_s"]["wall_s"]
+    assert all(v > 0 for v in t["cpu_s"].values())

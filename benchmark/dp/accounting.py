@@ -14,10 +14,20 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from opacus.accountants import PRVAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.analysis.prv import Domain
-from opacus.accountants.utils import get_noise_multiplier
+
+from privseg.dp.opacus_accountants import opacus_accountants
+
+# Opacus' accountants without torch unless Opacus is already imported (privseg.dp.
+# opacus_accountants): `privseg privacy` and the CLI's calibrations import no torch.
+_opacus = opacus_accountants()
+PRVAccountant = _opacus.PRVAccountant
+rdp_analysis = _opacus.analysis.rdp
+Domain = _opacus.analysis.prv.Domain
+
+
+def get_noise_multiplier(**kwargs) -> float:
+    """Opacus' ``get_noise_multiplier`` (``opacus.accountants.utils``), of the loaded copy."""
+    return _opacus.utils.get_noise_multiplier(**kwargs)
 
 # Opacus' RDP accountant evaluates fractional orders (1.1, 1.2, ...) with a truncated series
 # that comes out *below* Google's dp_accounting at those orders (seen: α=2.2, q=0.19, σ=1.27,
@@ -281,7 +291,20 @@ def epsilon_of_history(history: list[tuple[float, float, int]], delta: float,
         return rdp_epsilon(history, delta)
     if accountant != "prv":
         raise ValueError(f"unknown accountant {accountant!r}; allowed: prv, rdp")
+    kwargs = kwargs or accountant_kwargs(accountant, rdp_epsilon(history, delta))
+    if set(kwargs) != {"eps_error"}:  # other Opacus options: asked as they are, uncached
+        acc = IntegerOrderPRVAccountant()
+        acc.history = list(history)
+        return float(acc.get_epsilon(delta=delta, **kwargs))
+    return _prv_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), delta,
+                        kwargs["eps_error"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float,
+                 eps_error: float) -> float:
+    # Cached: a calibration's last probe is the query its run (or `privseg privacy`) then
+    # reports, and identical site plans ask the same questions.
     acc = IntegerOrderPRVAccountant()
     acc.history = list(history)
-    kwargs = kwargs or accountant_kwargs(accountant, rdp_epsilon(history, delta))
-    return float(acc.get_epsilon(delta=delta, **kwargs))
+    return float(acc.get_epsilon(delta=delta, eps_error=eps_error))

@@ -38,7 +38,7 @@ from privseg.dp.accounting import epsilon_of_history
 from privseg.federated.site_plans import local_steps_per_round, plan_site_sample
 from privseg.federated.sites import SiteData, site_seed
 from privseg.federated.sparse import SiteSparsifier, is_sparse
-from privseg.training.evaluate import evaluate
+from privseg.training.evaluate import evaluate, validation_subset
 from privseg.training.setup import model_knobs, place_model, resolve_device, training_crops
 from privseg.training.step import prepare_training, train_step, unwrap
 
@@ -109,10 +109,12 @@ class SiteClient(NumPyClient):
         self._np_rng = np.random.RandomState(seed % 2**32).get_state()
         self.compute_s = time.perf_counter() - t0  # the site's own work: setup, fit, evaluate
         #: ``compute_s`` split by what it was spent on (seconds): σ calibration, the rest of
-        #: setup, training steps, ε accounting, evaluation
+        #: setup, training steps, ε accounting, evaluation, weights in and out of a round
         self.compute_split_s = {"calibration_s": calibration_s,
                                 "setup_s": self.compute_s - calibration_s, "train_s": 0.0,
-                                "accounting_s": 0.0, "eval_s": 0.0}
+                                "accounting_s": 0.0, "eval_s": 0.0, "exchange_s": 0.0}
+        #: of ``compute_split_s["train_s"]``, the seconds spent loading batches
+        self.data_s = 0.0
 
     # -- helpers --------------------------------------------------------------------------
     @contextmanager
@@ -183,14 +185,18 @@ class SiteClient(NumPyClient):
             tt = time.perf_counter()
             try:
                 for _ in range(self.steps_per_round):
+                    tb = time.perf_counter()
                     x, y = self._next_batch()
+                    self.data_s += time.perf_counter() - tb
                     losses.append(train_step(self.state, x, y, self.scfg, self.device))
                     self.steps_done += 1
             finally:
                 if handle is not None:
                     handle.remove()
             weights = get_weights(self.state.model)
-        self.compute_split_s["train_s"] += time.perf_counter() - tt
+        train_s = time.perf_counter() - tt
+        self.compute_split_s["train_s"] += train_s
+        accounting_s = 0.0
         metrics = {"site": self.site, "steps": self.steps_done}
         if self.sparsifier is not None:  # only the selected coordinates leave the site
             weights, counts = self.sparsifier.message(parameters, weights)
@@ -206,9 +212,12 @@ class SiteClient(NumPyClient):
                            noise_multiplier=self.plan.noise_multiplier,
                            sample_rate=self.plan.sample_rate, planned_steps=self.plan.steps,
                            accountant=self.plan.accountant)
-            self.compute_split_s["accounting_s"] += time.perf_counter() - ta
+            accounting_s = time.perf_counter() - ta
+            self.compute_split_s["accounting_s"] += accounting_s
         dt = time.perf_counter() - t0
         self.compute_s += dt
+        # the rest of the round: the global weights in, the update out (and sparsified)
+        self.compute_split_s["exchange_s"] += dt - train_s - accounting_s
         metrics["fit_s"] = dt
         return weights, len(self.data.train), metrics
 
@@ -216,6 +225,10 @@ class SiteClient(NumPyClient):
         t0 = time.perf_counter()
         split = str(config.get("split", "val"))
         subjects = {"val": self.data.val, "test": self.data.test}[split]
+        if split == "val" and int(config.get("round", self.fed.rounds)) < self.fed.rounds:
+            # before the last round: the fixed validation subset (training.val_subjects)
+            subjects = validation_subset(subjects, self.cfg.training.val_subjects,
+                                         self.scfg.seed)
         if not subjects:
             return 0.0, 0, {"site": self.site, "split": split, "n_subjects": 0}
         with self._own_rng():

@@ -530,6 +530,8 @@ class RecordingStrategy(Strategy):
         per_site = self._collect_eval(results)
         row["val_mean_dice"] = pooled(per_site, ["dice"])["mean_dice"]
         row["val_per_site"] = {s: m["mean_dice"] for s, m in per_site.items()}
+        # all the sites' validation subjects, or a subset before the last round (val_subjects)
+        row["val_n_subjects"] = sum(int(m.get("n_subjects", 0)) for m in per_site.values())
         return None, {}
 
     def _collect_eval(self, results) -> dict[str, dict]:
@@ -789,7 +791,8 @@ class FederatedServer(Server):
         history = []
         for r in self.recorder.rounds:
             row = {"round": r["round"], "sites": r["sites"], "fit_s": r.get("fit_s")}
-            for k in ("missed", "missed_eval", "train_loss", "val_mean_dice", "val_per_site"):
+            for k in ("missed", "missed_eval", "train_loss", "val_mean_dice", "val_per_site",
+                      "val_n_subjects"):
                 if k in r:
                     row[k] = r[k]
             eps = {s: m["epsilon"] for s, m in r.get("site_metrics", {}).items()

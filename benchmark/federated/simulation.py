@@ -52,6 +52,7 @@ from privseg.federated.server import (
 from privseg.federated.sites import build_sites
 from privseg.record import environment, run_dir, write_record
 from privseg.training.setup import completed_record, load_subjects, seed_everything
+from privseg.training.timing import process_age_s
 
 log = logging.getLogger("privseg")
 
@@ -159,7 +160,9 @@ def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
     out = run_dir(cfg.output.dir, run_id)
     if not force and (existing := completed_record(out)) is not None:
         return existing
+    startup_s = process_age_s()  # the interpreter, imports and command line before the run
     seed_everything(cfg.seed)
+    t_load = time.perf_counter()
     subject_set = subject_set or load_subjects(cfg)
     t0 = time.perf_counter()
     sites, desc = build_sites(cfg, subject_set)
@@ -184,6 +187,9 @@ def run_federated(cfg: RunConfig, *, progress: bool = True, force: bool = False,
         "site_compute_split_s": {k: sum(p.site.compute_split_s[k] for p in proxies.values())
                                  for k in next(iter(proxies.values())).site.compute_split_s},
         "simulation_overhead": (wall - site_compute) / site_compute if site_compute else None,
+        # of the sites' train_s, batch loading
+        "site_data_s": sum(p.site.data_s for p in proxies.values()),
+        "load_s": t0 - t_load, "startup_s": startup_s,
         "mode": "simulation (in-process, sites sequential"
                 + (", Flower SecAgg+ workflow)" if cfg.setting.federated.secure_aggregation
                    else ")"),

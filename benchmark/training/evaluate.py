@@ -15,13 +15,18 @@ sliding window (Gaussian-weighted, overlap 0.25). In 2D the volume's slices are 
 images: where the crop is the whole slice (no ``patch_size``), ``sw_batch_size`` whole slices
 per forward pass; else a 2D sliding window over the stack of slices. Both give the logits of
 the former one-slice-deep 3D sliding window (constant weights, no overlap) without its
-per-window bookkeeping.
+per-window bookkeeping. On a CPU, 2D inference runs in channels-last memory layout
+(:func:`inference_forward`): oneDNN's convolutions then need no layout conversions, ~1.4× faster
+on one thread; the logits differ from the default layout's by float rounding only (≤ 1e-5 seen
+on a trained phantom U-Net, no voxel's label changed in 3.5 M).
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -46,10 +51,11 @@ def volume_logits(model: nn.Module, subject: Subject, dims: int, roi: tuple[int,
                   ) -> torch.Tensor:
     """Logits ``[classes, D, H, W]`` for one subject's volume (2D: slices as a batch)."""
     image = torch.as_tensor(subject.image, dtype=torch.float32).to(device)
+    forward = inference_forward(model, dims, device)
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            return model(x).float()
+            return forward(x).float()
 
     if dims == 2:
         slices = image.movedim(1, 0)  # [C, D, H, W] -> D images [C, H, W]
@@ -63,6 +69,31 @@ def volume_logits(model: nn.Module, subject: Subject, dims: int, roi: tuple[int,
     logits = sliding_window_inference(image[None], roi, sw_batch_size, predictor, overlap=0.25,
                                       mode="gaussian")
     return torch.as_tensor(logits)[0]
+
+
+def inference_forward(model: nn.Module, dims: int, device: torch.device
+                      ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's forward for evaluation; on a CPU in 2D, in channels-last layout.
+
+    PyTorch's CPU convolutions (oneDNN) convert a default-layout (NCHW) tensor to their blocked
+    layout and back at every layer; in channels-last (NHWC) they run on the tensor as it is,
+    and max-pooling and nearest upsampling get faster too (measured on the phantom U-Net,
+    one thread: 2.4 → 1.7 ms per 48² slice). The weights are read into channels-last copies
+    per call (``torch.func.functional_call``), so the model being trained, its parameters and
+    whatever holds them (optimizer, per-sample-gradient hooks) are left as they are. Elsewhere
+    (3D, CUDA) this is the model itself.
+    """
+    if dims != 2 or device.type != "cpu":
+        return model
+    inner = getattr(model, "_module", model)  # Opacus' GradSampleModule wraps the model
+    params = {name: p.detach().contiguous(memory_format=torch.channels_last) if p.dim() == 4
+              else p.detach() for name, p in inner.named_parameters()}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        return torch.func.functional_call(inner, params, (x,))
+
+    return forward
 
 
 def _onehot(label: torch.Tensor, n: int) -> torch.Tensor:
@@ -91,15 +122,25 @@ def volume_metrics(pred: torch.Tensor, target: np.ndarray, class_names: list[str
         spatial = tuple(range(2, p.ndim))
         ref_present = (t.sum(dim=spatial)[0, first:] > 0).tolist()
         pred_empty = (p.sum(dim=spatial)[0, first:] == 0).tolist()
-        with warnings.catch_warnings():  # MONAI warns on each empty mask; handled below
-            warnings.simplefilter("ignore")
-            hd = compute_hausdorff_distance(p, t, include_background=include_bg,
-                                            percentile=95)[0]
+        # MONAI's HD95 only for the classes present in both masks: the others' values are set
+        # by the convention above (NaN without a reference, the worst case when missed), so
+        # asking MONAI for them (its crop, erosion and empty-mask handling) changed nothing
+        both = [i for i, (r, e) in enumerate(zip(ref_present, pred_empty, strict=True))
+                if r and not e]
+        hd = {}
+        if both:
+            channels = [first + i for i in both]
+            with warnings.catch_warnings():  # MONAI warns on empty masks
+                warnings.simplefilter("ignore")
+                values = compute_hausdorff_distance(p[:, channels], t[:, channels],
+                                                    include_background=True, percentile=95)[0]
+            hd = dict(zip(both, values.tolist(), strict=True))
         worst = worst_case_distance(tuple(t.shape[2:]))
         out["hd95"], out["empty_pred"] = {}, {}
-        for n, h, present, empty in zip(names, hd, ref_present, pred_empty, strict=True):
+        for i, (n, present, empty) in enumerate(zip(names, ref_present, pred_empty,
+                                                    strict=True)):
             missed = present and empty
-            out["hd95"][n] = worst if missed else (float(h) if present else float("nan"))
+            out["hd95"][n] = worst if missed else (float(hd[i]) if present else float("nan"))
             out["empty_pred"][n] = int(missed)
     return out
 
@@ -118,17 +159,42 @@ def nanmean(values) -> float:
 
 def evaluate(model: nn.Module, subjects: list[Subject], dims: int, roi: tuple[int, ...],
              class_names: list[str], device: torch.device, regions=None, hd95: bool = True,
-             amp: bool = False) -> dict:
-    """Per-class and mean Dice/HD95 over ``subjects``, overall and per site."""
+             amp: bool = False, timing: dict[str, float] | None = None) -> dict:
+    """Per-class and mean Dice/HD95 over ``subjects``, overall and per site.
+
+    ``timing``, when given, accumulates the seconds spent predicting the volumes
+    (``predict_s``) and computing their metrics (``metrics_s``: Dice, and HD95 if asked), so
+    that a run's record says where its evaluation time went.
+    """
     was_training = model.training
     model.eval()
     per_subject = {}
+    predict_s = metrics_s = 0.0
     for s in subjects:
+        t0 = time.perf_counter()
         pred = predict_volume(model, s, dims, roi, device, amp=amp)
+        t1 = time.perf_counter()
         per_subject[s.subject_id] = (s.site, volume_metrics(pred, s.label, class_names,
                                                             regions, hd95))
+        predict_s, metrics_s = predict_s + t1 - t0, metrics_s + time.perf_counter() - t1
     model.train(was_training)
+    if timing is not None:
+        timing["predict_s"] = timing.get("predict_s", 0.0) + predict_s
+        timing["metrics_s"] = timing.get("metrics_s", 0.0) + metrics_s
     return summarise(per_subject)
+
+
+def validation_subset(subjects: list[Subject], n: int | None, seed: int) -> list[Subject]:
+    """``n`` of ``subjects`` drawn once from ``seed`` (in their order), or all of them.
+
+    Validations between checkpoints (``training.val_subjects``) run on this fixed subset, so
+    that a curve compares one model with the next on the same subjects at a fraction of the
+    cost; a run's last validation and its test use every subject.
+    """
+    if n is None or n >= len(subjects):
+        return list(subjects)
+    chosen = np.random.default_rng(seed).permutation(len(subjects))[:n]
+    return [subjects[i] for i in sorted(chosen)]
 
 
 def summarise(per_subject: dict[str, tuple[str, dict]]) -> dict:

@@ -9,6 +9,7 @@ reports it) by a background thread. On CPU both fall back to wall-clock time / n
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -93,3 +94,20 @@ class GpuBusySampler:
         """Mean of the samples taken, or ``None`` if none were."""
         self.stop()
         return statistics.fmean(self.samples) if self.samples else None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; ``None`` elsewhere).
+
+    Read at the start of a run it is what came before it: the interpreter's start, the
+    imports and the command line (for a sweep worker, its earlier runs too).
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            # field 22 (starttime, clock ticks after boot) follows the ')' closing the name
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
