@@ -253,6 +253,8 @@ class SiteWorker:
 
     def handle(self, msg: Message, context: Context) -> Message:
         """Answer one message (Flower's ``ClientApp`` call) with this site's state."""
+        log.info("site %s: run %s: %s message of round %s", self.site, context.run_id,
+                 msg.metadata.message_type, msg.metadata.group_id or "-")
         with self.lock:
             try:
                 run = self._site_run(context,
