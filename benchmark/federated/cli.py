@@ -307,3 +307,56 @@ def testbed(
     typer.echo(f"run {record['run_id']}: {record['status']}; test mean Dice "
                f"{record['test'].get('mean_dice', float('nan')):.4f}; ε per site "
                f"{record['privacy'].get('epsilon_per_site')}")
+
+
+@app.command("link-sweep")
+def link_sweep_cmd(
+    config: Annotated[str, typer.Argument(help="federated run config (YAML file or built-in)")],
+    bandwidths: Annotated[list[str], typer.Option(
+        help="one testbed run's per-site bandwidths in Mbit/s, comma-separated, one per site "
+             "in site order ('none': unshaped); repeat for more runs")],
+    fractions: Annotated[str, typer.Option(help="share_fraction values, comma-separated")]
+    = "1,0.1",
+    latency_ms: Annotated[float, typer.Option(help="one-way latency of every link")] = 0.0,
+    out: Annotated[Path, typer.Option(help="folder for the CSV and the figure")]
+    = Path("results/links"),
+    workdir: Annotated[Path | None, typer.Option(help="testbed folders (default: temporary)")]
+    = None,
+    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    netns: Annotated[bool, typer.Option(help="sites in network namespaces when root")] = True,
+    set_: SetOpt = None,
+) -> None:
+    """Round time vs bandwidth on the testbed, full vs partial sharing: a CSV and a figure.
+
+    Example:  privseg federated link-sweep phantom2d-federated --bandwidths none,8,2
+    --bandwidths 1,0.5,0.25 --fractions 1,0.1
+    """
+    import tempfile
+
+    from privseg.federated.link_sweep import link_sweep, plot_link_sweep
+
+    cfg = _load(config, set_)
+    sites = sorted({f"site-{chr(65 + i)}" for i in range(len(bandwidths[0].split(",")))})
+
+    def parse(text: str) -> dict[str, float | None]:
+        vals = [None if v.strip() == "none" else float(v) for v in text.split(",")]
+        if len(vals) != len(sites):
+            fail(f"--bandwidths {text}: {len(vals)} values for {len(sites)} sites")
+        return dict(zip(sites, vals, strict=True))
+
+    sets = [parse(b) for b in bandwidths]
+    tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="privseg-ls-")
+    try:
+        df = link_sweep(cfg.model_dump(mode="json"), sets,
+                        [float(f) for f in fractions.split(",")], Path(workdir or tmp.name),
+                        latency_ms=latency_ms, use_netns=netns, round_timeout=round_timeout,
+                        log=typer.echo)
+    except (ConfigError, RuntimeError, ValueError) as e:
+        fail(str(e), code=1)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "round-time-vs-bandwidth.csv", index=False)
+    typer.echo(f"wrote {out / 'round-time-vs-bandwidth.csv'} and "
+               f"{plot_link_sweep(df, out / 'round-time-vs-bandwidth.png')}")

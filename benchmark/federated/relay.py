@@ -155,6 +155,12 @@ class LinkRelay:
             out[f"last_{d}"] = max(ts) if ts else None
         return out
 
+    def transfer_log(self) -> dict[str, list[list[float]]]:
+        """Every chunk delivered, per direction: ``[wall-clock time, bytes]``."""
+        with self._lock:
+            return {d: [[round(x.t, 4), x.n] for x in self.transfers if x.direction == d]
+                    for d in DIRECTIONS}
+
     # -- relaying ----------------------------------------------------------------------------
     async def _handle(self, c_reader: asyncio.StreamReader,
                       c_writer: asyncio.StreamWriter) -> None:

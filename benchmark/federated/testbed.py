@@ -400,7 +400,8 @@ class Testbed:
                 "profiles": {n: p.model_dump(mode="json") for n, p in self.profiles.items()},
                 "relay_shaping": {n: s.relay.shaping.describe()
                                   for n, s in self.sites.items()},
-                "per_round": rounds, "total": totals}
+                "per_round": rounds, "total": totals,
+                "transfers": {n: s.relay.transfer_log() for n, s in self.sites.items()}}
 
 
 def run_testbed(cfg: RunConfig, config_path: Path, n_sites: int, workdir: Path, *,
