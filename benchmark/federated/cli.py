@@ -254,7 +254,6 @@ def testbed(
         help="seconds to await the record when the SuperLink was lost")] = 600.0,
     output: Annotated[str | None, typer.Option(help="record folder (default output.dir)")]
     = None,
-    set_: SetOpt = None,
 ) -> None:
     """Run the federation on this machine: SuperLink, one SuperNode per site, shaped links.
 
@@ -270,11 +269,9 @@ def testbed(
 
     from privseg.federated.testbed import Fault, run_testbed
 
-    cfg = _load(config, set_)
     if not Path(config).is_file():
         fail(f"{config}: the testbed needs a config file (its SuperNodes load it)")
-    if set_:
-        fail("--set: write the change into the config file (the SuperNodes load that file)")
+    cfg = _load(config, None)
     try:
         faults = [Fault.parse(f) for f in fault or []]
     except ConfigError as e:
