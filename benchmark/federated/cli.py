@@ -254,6 +254,9 @@ def testbed(
         help="seconds to await the record when the SuperLink was lost")] = 600.0,
     output: Annotated[str | None, typer.Option(help="record folder (default output.dir)")]
     = None,
+    pacs: Annotated[bool, typer.Option(
+        help="one Orthanc per site (in its namespace) holding the config's data set as DICOM "
+             "MR + SEG; the sites read their subjects from it over DICOMweb")] = False,
 ) -> None:
     """Run the federation on this machine: SuperLink, one SuperNode per site, shaped links.
 
@@ -287,7 +290,8 @@ def testbed(
                              Path(workdir or tmp.name), faults=faults, use_netns=netns,
                              round_timeout=round_timeout, max_wait=max_wait,
                              lost_wait=lost_wait,
-                             output_dir=Path(output) if output else None, log=typer.echo)
+                             output_dir=Path(output) if output else None, log=typer.echo,
+                             pacs=pacs)
     except (ConfigError, RuntimeError, FileNotFoundError, ValueError) as e:
         fail(str(e), code=1)
     finally:
@@ -325,6 +329,8 @@ def link_sweep_cmd(
 ) -> None:
     """Round time vs bandwidth on the testbed, full vs partial sharing: a CSV and a figure.
 
+    Rows are appended to an existing CSV in --out, so a sweep can grow by invocations.
+
     Example:  privseg federated link-sweep phantom2d-federated --bandwidths none,8,2
     --bandwidths 1,0.5,0.25 --fractions 1,0.1
     """
@@ -354,6 +360,11 @@ def link_sweep_cmd(
         if tmp is not None:
             tmp.cleanup()
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "round-time-vs-bandwidth.csv", index=False)
+    csv = out / "round-time-vs-bandwidth.csv"
+    if csv.exists():  # points of earlier invocations are kept: the sweep grows
+        import pandas as pd
+
+        df = pd.concat([pd.read_csv(csv), df], ignore_index=True)
+    df.to_csv(csv, index=False)
     typer.echo(f"wrote {out / 'round-time-vs-bandwidth.csv'} and "
                f"{plot_link_sweep(df, out / 'round-time-vs-bandwidth.png')}")

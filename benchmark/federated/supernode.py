@@ -65,13 +65,18 @@ WORKER_ERROR_CODE = 0
 
 
 def agreement_id(cfg: RunConfig) -> str:
-    """The run id of ``cfg`` without machine-local paths (data root, cache, device).
+    """The run id of ``cfg`` without machine-local paths (data root, cache, device, a PACS's
+    address).
 
     Two parties with the same agreement id run the same model, rounds, local steps, seed and
     privacy target; only where each keeps its files (and which device it computes on) differs.
     """
+    dataset = {"root": None, "cache_dir": None}
+    if cfg.dataset.name == "pacs":  # each site's own PACS: its address is machine-local
+        dataset["options"] = {k: v for k, v in dict(cfg.dataset.options).items()
+                              if k != "url"}
     local = cfg.model_copy(update={
-        "dataset": cfg.dataset.model_copy(update={"root": None, "cache_dir": None}),
+        "dataset": cfg.dataset.model_copy(update=dataset),
         "training": cfg.training.model_copy(update={"device": "cpu"})})
     return local.run_id()
 

@@ -150,8 +150,13 @@ class Testbed:
     """The processes, namespaces and relays of one testbed federation (a context manager)."""
 
     def __init__(self, cfg: RunConfig, config_path: Path, sites: list[str], workdir: Path,
-                 use_netns: bool = True, max_wait: float = 300.0, log=print):
+                 use_netns: bool = True, max_wait: float = 300.0, log=print,
+                 pacs: bool = False):
         self.cfg = cfg
+        #: each site reads its subjects from its own Orthanc (the data set uploaded into it)
+        self.pacs = pacs
+        #: the config submitted to the federation (the pacs variant with ``pacs``)
+        self.federation_cfg = cfg
         self.config_path = Path(config_path)
         self.names = sites
         self.work = Path(workdir)
@@ -239,11 +244,51 @@ class Testbed:
         self.port = free_port()
         self.start_superlink()
         self._register_keys()
+        site_configs = self._start_pacs() if self.pacs else {}
         for site in self.sites.values():
             site.relay.target = ("127.0.0.1", self.port)
             port = site.relay.start()
-            site.cmd = self._supernode_cmd(site, f"{site.address}:{port}")
+            site.cmd = self._supernode_cmd(site, f"{site.address}:{port}",
+                                           site_configs.get(site.name, self.config_path))
             self.start_site(site)
+
+    def _start_pacs(self, timeout: float = 180.0) -> dict[str, Path]:
+        """One Orthanc per site (in its namespace) holding the data set; each site's config
+        file reads it back over DICOMweb. Sets :attr:`federation_cfg` to the pacs variant."""
+        import json
+
+        import yaml
+
+        from privseg.config import parse_config
+        from privseg.federated.site_pacs import pacs_dataset
+        from privseg.training.setup import default_cache_dir
+
+        d = self.cfg.dataset
+        cache = str(Path(d.cache_dir) if d.cache_dir else default_cache_dir())
+        procs = {}
+        for site in self.sites.values():
+            folder = self.work / f"pacs-{site.name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "privseg.federated.site_pacs", str(folder), d.name,
+                   json.dumps(dict(d.options)), cache]
+            procs[site.name] = self._start(
+                f"pacs-{site.name}", (site.ns.exec_prefix() if site.ns else []) + cmd,
+                folder / "home")
+        configs, base = {}, self.cfg.model_dump(mode="json")
+        deadline = time.monotonic() + timeout
+        for site in self.sites.values():
+            url = self.work / f"pacs-{site.name}" / "url"
+            while not url.exists():
+                if time.monotonic() > deadline or procs[site.name].poll() is not None:
+                    raise RuntimeError(f"{site.name}'s PACS did not start; log "
+                                       f"{self.work / f'pacs-{site.name}.log'}")
+                time.sleep(0.2)
+            site_cfg = {**base, "dataset": pacs_dataset(base["dataset"], url.read_text())}
+            configs[site.name] = self.work / f"config-{site.name}.yaml"
+            configs[site.name].write_text(yaml.safe_dump(site_cfg, sort_keys=False))
+            self.federation_cfg = parse_config(site_cfg)
+        self._note("one Orthanc per site holding the data set; sites read it over DICOMweb")
+        return configs
 
     def _register_keys(self) -> None:
         from privseg.federated.federation import connection_toml
@@ -259,8 +304,8 @@ class Testbed:
             if r.returncode != 0:
                 raise RuntimeError(f"registering {s}'s key failed:\n{r.stdout}{r.stderr}")
 
-    def _supernode_cmd(self, site: Site, superlink: str) -> list[str]:
-        cmd = CLI + ["supernode", str(self.config_path), "--site", site.name,
+    def _supernode_cmd(self, site: Site, superlink: str, config: Path) -> list[str]:
+        cmd = CLI + ["supernode", str(config), "--site", site.name,
                      "--superlink", superlink, "--ca-cert", str(self.certs / "ca.crt"),
                      "--auth-key", str(self.certs / f"site-{site.name}"),
                      "--max-wait", str(self.max_wait)]
@@ -408,7 +453,7 @@ def run_testbed(cfg: RunConfig, config_path: Path, n_sites: int, workdir: Path, 
                 faults: list[Fault] = (), use_netns: bool = True,
                 round_timeout: float | None = None, max_wait: float = 300.0,
                 lost_wait: float = 600.0, output_dir: Path | None = None,
-                log=print) -> dict:
+                log=print, pacs: bool = False) -> dict:
     """Run ``cfg`` on a testbed federation of ``n_sites``; return the record (links included).
 
     The record is read back whatever the run's outcome: a failed run's record (what was spent)
@@ -427,7 +472,8 @@ def run_testbed(cfg: RunConfig, config_path: Path, n_sites: int, workdir: Path, 
         raise ConfigError(f"--sites {n_sites}: the config's partition makes {len(names)} "
                           f"sites ({', '.join(names)})")
     output = Path(output_dir or cfg.output.dir).resolve()
-    with Testbed(cfg, config_path, names, workdir, use_netns, max_wait, log) as tb:
+    with Testbed(cfg, config_path, names, workdir, use_netns, max_wait, log, pacs) as tb:
+        cfg = tb.federation_cfg
         mechanism = mechanism_line(tb.caps, tb.profiles)
         log(mechanism)
         done = threading.Event()
@@ -455,7 +501,7 @@ def run_testbed(cfg: RunConfig, config_path: Path, n_sites: int, workdir: Path, 
         if record is None:
             raise outcome.get("error") or RuntimeError("the run left no record")
         record["links"] = tb.links_section(record, mechanism)
-        record["testbed"] = {"sites": n_sites, "namespaces": tb.caps.netns,
+        record["testbed"] = {"sites": n_sites, "namespaces": tb.caps.netns, "pacs": pacs,
                              "faults": [asdict(f) for f in faults], "events": tb.events,
                              "outcome": "failed: " + str(outcome["error"]) if "error" in outcome
                              else "complete"}
