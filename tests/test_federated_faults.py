@@ -157,6 +157,26 @@ def test_refused_supernode_is_started_again_until_max_wait(monkeypatch, tmp_path
     assert got == code and len(count.read_text().splitlines()) == starts
 
 
+def test_refusal_recognised_by_flowers_message_whatever_the_exit_status(monkeypatch,
+                                                                        tmp_path):
+    """Flower prints "Exit Code: 305" but the process exits with 1 when its runtime server had
+    started (seen on the testbed: a SuperNode restarted at once after kill -9): still a
+    refusal, started again; another exit 1 is not."""
+    from privseg.federated import supernode
+
+    count = tmp_path / "starts"
+    script = tmp_path / "supernode"  # refused (exit 1 + Flower's line), then a real crash
+    script.write_text(f'#!/bin/sh\necho x >> {count}\n'
+                      f'[ "$(wc -l < {count})" -ge 2 ] && exit 1\n'
+                      'echo "ERROR :     Exit Code: 305"\nexit 1\n')
+    script.chmod(0o755)
+    monkeypatch.setattr(supernode.SiteWorker, "load", staticmethod(lambda *a: IdleWorker()))
+    monkeypatch.setattr(supernode, "supernode_command", lambda *a: [str(script)])
+    monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
+    got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=30.0)
+    assert got == 1 and len(count.read_text().splitlines()) == 2
+
+
 def test_secure_aggregation_still_refuses_fewer_than_all_sites(monkeypatch, tmp_path):
     """min_fit_sites=2 does not lower site-level DP with SecAgg+: its noise σC/N is sized for
     all N sites, so a round with one site missing stops the run (with a failed record)."""

@@ -57,6 +57,9 @@ log = logging.getLogger("privseg")
 #: status carries modulo 256): a SuperLink refuses a quick re-activation of a restarted node
 #: until its heartbeat expires
 SUPERNODE_CONNECTION_ERROR = 305 % 256
+#: what Flower prints for that refusal: its exit status is not always 305 % 256 (when the
+#: SuperNode's runtime server already started it shuts that down and exits with 1)
+REFUSED_LINE = "Exit Code: 305"
 #: seconds between a refused SuperNode's exit and its next start
 ACTIVATION_RETRY_S = 5.0
 
@@ -371,10 +374,16 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
     proc = None
     try:
         while True:
-            proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own argument list
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,  # noqa: S603
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            refused = False
+            for line in proc.stdout:  # passed on as it comes; the refusal is recognised
+                print(line, end="", flush=True)
+                refused = refused or REFUSED_LINE in line
             code = proc.wait()
             log.info("site %s: SuperNode exited with code %s", site, code)
-            if code != SUPERNODE_CONNECTION_ERROR or time.monotonic() >= deadline:
+            if not (refused or code == SUPERNODE_CONNECTION_ERROR) or (
+                    time.monotonic() >= deadline):
                 return code
             log.warning("site %s: the SuperLink refused this SuperNode (exit %d); starting it "
                         "again in %g s (until --max-wait)", site, code, ACTIVATION_RETRY_S)
