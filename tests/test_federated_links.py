@@ -261,3 +261,42 @@ def _drain(srv: socket.socket) -> None:
     with c:
         while c.recv(65536):
             pass
+
+
+# -- what the record gets ---------------------------------------------------------------------
+
+def test_links_section_attributes_the_wire_bytes_to_rounds(tmp_path):
+    """Bytes are counted in the round whose wall-clock window they crossed in; the answer time
+    is the round's start to the site's last byte up."""
+    from privseg.federated.link_sweep import plot_link_sweep, rows_of
+    from privseg.federated.relay import Transfer
+    from privseg.federated.testbed import Site, Testbed
+
+    tb = Testbed.__new__(Testbed)
+    profiles = {"site-A": LinkProfile(bandwidth_mbit=1.0), "site-B": LinkProfile()}
+    tb.profiles = profiles
+    tb.sites = {}
+    for name, p in profiles.items():
+        relay = LinkRelay(("127.0.0.1", 0), ("127.0.0.1", 9))
+        relay.transfers = [Transfer(100.5, "down", 10), Transfer(101.0, "up", 7),
+                           Transfer(102.5, "up", 5), Transfer(103.0, "down", 2)]
+        if name == "site-B":
+            relay.transfers.append(Transfer(101.5, "up", 1000))
+        tb.sites[name] = Site(name, p, relay, "127.0.0.1")
+    record = {"history": [{"round": 1, "started_at": 100.0, "ended_at": 102.0},
+                          {"round": 2, "started_at": 102.0, "ended_at": 104.0}]}
+    links = tb.links_section(record, "mechanism line")
+    r1, r2 = links["per_round"]
+    assert r1["sites"]["site-A"] == {"bytes_up": 7, "bytes_down": 10, "answer_s": 1.0}
+    assert r1["sites"]["site-B"] == {"bytes_up": 1007, "bytes_down": 10, "answer_s": 1.5}
+    assert r2["sites"]["site-A"] == {"bytes_up": 5, "bytes_down": 2, "answer_s": 0.5}
+    assert record["history"][0]["links"] == r1["sites"]
+    assert links["total"]["site-B"]["bytes_up"] == 1012
+    assert links["transfers"]["site-A"]["up"] == [[101.0, 7], [102.5, 5]]
+    rows = rows_of(record | {"links": links}, 0.5)
+    assert {(r["site"], r["round"], r["slowest_mbit"]) for r in rows} == {
+        ("site-A", 1, 1.0), ("site-B", 1, 1.0), ("site-A", 2, 1.0), ("site-B", 2, 1.0)}
+    import pandas as pd
+
+    png = plot_link_sweep(pd.DataFrame(rows), tmp_path / "f.png")
+    assert png.stat().st_size > 0
