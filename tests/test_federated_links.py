@@ -287,9 +287,9 @@ def test_links_section_attributes_the_wire_bytes_to_rounds(tmp_path):
                           {"round": 2, "started_at": 102.0, "ended_at": 104.0}]}
     links = tb.links_section(record, "mechanism line")
     r1, r2 = links["per_round"]
-    assert r1["sites"]["site-A"] == {"bytes_up": 7, "bytes_down": 10, "answer_s": 1.0}
-    assert r1["sites"]["site-B"] == {"bytes_up": 1007, "bytes_down": 10, "answer_s": 1.5}
-    assert r2["sites"]["site-A"] == {"bytes_up": 5, "bytes_down": 2, "answer_s": 0.5}
+    assert r1["sites"]["site-A"] == {"bytes_up": 7, "bytes_down": 10, "last_up_s": 1.0}
+    assert r1["sites"]["site-B"] == {"bytes_up": 1007, "bytes_down": 10, "last_up_s": 1.5}
+    assert r2["sites"]["site-A"] == {"bytes_up": 5, "bytes_down": 2, "last_up_s": 0.5}
     assert record["history"][0]["links"] == r1["sites"]
     assert links["total"]["site-B"]["bytes_up"] == 1012
     assert links["transfers"]["site-A"]["up"] == [[101.0, 7], [102.5, 5]]

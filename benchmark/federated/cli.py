@@ -298,8 +298,8 @@ def testbed(
         if tmp is not None:
             tmp.cleanup()
     for r in record["links"]["per_round"]:
-        per = "; ".join(f"{s} ↑{v['bytes_up']} ↓{v['bytes_down']} B, answer "
-                        + (f"{v['answer_s']:.2f} s" if v["answer_s"] is not None else "none")
+        per = "; ".join(f"{s} ↑{v['bytes_up']} ↓{v['bytes_down']} B, last byte up "
+                        + (f"{v['last_up_s']:.2f} s" if v["last_up_s"] is not None else "none")
                         for s, v in r["sites"].items())
         typer.echo(f"round {r['round']}: {r['wall_s']:.2f} s; {per}")
     missed = [(h["round"], m["site"]) for h in record["history"] for m in h.get("missed", [])]

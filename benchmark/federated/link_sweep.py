@@ -4,8 +4,8 @@ For each ``share_fraction`` and each set of per-site bandwidths, one testbed run
 (:func:`privseg.federated.testbed.run_testbed`) with the sites' links shaped to those
 bandwidths; from its record's ``links`` section one row per site and round: the bandwidth, the
 bytes up and down counted on the wire, the time from the round's start until the site's
-update had arrived (``answer_s``) and the round's wall time. Several sites with different
-bandwidths in one run share the run's start-up cost; ``answer_s`` is each site's own.
+update had arrived (``last_up_s``) and the round's wall time. Several sites with different
+bandwidths in one run share the run's start-up cost; ``last_up_s`` is each site's own.
 Partial sharing (``share_fraction`` < 1, top-k or random coordinates sent as indices +
 values) shrinks what goes up; the global model still comes down dense.
 """
@@ -20,7 +20,7 @@ import yaml
 from privseg.config import parse_config
 
 COLUMNS = ["share_fraction", "slowest_mbit", "site", "bandwidth_mbit", "latency_ms", "round",
-           "answer_s", "wall_s", "bytes_up", "bytes_down"]
+           "last_up_s", "wall_s", "bytes_up", "bytes_down"]
 
 
 def sweep_config(base: dict, fraction: float, bandwidths: dict[str, float | None],
@@ -46,7 +46,7 @@ def rows_of(record: dict, fraction: float) -> list[dict]:
             p = links["profiles"][site]
             out.append({"share_fraction": fraction, "slowest_mbit": slowest, "site": site,
                         "bandwidth_mbit": p["bandwidth_mbit"], "latency_ms": p["latency_ms"],
-                        "round": r["round"], "answer_s": v["answer_s"], "wall_s": r["wall_s"],
+                        "round": r["round"], "last_up_s": v["last_up_s"], "wall_s": r["wall_s"],
                         "bytes_up": v["bytes_up"], "bytes_down": v["bytes_down"]})
     return out
 

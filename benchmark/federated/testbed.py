@@ -432,7 +432,7 @@ class Testbed:
                 tr = site.relay.traffic(t0, t1)
                 per_site[name] = {
                     "bytes_up": tr["bytes_up"], "bytes_down": tr["bytes_down"],
-                    "answer_s": None if tr["last_up"] is None else tr["last_up"] - t0}
+                    "last_up_s": None if tr["last_up"] is None else tr["last_up"] - t0}
             rounds.append({"round": h["round"], "wall_s": t1 - t0, "sites": per_site})
             h["links"] = per_site
         totals = {name: {k: v for k, v in site.relay.traffic(0.0, float("inf")).items()
