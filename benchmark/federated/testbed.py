@@ -502,6 +502,7 @@ def run_testbed(cfg: RunConfig, config_path: Path, n_sites: int, workdir: Path, 
             raise outcome.get("error") or RuntimeError("the run left no record")
         record["links"] = tb.links_section(record, mechanism)
         record["testbed"] = {"sites": n_sites, "namespaces": tb.caps.netns, "pacs": pacs,
+                             "namespace_prefix": netns.PREFIX + tb.tag,
                              "faults": [asdict(f) for f in faults], "events": tb.events,
                              "outcome": "failed: " + str(outcome["error"]) if "error" in outcome
                              else "complete"}
