@@ -329,6 +329,14 @@ def supernode_command(superlink: str, socket_path: Path, site: str,
     return cmd
 
 
+def _pass_on(stream, refused: threading.Event) -> None:
+    """Copy the SuperNode's output to ours; set ``refused`` on Flower's refusal line."""
+    for line in stream:
+        print(line, end="", flush=True)
+        if REFUSED_LINE in line:
+            refused.set()
+
+
 def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: str | None = None,
                root_certificates: Path | None = None, auth_key: Path | None = None,
                runtime_port: int | None = None, max_wait: float | None = None,
@@ -376,13 +384,16 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
         while True:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,  # noqa: S603
                                     stderr=subprocess.STDOUT, text=True, errors="replace")
-            refused = False
-            for line in proc.stdout:  # passed on as it comes; the refusal is recognised
-                print(line, end="", flush=True)
-                refused = refused or REFUSED_LINE in line
+            refused = threading.Event()
+            # passed on as it comes, the refusal recognised; in a thread: the SuperNode's own
+            # children (its SuperExec) may hold the pipe open after it exited
+            reader = threading.Thread(target=_pass_on, args=(proc.stdout, refused),
+                                      daemon=True)
+            reader.start()
             code = proc.wait()
+            reader.join(timeout=1.0)
             log.info("site %s: SuperNode exited with code %s", site, code)
-            if not (refused or code == SUPERNODE_CONNECTION_ERROR) or (
+            if not (refused.is_set() or code == SUPERNODE_CONNECTION_ERROR) or (
                     time.monotonic() >= deadline):
                 return code
             log.warning("site %s: the SuperLink refused this SuperNode (exit %d); starting it "
