@@ -125,6 +125,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def processes_under(folder: Path) -> list[int]:
+    """Living processes whose command line names ``folder``, and all their descendants."""
+    mark = str(folder).encode()
+    found = []
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if mark in p.read_bytes() and int(p.parent.name) != os.getpid():
+                found.append(int(p.parent.name))
+        except OSError:
+            continue
+    return sorted({d for pid in found for d in (pid, *descendants(pid))})
+
+
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
     """Send ``sig`` to ``proc``'s process group (it was started in a session of its own)."""
     try:
@@ -338,6 +351,13 @@ class Testbed:
                 if b"flwr" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, FileNotFoundError):
+                pass
+        # what Flower started in sessions of its own (the SuperLink's SuperExec and its
+        # ServerApp outlive a SuperLink stopped mid-run), found by this testbed's folder
+        for pid in processes_under(self.work):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
         for site in self.sites.values():
             site.relay.stop()
