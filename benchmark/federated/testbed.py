@@ -126,12 +126,21 @@ def descendants(pid: int) -> list[int]:
 
 
 def processes_under(folder: Path) -> list[int]:
-    """Living processes whose command line names ``folder``, and all their descendants."""
+    """Living processes whose command line names ``folder``, and all their descendants
+    (neither this process nor its ancestors)."""
     mark = str(folder).encode()
+    mine = {os.getpid()}  # this process and its ancestors (a shell that named the folder)
+    pid = os.getpid()
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            break
+        mine.add(pid)
     found = []
     for p in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if mark in p.read_bytes() and int(p.parent.name) != os.getpid():
+            if mark in p.read_bytes() and int(p.parent.name) not in mine:
                 found.append(int(p.parent.name))
         except OSError:
             continue
