@@ -5,7 +5,7 @@
 | :mod:`privseg.commands` | ``train``, ``privacy``, ``configs``, ``models``, ``bench``, ``data`` |
 | :mod:`privseg.sweeps.cli` | ``sweep``, ``sweep-run``, ``sync``, ``quickstart`` |
 | :mod:`privseg.results.cli` | ``table``, ``plot``, ``reproduce`` |
-| :mod:`privseg.federated.cli` | ``federated simulate / supernode / run / server / site`` |
+| :mod:`privseg.federated.cli` | ``federated simulate/supernode/run/testbed/link-sweep/...`` |
 | :mod:`privseg.audit_cli` | ``audit`` |
 """
 

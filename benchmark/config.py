@@ -176,6 +176,34 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class LinkDown(_Strict):
+    """A window in which a site's link is down (testbed): ``at_s`` seconds after the run was
+    submitted, for ``for_s`` seconds; new connections are refused, open ones stall."""
+
+    at_s: float = Field(ge=0.0, description="seconds after the run was submitted")
+    for_s: float = Field(gt=0.0, description="seconds the link stays down")
+
+
+class LinkProfile(_Strict):
+    """A site's link to the SuperLink in ``privseg federated testbed`` (per direction).
+
+    ``latency_ms``: one-way delay added in each direction (RTT grows by twice it);
+    ``bandwidth_mbit``: rate in each direction (None: unshaped); ``loss``: probability that
+    a packet (netem) or a relayed chunk (userspace relay: a TCP retransmission, delayed by
+    one minimum RTO) is lost; ``down``: windows in which the link is down. A testbed
+    description of the machine, not of the run: not part of the run id.
+    """
+
+    latency_ms: float = Field(0.0, ge=0.0, le=60_000.0)
+    bandwidth_mbit: float | None = Field(None, gt=0.0, le=100_000.0)
+    loss: float = Field(0.0, ge=0.0, lt=1.0)
+    down: list[LinkDown] = Field(default_factory=list)
+
+    def shaped(self) -> bool:
+        """Whether anything about this link differs from an ideal one."""
+        return bool(self.latency_ms or self.bandwidth_mbit or self.loss or self.down)
+
+
 class FederatedConfig(_Strict):
     """Federated training on Flower (``setting.kind: federated``; see privseg.federated).
 
@@ -243,6 +271,9 @@ class FederatedConfig(_Strict):
         "evaluations); a round with fewer answers stops the run with a failed record; "
         "default: every site the round asked. Site-level DP with secure_aggregation always "
         "needs all N")
+    links: dict[str, LinkProfile] | None = Field(
+        None, description="testbed only: link profile per site name (site-A, ...) or "
+        "'default' for every site not named; not part of the run id")
 
     @model_validator(mode="after")
     def _check(self) -> FederatedConfig:
@@ -424,6 +455,8 @@ class RunConfig(_Strict):
         data = self.model_dump(mode="json", exclude={"tracking", "output", "name", "audit"})
         if data["setting"].get("federated") is None:  # central run ids predate the field
             data["setting"].pop("federated", None)
+        else:  # the testbed's link profiles shape the machine, not the run
+            data["setting"]["federated"].pop("links", None)
         if not data["privacy"]["enabled"]:  # no DP noise: its seed determines nothing
             data["privacy"].pop("noise_seed", None)
         for (*path, key), default in _ADDED_LATER.items():  # keep earlier runs' ids

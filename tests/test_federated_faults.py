@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import warnings
 
 import pytest
@@ -155,6 +157,33 @@ def test_refused_supernode_is_started_again_until_max_wait(monkeypatch, tmp_path
     monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
     got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=max_wait)
     assert got == code and len(count.read_text().splitlines()) == starts
+
+
+def test_refusal_recognised_by_flowers_message_whatever_the_exit_status(monkeypatch,
+                                                                        tmp_path):
+    """Flower prints "Exit Code: 305" but the process exits with 1 when its runtime server had
+    started (seen on the testbed: a SuperNode restarted at once after kill -9): still a
+    refusal, started again; another exit 1 is not."""
+    from privseg.federated import supernode
+
+    count = tmp_path / "starts"
+    script = tmp_path / "supernode"  # refused (exit 1 + Flower's line), then a real crash
+    child = tmp_path / "child"  # like Flower's SuperExec: outlives it, holding its output
+    script.write_text(f'#!/bin/sh\necho x >> {count}\n'
+                      f'[ "$(wc -l < {count})" -ge 2 ] && exit 1\n'
+                      f'sleep 600 & echo $! > {child}\n'
+                      'echo "ERROR :     Exit Code: 305"\nexit 1\n')
+    script.chmod(0o755)
+    monkeypatch.setattr(supernode.SiteWorker, "load", staticmethod(lambda *a: IdleWorker()))
+    monkeypatch.setattr(supernode, "supernode_command", lambda *a: [str(script)])
+    monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
+    got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=30.0)
+    assert got == 1 and len(count.read_text().splitlines()) == 2
+    pid = int(child.read_text())
+    try:  # the retry did not wait for the SuperNode's children to close its output
+        os.kill(pid, 0)
+    finally:
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_secure_aggregation_still_refuses_fewer_than_all_sites(monkeypatch, tmp_path):

@@ -12,8 +12,6 @@ give its simulation's record exactly.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import math
 import os
 import signal
@@ -31,6 +29,7 @@ from test_federated import assert_dice_close, secagg_tiny, tiny
 
 from privseg.config import parse_config
 from privseg.dp.ledger import SiteLedger
+from privseg.federated import certs
 from privseg.federated.federation import connection_toml, flower_command, flower_env
 from privseg.federated.simulation import run_federated
 from privseg.federated.supernode import ledger_path
@@ -44,43 +43,7 @@ CLI = [sys.executable, "-c", "from privseg.cli import main; main()", "federated"
 
 def make_certificates(d: Path) -> None:
     """A test CA, the SuperLink's certificate for 127.0.0.1, and EC keys for four sites."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    d.mkdir(parents=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
-
-    def cert(subject, issuer, key, sign_key, extensions):
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(valid[0]).not_valid_after(valid[1]))
-        for ext, critical in extensions:
-            b = b.add_extension(ext, critical=critical)
-        return b.sign(sign_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "privseg test CA")])
-    ca = cert(ca_name, ca_name, ca_key, ca_key,
-              [(x509.BasicConstraints(ca=True, path_length=None), True)])
-    key = ec.generate_private_key(ec.SECP384R1())
-    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name,
-                  key, ca_key, [(x509.SubjectAlternativeName([
-                      x509.DNSName("localhost"),
-                      x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)])
-    pem = serialization.Encoding.PEM
-    (d / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (d / "server.pem").write_bytes(server.public_bytes(pem))
-    (d / "server.key").write_bytes(key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    for name in (*SITES, "X"):  # what `ssh-keygen -t ecdsa -b 384` makes
-        k = ec.generate_private_key(ec.SECP384R1())
-        (d / f"site-{name}").write_bytes(k.private_bytes(
-            pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        (d / f"site-{name}.pub").write_bytes(k.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    certs.make_certificates(d, (*SITES, "X"))
 
 
 def svt_tiny(work: Path) -> dict:

@@ -182,6 +182,9 @@ def serve_federation(grid: Grid, context: Context) -> None:
     output = str(rc.get(OUTPUT_KEY) or cfg.output.dir)
     seed_everything(cfg.seed)
     server = make_server(cfg, n_sites)
+    if timeout:  # a site gone from the federation is awaited no longer than a round's deadline
+        manager = server.client_manager()
+        manager.absent_wait_s = min(manager.absent_wait_s, timeout)
     counting = CountingGrid(grid)
     t0 = time.perf_counter()
     transport = {"runtime": "flower-superlink", "flower_run_id": int(context.run_id),

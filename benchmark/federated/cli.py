@@ -168,9 +168,11 @@ def supernode(
         privseg federated supernode study.yaml --site site-A --superlink hub:9092
         --data /data/feta --ca-cert ca.pem --auth-key site-A.key --budget-epsilon 10
     """
+    from privseg.cli_common import show_info_logs
     from privseg.federated.supernode import serve_site
 
     configs = [_load(c, set_) for c in config]
+    show_info_logs()  # the site's log: data loaded, ledger, each message answered
     try:
         code = serve_site(configs, name, superlink, data, ca_cert, auth_key, runtime_port,
                           max_wait, budget_epsilon, budget_delta, allow_reproducible_noise,
@@ -239,3 +241,141 @@ def run_cmd(
     p = record["privacy"]
     typer.echo(f"run {record['run_id']}: test mean Dice "
                f"{record['test'].get('mean_dice', float('nan')):.4f}  privacy: {p['guarantee']}")
+
+
+@app.command()
+def testbed(
+    config: Annotated[str, typer.Argument(help="federated run config (YAML file); its "
+                                               "setting.federated.links shapes each site's link")],
+    sites: Annotated[int, typer.Option(help="number of sites (the config's partition's)")] = 3,
+    workdir: Annotated[Path | None, typer.Option(
+        help="folder for the testbed's logs, certificates and SuperLink database "
+        "(default: a new temporary one, removed afterwards)")] = None,
+    fault: Annotated[list[str] | None, typer.Option(
+        help="fault to inject, KIND[:SITE]@ROUND[+SECONDS]: kill:site-B@2, "
+        "restart:site-B@2+0, linkdown:site-B@2+20, straggle:site-C@2+40, superlink@2+5")]
+    = None,
+    netns: Annotated[bool, typer.Option(
+        help="sites in network namespaces when root (--no-netns: loopback relays only)")]
+    = True,
+    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    max_wait: Annotated[float, typer.Option(
+        help="a SuperNode retries its activation this long (s)")] = 300.0,
+    lost_wait: Annotated[float, typer.Option(
+        help="seconds to await the record when the SuperLink was lost")] = 600.0,
+    output: Annotated[str | None, typer.Option(help="record folder (default output.dir)")]
+    = None,
+    pacs: Annotated[bool, typer.Option(
+        help="one Orthanc per site (in its namespace) holding the config's data set as DICOM "
+             "MR + SEG; the sites read their subjects from it over DICOMweb")] = False,
+) -> None:
+    """Run the federation on this machine: SuperLink, one SuperNode per site, shaped links.
+
+    Each site in its own network namespace (root) behind a userspace relay that shapes what
+    the kernel does not and counts the bytes on the link; prints which mechanism shapes what;
+    the record gets links (bytes and times per round per site) and testbed (faults) sections.
+    Everything started is stopped on exit and on Ctrl-C.
+
+    Example:  privseg federated testbed study.yaml --sites 3 --fault kill:site-B@2
+    """
+    import signal
+    import tempfile
+
+    from privseg.federated.testbed import Fault, run_testbed
+
+    if not Path(config).is_file():
+        fail(f"{config}: the testbed needs a config file (its SuperNodes load it)")
+    cfg = _load(config, None)
+    try:
+        faults = [Fault.parse(f) for f in fault or []]
+    except ConfigError as e:
+        fail(str(e))
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="privseg-tb-")
+    try:
+        record = run_testbed(cfg, Path(config).resolve(), sites,
+                             Path(workdir or tmp.name), faults=faults, use_netns=netns,
+                             round_timeout=round_timeout, max_wait=max_wait,
+                             lost_wait=lost_wait,
+                             output_dir=Path(output) if output else None, log=typer.echo,
+                             pacs=pacs)
+    except (ConfigError, RuntimeError, FileNotFoundError, ValueError) as e:
+        fail(str(e), code=1)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    for r in record["links"]["per_round"]:
+        per = "; ".join(f"{s} ↑{v['bytes_up']} ↓{v['bytes_down']} B, last byte up "
+                        + (f"{v['last_up_s']:.2f} s" if v["last_up_s"] is not None else "none")
+                        for s, v in r["sites"].items())
+        typer.echo(f"round {r['round']}: {r['wall_s']:.2f} s; {per}")
+    missed = [(h["round"], m["site"]) for h in record["history"] for m in h.get("missed", [])]
+    if missed:
+        typer.echo("missed: " + ", ".join(f"{s} in round {r}" for r, s in missed))
+    typer.echo(f"run {record['run_id']}: {record['status']}; test mean Dice "
+               f"{record['test'].get('mean_dice', float('nan')):.4f}; ε per site "
+               f"{record['privacy'].get('epsilon_per_site')}")
+
+
+@app.command("link-sweep")
+def link_sweep_cmd(
+    config: Annotated[str, typer.Argument(help="federated run config (YAML file or built-in)")],
+    bandwidths: Annotated[list[str], typer.Option(
+        help="one testbed run's per-site bandwidths in Mbit/s, comma-separated, one per site "
+             "in site order ('none': unshaped); repeat for more runs")],
+    fractions: Annotated[str, typer.Option(help="share_fraction values, comma-separated")]
+    = "1,0.1",
+    latency_ms: Annotated[float, typer.Option(help="one-way latency of every link")] = 0.0,
+    out: Annotated[Path, typer.Option(help="folder for the CSV and the figure")]
+    = Path("results/links"),
+    workdir: Annotated[Path | None, typer.Option(help="testbed folders (default: temporary)")]
+    = None,
+    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    netns: Annotated[bool, typer.Option(help="sites in network namespaces when root")] = True,
+    set_: SetOpt = None,
+) -> None:
+    """Round time vs bandwidth on the testbed, full vs partial sharing: a CSV and a figure.
+
+    Rows are appended to an existing CSV in --out, so a sweep can grow by invocations.
+
+    Example:  privseg federated link-sweep phantom2d-federated --bandwidths none,8,2
+    --bandwidths 1,0.5,0.25 --fractions 1,0.1
+    """
+    import tempfile
+
+    from privseg.federated.link_sweep import link_sweep, plot_link_sweep
+
+    cfg = _load(config, set_)
+    sites = sorted({f"site-{chr(65 + i)}" for i in range(len(bandwidths[0].split(",")))})
+
+    def parse(text: str) -> dict[str, float | None]:
+        vals = [None if v.strip() == "none" else float(v) for v in text.split(",")]
+        if len(vals) != len(sites):
+            fail(f"--bandwidths {text}: {len(vals)} values for {len(sites)} sites")
+        return dict(zip(sites, vals, strict=True))
+
+    sets = [parse(b) for b in bandwidths]
+    tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="privseg-ls-")
+    try:
+        df = link_sweep(cfg.model_dump(mode="json"), sets,
+                        [float(f) for f in fractions.split(",")], Path(workdir or tmp.name),
+                        latency_ms=latency_ms, use_netns=netns, round_timeout=round_timeout,
+                        log=typer.echo)
+    except (ConfigError, RuntimeError, ValueError) as e:
+        fail(str(e), code=1)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "round-time-vs-bandwidth.csv"
+    if csv.exists():  # points of earlier invocations are kept: the sweep grows
+        import pandas as pd
+
+        df = pd.concat([pd.read_csv(csv), df], ignore_index=True)
+    df.to_csv(csv, index=False)
+    typer.echo(f"wrote {out / 'round-time-vs-bandwidth.csv'} and "
+               f"{plot_link_sweep(df, out / 'round-time-vs-bandwidth.png')}")

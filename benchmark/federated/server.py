@@ -364,6 +364,7 @@ class RecordingStrategy(Strategy):
         ins = self.strategy.configure_fit(server_round, parameters, client_manager)
         row = self._round(server_round)
         row["t_start"] = time.perf_counter()
+        row["started_at"] = time.time()  # wall clock: the testbed's link counters use it
         self.site_of = getattr(client_manager, "site_of", {})
         absent = list(getattr(client_manager, "absent", []))
         row["asked"] = sorted([self.site_of.get(p.cid, p.cid) for p, _ in ins] + absent)
@@ -506,6 +507,7 @@ class RecordingStrategy(Strategy):
                 a.astype(dt, copy=False) for a, dt in
                 zip(parameters_to_ndarrays(params), self.param_dtypes, strict=True)])
         row["fit_s"] = time.perf_counter() - row.pop("t_start")
+        row["ended_at"] = time.time()
         return params, {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -532,6 +534,7 @@ class RecordingStrategy(Strategy):
         row["val_per_site"] = {s: m["mean_dice"] for s, m in per_site.items()}
         # all the sites' validation subjects, or a subset before the last round (val_subjects)
         row["val_n_subjects"] = sum(int(m.get("n_subjects", 0)) for m in per_site.values())
+        row["ended_at"] = time.time()
         return None, {}
 
     def _collect_eval(self, results) -> dict[str, dict]:
@@ -792,7 +795,7 @@ class FederatedServer(Server):
         for r in self.recorder.rounds:
             row = {"round": r["round"], "sites": r["sites"], "fit_s": r.get("fit_s")}
             for k in ("missed", "missed_eval", "train_loss", "val_mean_dice", "val_per_site",
-                      "val_n_subjects"):
+                      "val_n_subjects", "started_at", "ended_at"):
                 if k in r:
                     row[k] = r[k]
             eps = {s: m["epsilon"] for s, m in r.get("site_metrics", {}).items()

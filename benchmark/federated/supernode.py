@@ -58,6 +58,9 @@ log = logging.getLogger("privseg")
 #: status carries modulo 256): a SuperLink refuses a quick re-activation of a restarted node
 #: until its heartbeat expires
 SUPERNODE_CONNECTION_ERROR = 305 % 256
+#: what Flower prints for that refusal: its exit status is not always 305 % 256 (when the
+#: SuperNode's runtime server already started it shuts that down and exits with 1)
+REFUSED_LINE = "Exit Code: 305"
 #: seconds between a refused SuperNode's exit and its next start
 ACTIVATION_RETRY_S = 5.0
 
@@ -66,13 +69,18 @@ WORKER_ERROR_CODE = 0
 
 
 def agreement_id(cfg: RunConfig) -> str:
-    """The run id of ``cfg`` without machine-local paths (data root, cache, device).
+    """The run id of ``cfg`` without machine-local paths (data root, cache, device, a PACS's
+    address).
 
     Two parties with the same agreement id run the same model, rounds, local steps, seed and
     privacy target; only where each keeps its files (and which device it computes on) differs.
     """
+    dataset = {"root": None, "cache_dir": None}
+    if cfg.dataset.name == "pacs":  # each site's own PACS: its address is machine-local
+        dataset["options"] = {k: v for k, v in dict(cfg.dataset.options).items()
+                              if k != "url"}
     local = cfg.model_copy(update={
-        "dataset": cfg.dataset.model_copy(update={"root": None, "cache_dir": None}),
+        "dataset": cfg.dataset.model_copy(update=dataset),
         "training": cfg.training.model_copy(update={"device": "cpu"})})
     return local.run_id()
 
@@ -293,6 +301,8 @@ class SiteWorker:
 
     def handle(self, msg: Message, context: Context) -> Message:
         """Answer one message (Flower's ``ClientApp`` call) with this site's state."""
+        log.info("site %s: run %s: %s message of round %s", self.site, context.run_id,
+                 msg.metadata.message_type, msg.metadata.group_id or "-")
         with self.lock:
             try:
                 run = self._site_run(context,
@@ -359,6 +369,14 @@ def supernode_command(superlink: str, socket_path: Path, site: str,
     return cmd
 
 
+def _pass_on(stream, refused: threading.Event) -> None:
+    """Copy the SuperNode's output to ours; set ``refused`` on Flower's refusal line."""
+    for line in stream:
+        print(line, end="", flush=True)
+        if REFUSED_LINE in line:
+            refused.set()
+
+
 def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: str | None = None,
                root_certificates: Path | None = None, auth_key: Path | None = None,
                runtime_port: int | None = None, max_wait: float | None = None,
@@ -405,10 +423,19 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
     proc = None
     try:
         while True:
-            proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own argument list
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,  # noqa: S603
+                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+            refused = threading.Event()
+            # passed on as it comes, the refusal recognised; in a thread: the SuperNode's own
+            # children (its SuperExec) may hold the pipe open after it exited
+            reader = threading.Thread(target=_pass_on, args=(proc.stdout, refused),
+                                      daemon=True)
+            reader.start()
             code = proc.wait()
+            reader.join(timeout=1.0)
             log.info("site %s: SuperNode exited with code %s", site, code)
-            if code != SUPERNODE_CONNECTION_ERROR or time.monotonic() >= deadline:
+            if not (refused.is_set() or code == SUPERNODE_CONNECTION_ERROR) or (
+                    time.monotonic() >= deadline):
                 return code
             log.warning("site %s: the SuperLink refused this SuperNode (exit %d); starting it "
                         "again in %g s (until --max-wait)", site, code, ACTIVATION_RETRY_S)

@@ -1,0 +1,137 @@
+"""The testbed end to end: one federation on this machine, a shaped link and a site killed.
+
+``privseg federated testbed`` runs as an operator would run it (a subprocess): a SuperLink,
+three SuperNodes (each in its own network namespace when root, else on loopback), one relay per
+site. Site A's link is shaped (100 ms each way, 0.5 Mbit/s); site B is killed (kill -9, its
+whole process group) when its round-2 training message arrives, with ``min_fit_sites: 2``;
+site C's link is ideal. Checked: the run completes; the record names B's missed round 2; A's
+and C's ε are those of all their steps (an independent accountant's), unchanged by the fault;
+A's measured times respect the bounds its profile and its measured bytes imply, and its link
+never carried more than its bandwidth while C's did; nothing is left behind (processes,
+namespaces, interfaces).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_federated import dp_accounting_epsilon, tiny
+
+from privseg.federated import netns
+from privseg.federated.federation import flower_env
+from privseg.federated.relay import CHUNK
+from privseg.record import read_record
+
+pytestmark = pytest.mark.slow
+
+LATENCY_MS, MBIT = 100.0, 0.5
+ROUNDS, LOCAL_STEPS = 3, 2
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of living processes that contain ``text``."""
+    out = []
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = p.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd and str(os.getpid()) != p.parent.name:
+            out.append(cmd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def testbed_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("testbed")
+    d = tiny(work, rounds=ROUNDS, local_steps=LOCAL_STEPS, min_fit_sites=2)
+    d["setting"]["federated"]["links"] = {"site-A": {"latency_ms": LATENCY_MS,
+                                                     "bandwidth_mbit": MBIT}}
+    cfg = work / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    proc = subprocess.run(
+        [sys.executable, "-c", "from privseg.cli import main; main()", "federated", "testbed",
+         str(cfg), "--sites", "3", "--workdir", str(work / "tb"), "--round-timeout", "45",
+         "--fault", "kill:site-B@2"],
+        capture_output=True, text=True, timeout=900, env=flower_env(OMP_NUM_THREADS="1"))
+    from privseg.config import parse_config
+
+    record = read_record(Path(d["output"]["dir"]) / parse_config(d).run_id())
+    return proc, record, work
+
+
+def test_testbed_completes_and_names_the_missed_round(testbed_run):
+    proc, record, _ = testbed_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "userspace relay" in proc.stdout  # the mechanism line
+    assert "site-B in round 2" in proc.stdout
+    h = record["history"]
+    # B never comes back: round 3 goes on without it too
+    assert [r["sites"] for r in h] == [["site-A", "site-B", "site-C"], ["site-A", "site-C"],
+                                       ["site-A", "site-C"]]
+    (miss,) = h[1]["missed"]
+    assert miss["site"] == "site-B"
+    assert record["testbed"]["events"][0]["what"].startswith("site-B killed")
+    p = record["privacy"]
+    for s in ("site-A", "site-C"):  # every step they took, as without the fault
+        assert p["steps_per_site"][s] == ROUNDS * LOCAL_STEPS
+        assert p["epsilon_per_site"][s] == pytest.approx(dp_accounting_epsilon(
+            p["noise_multiplier_per_site"][s], p["sample_rate_per_site"][s],
+            ROUNDS * LOCAL_STEPS, p["delta_per_site"][s]), rel=1e-6)
+    assert p["steps_per_site"]["site-B"] == LOCAL_STEPS  # round 1 only
+
+
+def test_shaped_link_round_times_follow_its_profile(testbed_run):
+    _, record, _ = testbed_run
+    links = record["links"]
+    rate = MBIT * 1e6 / 8
+    burst = CHUNK + max(1600, rate * 0.01)  # the relay's chunk; tbf's bucket when it shapes
+    assert links["profiles"]["site-A"]["bandwidth_mbit"] == MBIT
+    for r in links["per_round"]:
+        a = r["sites"]["site-A"]
+        assert a["bytes_down"] > 0 and a["bytes_up"] > 0
+        # the bytes the site sent in the round crossed a link of `rate`, after the round's
+        # instruction came down and before its answer went up: two one-way delays
+        bound = max(2 * LATENCY_MS / 1000, (a["bytes_up"] - burst) / rate)
+        assert a["last_up_s"] >= bound
+        assert r["wall_s"] >= a["last_up_s"]
+        for s in ("site-A", "site-C"):  # the wire carries at least the model both ways
+            assert r["sites"][s]["bytes_down"] >= record["federated"]["parameter_payload_bytes"]
+
+
+def _peak_excess(transfers: list[tuple[float, int]], rate: float) -> float:
+    """max over spans of (bytes delivered after the span's first chunk − rate × span)."""
+    ts = [t for t, _ in transfers]
+    sums = [0, *itertools.accumulate(n for _, n in transfers)]
+    worst = 0.0
+    for i, t0 in enumerate(ts):
+        for j in range(i + 1, min(len(ts), bisect.bisect_right(ts, t0 + 5.0))):
+            worst = max(worst, sums[j + 1] - sums[i + 1] - rate * (ts[j] - t0))
+    return worst
+
+
+def test_shaped_link_never_carried_more_than_its_bandwidth(testbed_run):
+    _, record, _ = testbed_run
+    rate = MBIT * 1e6 / 8
+    wire = record["links"]["transfers"]
+    excess = {(s, d): _peak_excess([(t, n) for t, n in wire[s][d]], rate)
+              for s in ("site-A", "site-C") for d in ("up", "down")}
+    for d in ("up", "down"):  # the relay's chunk; tbf's bucket when the kernel shapes
+        assert excess["site-A", d] <= CHUNK + max(1600, rate * 0.01) + 1
+    # C's updates went up in bursts faster than A's bandwidth, which A's never did
+    assert excess["site-C", "up"] > excess["site-A", "up"]
+
+
+def test_testbed_leaves_nothing_behind(testbed_run):
+    _, record, work = testbed_run
+    assert processes_mentioning(str(work)) == []
+    prefix = record["testbed"]["namespace_prefix"]  # this testbed's (others may be running)
+    assert prefix.startswith(netns.PREFIX) and len(prefix) > len(netns.PREFIX)
+    assert netns.leftovers(prefix[len(netns.PREFIX):]) == []
