@@ -13,17 +13,10 @@ measured is what training runs. A mode may name the conv grad sampler (``privacy
 conv_grad_sampler``, see :mod:`privseg.dp.grad_samplers`): ``hooks+opacus`` is hooks with Opacus'
 own conv sampler, ``ghost+grouped`` ghost clipping with the grouped sampler and mixed ghost
 norm; a bare ``hooks``/``ghost`` uses the config default. Peak memory is measured per mode in a
-separate pass after the timed steps, as the growth during one step over what was allocated
-before it: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process' peak resident set
-(Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after returning freed heap to the
-system with ``malloc_trim``), else the resident set sampled every 2 ms (approximate). On CPU
-with glibc the memory pass first fixes malloc's mmap threshold at 128 KiB: glibc raises that
-threshold each time a large block is freed, after which large tensors come from the heap and
-their freed pages stay resident, so the peak resident set depended on what ran before (measured
-±20 % between identical runs); with it fixed, every tensor above 128 KiB is its own mapping,
-returned when freed, and the peak resident set follows the peak of live tensors (identical
-across runs). The timed steps run before, under malloc's default behaviour; the threshold stays
-fixed for the rest of the process.
+separate pass, as the growth during one step over what was allocated before it:
+``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process' peak resident set (Linux
+``VmHWM``, reset through ``/proc/self/clear_refs`` after returning freed heap to the system with
+``malloc_trim``), else the resident set sampled every 2 ms (approximate).
 """
 
 from __future__ import annotations
@@ -142,19 +135,6 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-#: glibc's ``mallopt`` parameter for the mmap threshold
-_M_MMAP_THRESHOLD = -3
-
-
-def _fix_mmap_threshold() -> bool:
-    """Serve every allocation above 128 KiB by its own mapping (glibc), so that freed tensors
-    leave the resident set at once (see the module doc); False where unsupported."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024))
-    except (OSError, AttributeError):
-        return False
-
-
 def _reset_cpu_peak() -> bool:
     """Return freed heap to the OS and reset the peak-RSS mark; False where unsupported."""
     with contextlib.suppress(OSError, AttributeError):
@@ -252,6 +232,7 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    memory = {r.mode: _peak_memory(lambda r=r: step(r), dev) for r in runners}
     times: dict[str, list[float]] = {r.mode: [] for r in runners}
     for i in range(warmup + steps):
         for r in runners:
@@ -259,9 +240,6 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
             step(r)
             if i >= warmup:
                 times[r.mode].append(time.perf_counter() - t0)
-    if dev.type == "cpu":
-        _fix_mmap_threshold()
-    memory = {r.mode: _peak_memory(lambda r=r: step(r), dev) for r in runners}
     results = {}
     for r in runners:
         med = statistics.median(times[r.mode])
