@@ -160,11 +160,14 @@ class PrivacyConfig(_Strict):
     auto_clip_gamma: float = Field(0.01, gt=0.0, description="automatic clipping's γ")
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: GradSampleMode = "hooks"
-    conv_grad_sampler: Literal["opacus", "grouped"] = Field(
-        "grouped", exclude=True,
+    conv_grad_sampler: Literal["opacus", "grouped", "bookkeeping"] = Field(
+        "bookkeeping", exclude=True,
         description="per-sample conv gradients (hooks) and norms (ghost): Opacus' unfold "
-        "sampler, or privseg.dp.grad_samplers' grouped-conv sampler + mixed ghost norm; exact "
-        "either way, so excluded from dumps and the run id",
+        "sampler, privseg.dp.grad_samplers' grouped-conv sampler + mixed ghost norm, or "
+        "bookkeeping = grouped, except that (hooks mode) layers where the ghost norm is cheaper "
+        "keep input and output gradient instead of per-sample gradients and add their clipped "
+        "sum as one weight gradient (privseg.dp.bookkeeping, Bu et al. 2023); exact every way, "
+        "so excluded from dumps and the run id",
     )
 
     @model_validator(mode="after")

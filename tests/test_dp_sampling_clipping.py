@@ -5,6 +5,7 @@ import pytest
 import torch
 from spine_helpers import TINY_PHANTOM, tiny_config
 
+import privseg.dp.grad_samplers as gsamp
 from privseg.architectures import build
 from privseg.datasets import load_dataset
 from privseg.datasets.augment import view_augmentation
@@ -76,15 +77,26 @@ def _clipped_sum(grads_per_unit, clip, clipping="flat"):
     return total, norms
 
 
-@pytest.mark.parametrize("k,mode,physical,augment,clipping", [
-    (1, "hooks", 4, None, "flat"), (3, "hooks", 2, None, "flat"),
-    (3, "functorch", 4, None, "flat"), (1, "ghost", 2, None, "flat"),
-    (4, "hooks", 2, AUGMENT, "flat"), (3, "hooks", 2, None, "automatic"),
-    (2, "functorch", 4, AUGMENT, "automatic")])
-def test_each_subject_contributes_one_clipped_gradient(tmp_path, k, mode, physical, augment,
-                                                       clipping):
+def _book_keep_every_conv(monkeypatch) -> None:
+    """Every conv weight book-kept (privseg.dp.bookkeeping), not only where it is cheaper."""
+    monkeypatch.setattr(gsamp, "defer_weight", lambda layer, positions: True)
+
+
+@pytest.mark.parametrize("k,mode,physical,augment,clipping,book_keep_all", [
+    (1, "hooks", 4, None, "flat", False), (3, "hooks", 2, None, "flat", False),
+    (3, "functorch", 4, None, "flat", False), (1, "ghost", 2, None, "flat", False),
+    (4, "hooks", 2, AUGMENT, "flat", False), (3, "hooks", 2, None, "automatic", False),
+    (2, "functorch", 4, AUGMENT, "automatic", False), (1, "hooks", 4, None, "flat", True),
+    (3, "hooks", 2, None, "flat", True), (4, "hooks", 2, AUGMENT, "automatic", True)])
+def test_each_subject_contributes_one_clipped_gradient(tmp_path, monkeypatch, k, mode, physical,
+                                                       augment, clipping, book_keep_all):
     """The update is the (flat or automatic) clipped sum of per-subject gradients computed
-    one subject at a time: per-sample gradients exact, clipping after them (invariants 1, 4)."""
+    one subject at a time: per-sample gradients exact, clipping after them (invariants 1, 4).
+    ``book_keep_all``: every conv weight's norms and clipped sum come from book-keeping
+    (the tiny U-Net has no layer where it is cheaper), so each subject's norm over its k
+    crops and its factor on its own gradient are checked there too."""
+    if book_keep_all:
+        _book_keep_every_conv(monkeypatch)
     _, _, train, ref = _setup(tmp_path, k=k, mode=mode, physical=physical, augment=augment)
     torch.manual_seed(1)
     items = [train[i] for i in range(5)]
@@ -137,8 +149,8 @@ def test_empty_poisson_batch_is_a_noise_only_step(tmp_path):
     assert sum(n for _, _, n in state.accountant.history) == 1  # and the step was accounted
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
-def test_bf16_autocast_keeps_the_clipping_bound_exact(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "hooks-book-keep-all"])
+def test_bf16_autocast_keeps_the_clipping_bound_exact(tmp_path, monkeypatch, mode):
     """Under bf16 autocast one subject's clipped contribution has norm C to fp32 precision.
 
     Without upcasting its bf16 per-sample gradient first, Opacus would take the norm in bf16
@@ -146,6 +158,9 @@ def test_bf16_autocast_keeps_the_clipping_bound_exact(tmp_path, mode):
     sensitivity the accountant assumes.
     """
     clip = 0.01
+    if mode == "hooks-book-keep-all":  # bf16 input and output gradients, fp32 norms and sum
+        _book_keep_every_conv(monkeypatch)
+        mode = "hooks"
     cfg, state, train, _ = _setup(tmp_path, mode=mode, clip=clip, batch=1, physical=1)
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"amp": True})})
     state.model.float()

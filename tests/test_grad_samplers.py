@@ -23,6 +23,7 @@ from privseg.config import parse_config
 from privseg.dp.exactness import per_sample_grad_error, reference_grads
 from privseg.dp.grad_samplers import (
     active_conv_samplers,
+    bookkeeping_conv_grad_sample,
     conv_samplers,
     ghost_conv_weight_norm,
     grouped_conv_grad_sample,
@@ -162,15 +163,16 @@ def test_unknown_sampler_is_an_error():
 
 def test_engine_uses_configured_sampler_and_run_id_ignores_it():
     cfg = _config("hooks", 2, "cpu", False)
-    assert cfg.privacy.conv_grad_sampler == "grouped"
-    opa = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
-        update={"conv_grad_sampler": "opacus"})})
-    assert opa.run_id() == cfg.run_id()
+    assert cfg.privacy.conv_grad_sampler == "bookkeeping"
+    opa, grp = (cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
+        update={"conv_grad_sampler": kind})}) for kind in ("opacus", "grouped"))
+    assert opa.run_id() == cfg.run_id() == grp.run_id()
     assert "conv_grad_sampler" not in cfg.model_dump()["privacy"]
     with pytest.raises(ValueError, match="conv_grad_sampler"):
         parse_config({"privacy": {"conv_grad_sampler": "unfold"}})
     data = _FixedBatch(2, (8, 8), 2)
-    for c, want in ((cfg, grouped_conv_grad_sample), (opa, compute_conv_grad_sample)):
+    for c, want in ((cfg, bookkeeping_conv_grad_sample), (grp, grouped_conv_grad_sample),
+                    (opa, compute_conv_grad_sample)):
         state = prepare_training(c, build("unet", 2, 1, 2, base_channels=4, depth=2), data,
                                  torch.device("cpu"))
         assert state.model.GRAD_SAMPLERS[nn.Conv2d] is want

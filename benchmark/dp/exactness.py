@@ -18,8 +18,11 @@ from opacus.grad_sample import (
 )
 from torch import nn
 
+from privseg.dp.bookkeeping import DeferredConvGrad
 from privseg.dp.functional_step import per_subject_grads
 from privseg.dp.grad_sample_module import LeanGradSampleModule
+from privseg.dp.grad_samplers import prepare_module
+from privseg.dp.optimizer import FlatDPOptimizer
 
 MODES = ("hooks", "functorch", "ew", "ghost")
 #: per-sample paths outside Opacus' grad-sample modes, checked the same way
@@ -84,7 +87,7 @@ def opacus_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         value = getattr(p, "_norm_sample" if mode == "ghost" else "grad_sample", None)
         if value is None:
             raise ValueError(f"opacus ({mode}) computed no per-sample gradient for {n}")
-        out[n] = value.detach()
+        out[n] = value.materialize() if isinstance(value, DeferredConvGrad) else value.detach()
     return out
 
 
@@ -123,3 +126,42 @@ def per_sample_grad_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mo
         total_err = (got_total_sq.sqrt() - ref_total).abs() / ref_total
         worst = max(worst, float(total_err.max()))
     return worst
+
+
+def clipped_sum_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      reference: PerSampleGrads | None = None, conv_sampler: str = "bookkeeping",
+                      floor: float = 1e-6) -> tuple[float, int]:
+    """Max relative error of the engine's clipped sum vs the clipped sum of exact gradients.
+
+    The engine's path: hooks mode with ``conv_sampler`` (default: book-keeping, whose
+    per-sample weight gradients are never instantiated, so only their clipped sum can be
+    compared) and :class:`~privseg.dp.optimizer.FlatDPOptimizer`'s clipping pass, σ = 0. The
+    reference: one-at-a-time autograd gradients r_i, clipped flat (Abadi et al. 2016) with
+    ``min(1, C/(‖r_i‖ + 1e-6))``, C the median of the ‖r_i‖ (some samples clipped, some not),
+    summed. Per parameter: ``‖s_p − e_p‖ / max(‖e_p‖, floor·‖e‖)``. Also returns how many
+    weights were book-kept (so that a caller can tell the book-keeping branch ran).
+    """
+    ref = reference if reference is not None else reference_grads(model, x, y)
+    b = x.shape[0]
+    norms = torch.sqrt(sum(r.reshape(b, -1).pow(2).sum(1) for r in ref.values()))
+    clip = float(norms.median())
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = {n: torch.einsum("i,i...->...", factor, r) for n, r in ref.items()}
+    wrapped = prepare_module(copy.deepcopy(model).train(), "hooks", conv_sampler,
+                             batch_first=True, loss_reduction="sum")
+    opt = FlatDPOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.0), noise_multiplier=0.0,
+                          max_grad_norm=clip, expected_batch_size=b, loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        per_sample_loss(wrapped(x), y).sum().backward()
+    named = [(n, p) for n, p in wrapped._module.named_parameters() if p.requires_grad]
+    kept = sum(isinstance(p.grad_sample, DeferredConvGrad) for _, p in named)
+    opt.clip_and_accumulate()
+    opt.add_noise()  # σ = 0: p.grad is the clipped sum
+    total = torch.sqrt(sum(e.pow(2).sum() for e in expected.values()))
+    worst = 0.0
+    for n, p in named:
+        e = expected[n]
+        denom = max(float(e.norm()), floor * float(total))
+        worst = max(worst, float((p.grad.to(e.dtype) - e).norm()) / denom)
+    return worst, kept

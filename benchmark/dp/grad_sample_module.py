@@ -39,10 +39,20 @@ def store_grad_sample(param: nn.Parameter, grad_sample: torch.Tensor, max_batch_
     Safe: the parameter is used once in this forward (``_forward_counter == 1``, so nothing
     will be added to it in place), the result covers the whole batch, and it owns its memory
     (no storage shared with the hook's inputs, which autograd may still use). Otherwise
-    Opacus' ``create_or_accumulate_grad_sample`` (zero buffer, copy or in-place sum).
+    Opacus' ``create_or_accumulate_grad_sample`` (zero buffer, copy or in-place sum). A
+    book-kept gradient (:class:`privseg.dp.bookkeeping.DeferredConvGrad`) is kept under the same
+    conditions, else instantiated first.
     """
     if not param.requires_grad:
         return
+    if not isinstance(grad_sample, torch.Tensor):
+        # a book-kept gradient (privseg.dp.bookkeeping.DeferredConvGrad): kept as it is where
+        # the tensor would be, otherwise instantiated and stored as any other
+        if (not hasattr(param, "_current_grad_sample") and param._forward_counter == 1
+                and len(grad_sample) == max_batch_len):
+            param._current_grad_sample = grad_sample
+            return
+        grad_sample = grad_sample.materialize()
     if (not hasattr(param, "_current_grad_sample") and param._forward_counter == 1
             and grad_sample.shape[0] == max_batch_len
             and not _shares_storage(grad_sample, inputs)):

@@ -5,7 +5,7 @@ Opacus' own conv grad sampler (``opacus.grad_sample.conv``) unfolds the layer in
 gradient; in ghost (fast-clipping) mode it has no norm sampler for convolutions, so every conv
 layer instantiates that per-sample gradient to take its norm.
 
-Here, two replacements, registered through Opacus' extension points
+Here, replacements registered through Opacus' extension points
 (``register_grad_sampler`` / ``register_norm_sampler``):
 
 * :func:`grouped_conv_grad_sample` -- per-sample weight gradients as the *weight gradient of a
@@ -24,6 +24,13 @@ Here, two replacements, registered through Opacus' extension points
   ~ B·T²·(C_in·k^d + C_out), good where T is small, e.g. at a U-Net bottleneck) and
   instantiation (the grouped per-sample gradient, normed and freed at once: cost ~
   B·T·C_in·k^d·C_out), whichever costs fewer multiply-adds (:func:`use_ghost_norm`).
+* :func:`bookkeeping_conv_grad_sample` -- the grouped sampler, except that the weights of layers
+  where the ghost norm is cheaper stay un-instantiated (:mod:`privseg.dp.bookkeeping`, Bu et
+  al. 2023): their norms come from Gram matrices and their clipped sum from one weight gradient
+  at the optimizer's clipping pass. The default.
+
+The shared arithmetic (padding, the grouped weight-grad call, unfolding, the cost model) is in
+:mod:`privseg.dp.conv_math`.
 
 Where Opacus looks them up: ``GradSampleHooks.capture_backprops_hook`` reads
 ``self.GRAD_SAMPLERS[type(module)]`` (and the fast-clipping hooks ``self.NORM_SAMPLERS``) at
@@ -40,13 +47,11 @@ process installs. Modes that bypass the registries (``functorch``, ``ew``) are u
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from opacus.grad_sample import (
     GradSampleHooks,
     GradSampleHooksFastGradientClipping,
@@ -58,55 +63,30 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from torch import nn
 
+from privseg.dp.bookkeeping import DeferredConvGrad, defer_weight
+from privseg.dp.conv_math import (
+    ConvNd,
+    per_sample_conv_weight_grad,
+    positions_of,
+    unfold_input,
+    use_ghost_norm,
+)
 from privseg.dp.grad_sample_module import LeanGradSampleModule
 
-ConvSampler = Literal["opacus", "grouped"]
-CONV_SAMPLERS: tuple[str, ...] = ("opacus", "grouped")
+ConvSampler = Literal["opacus", "grouped", "bookkeeping"]
+CONV_SAMPLERS: tuple[str, ...] = ("opacus", "grouped", "bookkeeping")
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-_ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
 # --- per-sample gradients ------------------------------------------------------------------
-
-
-def _padded_input(layer: _ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The input and the padding to give the kernel: string or non-zero padding is applied here.
-
-    ``padding='same'`` may be asymmetric and ``padding_mode`` other than zeros pads with
-    reflection etc.; the layer's forward pads its input with ``_reversed_padding_repeated_twice``
-    then, and so does this (Opacus' sampler zero-pads, which is wrong for those layers).
-    """
-    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-        return x, tuple(layer.padding)
-    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-    return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
-
-
-def per_sample_conv_weight_grad(layer: _ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``[B, *weight.shape]``: each sample's weight gradient, by one grouped weight-grad call.
-
-    ``x`` is the layer input ``[B, C_in, *S]``, ``g`` the output gradient ``[B, C_out, *T]``.
-    """
-    b = x.shape[0]
-    x, padding = _padded_input(layer, x.to(g.dtype))
-    groups = b * layer.groups
-    weight_shape = (b * layer.out_channels, *layer.weight.shape[1:])
-    # Only the weight's shape (and dtype/device) matters for the weight gradient.
-    weight = g.new_empty(1).expand(weight_shape)
-    _, grad_w, _ = torch.ops.aten.convolution_backward(
-        g.reshape(1, b * layer.out_channels, *g.shape[2:]),
-        x.reshape(1, b * layer.in_channels, *x.shape[2:]),
-        weight, None, list(layer.stride), list(padding), list(layer.dilation), False,
-        [0] * (x.dim() - 2), groups, [False, True, False])
-    return grad_w.view(b, *layer.weight.shape)
 
 
 def _supported(layer: nn.Module) -> bool:
     return type(layer) in CONV_TYPES
 
 
-def grouped_conv_grad_sample(layer: _ConvNd, activations: Sequence[torch.Tensor],
+def grouped_conv_grad_sample(layer: ConvNd, activations: Sequence[torch.Tensor],
                              backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Opacus grad sampler: per-sample conv gradients without unfolding the input."""
     x = activations[0]
@@ -115,6 +95,24 @@ def grouped_conv_grad_sample(layer: _ConvNd, activations: Sequence[torch.Tensor]
     out = {}
     if layer.weight.requires_grad:
         out[layer.weight] = per_sample_conv_weight_grad(layer, x, backprops)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.flatten(2).sum(2)
+    return out
+
+
+def bookkeeping_conv_grad_sample(layer: ConvNd, activations, backprops: torch.Tensor
+                                 ) -> dict[nn.Parameter, torch.Tensor | DeferredConvGrad]:
+    """Opacus grad sampler: the grouped sampler's per-sample gradients, except that the weight
+    of a layer :func:`privseg.dp.bookkeeping.defer_weight` picks is a
+    :class:`~privseg.dp.bookkeeping.DeferredConvGrad` (bias: instantiated, ``[B, C_out]``).
+    Book-keeping, Bu et al. 2023 (arXiv 2210.00038): see :mod:`privseg.dp.bookkeeping`."""
+    x = activations[0]
+    if (x.shape[0] == 0 or not _supported(layer)
+            or not layer.weight.requires_grad
+            or not defer_weight(layer, positions_of(backprops))):
+        return grouped_conv_grad_sample(layer, activations, backprops)
+    out: dict[nn.Parameter, torch.Tensor | DeferredConvGrad] = {
+        layer.weight: DeferredConvGrad(layer, x, backprops)}
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.flatten(2).sum(2)
     return out
@@ -171,50 +169,16 @@ def group_norm_grad_sample(layer: nn.GroupNorm, activations: Sequence[torch.Tens
 # --- per-sample gradient norms (ghost clipping) ----------------------------------------------
 
 
-def _positions(g: torch.Tensor) -> int:
-    """T, the number of output positions of output gradient ``g``."""
-    return math.prod(g.shape[2:])
-
-
-def use_ghost_norm(layer: _ConvNd, positions: int) -> bool:
-    """Whether the ghost norm costs fewer multiply-adds per sample than instantiation.
-
-    Ghost: two T×T Gram matrices, ``T²·(C_in/groups·k^d + C_out)``; instantiation: the
-    per-sample weight gradient, ``T·C_in/groups·k^d·C_out`` (+ its norm). Only for
-    ``groups == 1`` (grouped layers instantiate).
-    """
-    if layer.groups != 1:
-        return False
-    p = layer.weight[0].numel()  # C_in · k^d
-    return positions * (p + layer.out_channels) < p * layer.out_channels
-
-
-def _unfold(layer: _ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, C_in·k^d]``: the input patch under the kernel at each output position."""
-    x, padding = _padded_input(layer, x)
-    x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
-    for i, (k, s, d) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation,
-                                      strict=True)):
-        # dim 2+i becomes the positions along that axis; the kernel window is appended last
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
-    nd = len(layer.kernel_size)
-    b, c = x.shape[:2]
-    positions = x.shape[2:2 + nd]
-    # [B, C, *T, *k] -> [B, *T, C, *k] -> [B, T, C·k^d]
-    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    return x.permute(perm).reshape(b, math.prod(positions), -1)
-
-
-def ghost_conv_weight_norm(layer: _ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def ghost_conv_weight_norm(layer: ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``[B]``: per-sample weight-gradient norms from Gram matrices over output positions."""
-    a = _unfold(layer, x.to(g.dtype))  # [B, T, P]
+    a = unfold_input(layer, x.to(g.dtype))  # [B, T, P]
     gt = g.flatten(2).transpose(1, 2)  # [B, T, C_out]
     aat = torch.bmm(a, a.transpose(1, 2))
     ggt = torch.bmm(gt, gt.transpose(1, 2))
     return (aat * ggt).sum((1, 2)).clamp(min=0).sqrt()
 
 
-def mixed_conv_norm_sample(layer: _ConvNd, activations: Sequence[torch.Tensor],
+def mixed_conv_norm_sample(layer: ConvNd, activations: Sequence[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Opacus norm sampler: per-sample gradient norms, ghost or instantiated per layer."""
     x = activations[0]
@@ -226,7 +190,7 @@ def mixed_conv_norm_sample(layer: _ConvNd, activations: Sequence[torch.Tensor],
         return {p: gs.reshape(len(gs), -1).norm(2, dim=-1) for p, gs in grads.items()}
     out = {}
     if layer.weight.requires_grad:
-        if use_ghost_norm(layer, _positions(backprops)):
+        if use_ghost_norm(layer, positions_of(backprops)):
             out[layer.weight] = ghost_conv_weight_norm(layer, x, backprops)
         else:
             gs = per_sample_conv_weight_grad(layer, x, backprops)
@@ -258,8 +222,10 @@ def conv_samplers(kind: ConvSampler) -> Iterator[None]:
     """Within the block, Opacus' registries hold the ``kind`` conv samplers; restored on exit.
 
     ``"grouped"``: :func:`grouped_conv_grad_sample`, :func:`mixed_conv_norm_sample` and
-    :func:`group_norm_grad_sample`; ``"opacus"``: Opacus' original conv and GroupNorm samplers
-    and no conv norm sampler.
+    :func:`group_norm_grad_sample`; ``"bookkeeping"``: the same, except that the conv grad
+    sampler is :func:`bookkeeping_conv_grad_sample` (weights of layers where the ghost norm is
+    cheaper are book-kept, not instantiated; needs :class:`privseg.dp.optimizer.FlatDPOptimizer`);
+    ``"opacus"``: Opacus' original conv and GroupNorm samplers and no conv norm sampler.
     Covers wrapping *and* backward passes run inside the block; to keep the choice beyond it,
     wrap with :func:`prepare_module`.
     """
@@ -269,8 +235,11 @@ def conv_samplers(kind: ConvSampler) -> Iterator[None]:
              for r in _registries()]
     try:
         norm = GradSampleHooksFastGradientClipping.NORM_SAMPLERS
-        if kind == "grouped":
-            register_grad_sampler(list(CONV_TYPES))(grouped_conv_grad_sample)
+        if kind in ("grouped", "bookkeeping"):
+            if kind == "grouped":
+                register_grad_sampler(list(CONV_TYPES))(grouped_conv_grad_sample)
+            else:
+                register_grad_sampler(list(CONV_TYPES))(bookkeeping_conv_grad_sample)
             register_norm_sampler(list(CONV_TYPES))(mixed_conv_norm_sample)
             register_grad_sampler(nn.GroupNorm)(group_norm_grad_sample)
         else:
@@ -303,8 +272,8 @@ def prepare_module(model: nn.Module, grad_sample_mode: str, conv_sampler: ConvSa
     (Opacus' ``GradSampleModule`` minus a copy of every per-sample gradient) unless not
     ``lean``.
 
-    In ``hooks`` mode with the grouped sampler, conv layers also stop computing the dense
-    weight gradient (:func:`skip_dense_conv_weight_grads`).
+    In ``hooks`` mode with the grouped or book-keeping sampler, conv layers also stop computing
+    the dense weight gradient (:func:`skip_dense_conv_weight_grads`).
     """
     with conv_samplers(conv_sampler):
         if lean and grad_sample_mode in ("hooks", "functorch"):
@@ -313,12 +282,12 @@ def prepare_module(model: nn.Module, grad_sample_mode: str, conv_sampler: ConvSa
         else:
             gsm = opacus_prepare_module(model, grad_sample_mode=grad_sample_mode, **kwargs)
         pin_samplers(gsm)
-    if grad_sample_mode == "hooks" and conv_sampler == "grouped":
+    if grad_sample_mode == "hooks" and conv_sampler in ("grouped", "bookkeeping"):
         skip_dense_conv_weight_grads(gsm)
     return gsm
 
 
-def _conv_forward_without_weight_grad(self: _ConvNd, x: torch.Tensor) -> torch.Tensor:
+def _conv_forward_without_weight_grad(self: ConvNd, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     # Detaching needs something else in the layer to carry the gradient to its output (an
     # input or a bias that requires grad); otherwise the backward hook would never fire.

@@ -22,6 +22,8 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from privseg.dp.bookkeeping import DeferredConvGrad
+
 #: most elements per concatenated bucket of per-sample gradients (256 MiB in fp32), so the
 #: transient copy stays bounded for large models and batches
 BUCKET_ELEMENTS = 1 << 26
@@ -64,30 +66,77 @@ class FlatDPOptimizer(DPOptimizer):
         """Each sample's scale from its gradient norm: flat clipping, ``min(1, C/(‖g‖+1e-6))``."""
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
-    def clip_and_accumulate(self) -> None:
-        """Clip each sample's whole gradient to ``max_grad_norm`` and add the clipped sum to
-        the flat accumulator."""
-        params = self.params
-        samples = []
-        for p in params:
-            _check_processed_flag(p.grad_sample)
-            samples.append(self._get_flat_grad_sample(p).to(p.dtype))
-        batch, sizes = len(samples[0]), [p.numel() for p in params]
+    def _get_flat_grad_sample(self, p: torch.Tensor):
+        """Opacus' flat per-sample gradient, or a book-kept one as it is."""
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, DeferredConvGrad):
+            return gs
+        return super()._get_flat_grad_sample(p)
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Opacus' count of accumulated backward passes; a book-kept gradient counts one."""
+        if any(isinstance(getattr(p, "grad_sample", None), DeferredConvGrad)
+               for p in self.params):
+            lists = {len(p.grad_sample) for p in self.params if isinstance(p.grad_sample, list)}
+            if lists:
+                raise ValueError("book-kept per-sample gradients cannot be accumulated over "
+                                 "backward passes")
+            return 1
+        return super().accumulated_iterations
+
+    def _pieces(self, samples: list) -> list[tuple[int, int, object]]:
+        """Consecutive ``[start, stop)`` parameter ranges with their ``[B, D]`` per-sample
+        gradients (concatenated within a bucket), or a book-kept gradient on its own."""
+        batch, sizes = len(samples[0]), [p.numel() for p in self.params]
         cap = self.bucket_elements
         if cap is None:
             # On CPU, concatenating costs more than the per-parameter ops it saves (page
             # faults of a fresh buffer: ~10 ms for 34 MB); there each parameter is a bucket.
-            cap = BUCKET_ELEMENTS if samples[0].is_cuda else 0
-        ranges = _buckets(sizes, batch, cap) if cap else [(i, i + 1) for i in range(len(sizes))]
-        flats = [samples[a].reshape(batch, sizes[a]) if b - a == 1
-                 else torch.cat([samples[i].reshape(batch, sizes[i]) for i in range(a, b)], 1)
-                 for a, b in ranges]
-        norms = [torch.linalg.vector_norm(f, dim=1) for f in flats]
+            cap = BUCKET_ELEMENTS if self.params[0].is_cuda else 0
+        pieces, i = [], 0
+        while i < len(samples):
+            if isinstance(samples[i], DeferredConvGrad):
+                pieces.append((i, i + 1, samples[i]))
+                i += 1
+                continue
+            j = i
+            while j < len(samples) and not isinstance(samples[j], DeferredConvGrad):
+                j += 1
+            ranges = (_buckets(sizes[i:j], batch, cap) if cap
+                      else [(t, t + 1) for t in range(j - i)])
+            for a, b in ranges:
+                a, b = a + i, b + i
+                flat = (samples[a].reshape(batch, sizes[a]) if b - a == 1 else
+                        torch.cat([samples[t].reshape(batch, sizes[t]) for t in range(a, b)], 1))
+                pieces.append((a, b, flat))
+            i = j
+        return pieces
+
+    def clip_and_accumulate(self) -> None:
+        """Clip each sample's whole gradient to ``max_grad_norm`` and add the clipped sum to
+        the flat accumulator.
+
+        Book-kept weights (:class:`privseg.dp.bookkeeping.DeferredConvGrad`) give their
+        per-sample norms from Gram matrices and their part of the clipped sum as one weight
+        gradient of the factor-scaled output gradient; the same factor (from the same total
+        norm) scales every parameter of a sample.
+        """
+        params = self.params
+        samples = []
+        for p in params:
+            _check_processed_flag(p.grad_sample)
+            gs = self._get_flat_grad_sample(p)
+            samples.append(gs if isinstance(gs, DeferredConvGrad) else gs.to(p.dtype))
+        pieces = self._pieces(samples)
+        norms = [f.sq_norms().sqrt() if isinstance(f, DeferredConvGrad)
+                 else torch.linalg.vector_norm(f, dim=1) for _, _, f in pieces]
         norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), dim=0)
         factor = self.clip_factor(norm)
         # mv is a GEMV, never a TF32 GEMM (which `factor @ f` may become on CUDA where TF32
         # matmuls are allowed): the clipped sum stays fp32, so each sample adds at most C.
-        parts = [f.t().mv(factor) for f in flats]
+        parts = [f.weighted_sum(factor).reshape(-1) if isinstance(f, DeferredConvGrad)
+                 else f.t().mv(factor) for _, _, f in pieces]
         clipped = parts[0] if len(parts) == 1 else torch.cat(parts)
         self._summed = clipped if self._summed is None else self._summed + clipped
         for p in params:

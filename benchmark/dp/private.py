@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from privseg.config import RunConfig
 from privseg.dp.accounting import PrivacyPlan, plan_privacy
 from privseg.dp.automatic import CLIPPING_OPTIMIZERS
+from privseg.dp.bookkeeping import DeferredConvGrad
 from privseg.dp.grad_samplers import prepare_module
 from privseg.dp.randomness import dp_generator
 
@@ -35,13 +36,18 @@ def group_crop_grad_samples(model: nn.Module, crops_per_subject: int) -> None:
 
     Opacus computes one grad sample per forward sample (crop). With ``loss_reduction='mean'``
     each crop's grad sample is the gradient of that crop's loss; the subject's gradient is the
-    mean over its crops, and that is what must be clipped.
+    mean over its crops, and that is what must be clipped. A book-kept weight
+    (:class:`privseg.dp.bookkeeping.DeferredConvGrad`) records the grouping instead: its norms
+    and clipped sum are then those of the subjects' mean gradients.
     """
     if crops_per_subject == 1:
         return
     for p in model.parameters():
         gs = getattr(p, "grad_sample", None)
         if gs is None:
+            continue
+        if isinstance(gs, DeferredConvGrad):  # book-kept: grouped where its norms are taken
+            p.grad_sample = gs.group(crops_per_subject)
             continue
         p.grad_sample = gs.view(-1, crops_per_subject, *gs.shape[1:]).mean(dim=1)
 
@@ -56,7 +62,7 @@ def upcast_grad_samples(model: nn.Module) -> None:
     """
     for p in model.parameters():
         gs = getattr(p, "grad_sample", None)
-        if gs is not None and gs.dtype != p.dtype:
+        if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:  # book-kept: fp32 anyway
             p.grad_sample = gs.to(p.dtype)
 
 

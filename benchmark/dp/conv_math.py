@@ -1,0 +1,92 @@
+"""Per-sample convolution arithmetic shared by the grad samplers and book-keeping.
+
+The pieces every per-sample conv computation needs: the layer's input as its kernel sees it
+(string or non-zero padding applied), each sample's weight gradient by one grouped weight-grad
+call (Rochette et al. 2019), the input patches under the kernel (for Gram matrices), and the
+multiply-add count that decides between the ghost norm and instantiation (Bu et al. 2022). See
+:mod:`privseg.dp.grad_samplers` (Opacus samplers built from them) and
+:mod:`privseg.dp.bookkeeping`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ConvNd = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def padded_input(layer: ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input and the padding to give the kernel: string or non-zero padding is applied here.
+
+    ``padding='same'`` may be asymmetric and ``padding_mode`` other than zeros pads with
+    reflection etc.; the layer's forward pads its input with ``_reversed_padding_repeated_twice``
+    then, and so does this (Opacus' sampler zero-pads, which is wrong for those layers).
+    """
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return x, tuple(layer.padding)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), (0,) * (x.dim() - 2)
+
+
+def per_sample_conv_weight_grad(layer: ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B, *weight.shape]``: each sample's weight gradient, by one grouped weight-grad call.
+
+    ``x`` is the layer input ``[B, C_in, *S]``, ``g`` the output gradient ``[B, C_out, *T]``.
+    """
+    b = x.shape[0]
+    x, padding = padded_input(layer, x.to(g.dtype))
+    groups = b * layer.groups
+    weight_shape = (b * layer.out_channels, *layer.weight.shape[1:])
+    # Only the weight's shape (and dtype/device) matters for the weight gradient.
+    weight = g.new_empty(1).expand(weight_shape)
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, b * layer.out_channels, *g.shape[2:]),
+        x.reshape(1, b * layer.in_channels, *x.shape[2:]),
+        weight, None, list(layer.stride), list(padding), list(layer.dilation), False,
+        [0] * (x.dim() - 2), groups, [False, True, False])
+    return grad_w.view(b, *layer.weight.shape)
+
+
+def positions_of(g: torch.Tensor) -> int:
+    """T, the number of output positions of output gradient ``g``."""
+    return math.prod(g.shape[2:])
+
+
+def use_ghost_norm(layer: ConvNd, positions: int) -> bool:
+    """Whether the ghost norm costs fewer multiply-adds per sample than instantiation.
+
+    Ghost: two T×T Gram matrices, ``T²·(C_in/groups·k^d + C_out)``; instantiation: the
+    per-sample weight gradient, ``T·C_in/groups·k^d·C_out`` (+ its norm). Only for
+    ``groups == 1`` (grouped layers instantiate).
+    """
+    if layer.groups != 1:
+        return False
+    p = layer.weight[0].numel()  # C_in · k^d
+    return positions * (p + layer.out_channels) < p * layer.out_channels
+
+
+def unfold_input(layer: ConvNd, x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, C_in·k^d]``: the input patch under the kernel at each output position.
+
+    2D: ATen's im2col (``F.unfold``, a view transposed; measured several times faster on CPU
+    than the strided copy below), else windows of the padded input, copied once.
+    """
+    x, padding = padded_input(layer, x)
+    if x.dim() == 4:
+        return F.unfold(x, layer.kernel_size, layer.dilation, padding,
+                        layer.stride).transpose(1, 2)
+    x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
+    for i, (k, s, d) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation,
+                                      strict=True)):
+        # dim 2+i becomes the positions along that axis; the kernel window is appended last
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    nd = len(layer.kernel_size)
+    b, c = x.shape[:2]
+    positions = x.shape[2:2 + nd]
+    # [B, C, *T, *k] -> [B, *T, C, *k] -> [B, T, C·k^d]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(perm).reshape(b, math.prod(positions), -1)
