@@ -17,7 +17,8 @@ Columns:
   lower bound on ε), ``audit.kind`` (gradient or input canaries), ``audit.canaries_m``,
   ``audit.broken`` (a deliberately broken mechanism: ``privseg audit --noise-fraction``),
   ``audit.fault`` (which: ``none``, ``noise0.1``, ``noclip``)
-- timing: ``timing.<key>`` (total_s, train_s, median_step_s, subjects_per_s, peak_memory_mb …)
+- timing: ``timing.<key>`` (total_s, train_s, median_step_s, subjects_per_s, peak_memory_mb …;
+  splits as ``timing.<key>.<part>``, e.g. ``timing.cpu_s.eval_s``)
 - the full run config flattened with dotted names under ``config.`` (``config.model.name``,
   ``config.training.epochs`` …)
 """
@@ -195,9 +196,10 @@ def record_row(record: dict) -> dict[str, Any]:
     for site, m in (test.get("per_site") or {}).items():
         row[f"test.site.{site}.mean_dice"] = _num((m or {}).get("mean_dice"))
         row[f"test.site.{site}.n_subjects"] = (m or {}).get("n_subjects")
-    for k, v in (record.get("timing") or {}).items():
-        if v is not None:  # as in W&B, whose summary holds no nulls
-            row[f"timing.{k}"] = v
+    # nested splits (eval_split_s, cpu_s, site_compute_split_s) as timing.<key>.<part>;
+    # nulls left out, as in W&B, whose summary holds none
+    row.update({k: v for k, v in flatten(record.get("timing") or {}, "timing.").items()
+                if v is not None})
     row.update(flatten(cfg, "config."))
     return row
 
@@ -289,6 +291,8 @@ def wandb_run_record(run: Any) -> dict:
             privacy[parts[1]] = v
         elif parts[0] == "timing" and len(parts) == 2:
             timing[parts[1]] = v
+        elif parts[0] == "timing" and len(parts) == 3:  # a split: timing/eval_split_s/...
+            timing.setdefault(parts[1], {})[parts[2]] = v
     privacy.setdefault("enabled", (cfg.get("privacy") or {}).get("enabled", False))
     status = "complete" if run.state == "finished" else run.state
     return {"run_id": run.id, "name": cfg.get("name") or run.name, "status": status,
