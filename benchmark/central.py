@@ -217,7 +217,9 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                             device, subject_set.eval_regions, hd95=True, amp=amp)
     averaged = evaluate_averages(state.averages, lambda m: evaluate(
         m, test, cfg.dataset.dims, roi, subject_set.class_names, device,
-        subject_set.eval_regions, hd95=True, amp=amp))
+        subject_set.eval_regions, hd95=True, amp=amp), (lambda m: evaluate(
+            m, val, cfg.dataset.dims, roi, subject_set.class_names, device,
+            subject_set.eval_regions, hd95=False, amp=amp)) if val else None)
     eval_time += time.perf_counter() - te
     ta = time.perf_counter()
     eps_final = _spent(state) if state.accountant is not None else None

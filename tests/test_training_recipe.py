@@ -60,6 +60,10 @@ def test_ema_is_evaluated_checkpointed_and_free_in_privacy(baseline, one_thread)
         again = evaluate(averaged, test, 2, (1, 16, 16), ss.class_names, torch.device("cpu"))
         assert again["dice"] == rec[name]["test"]["dice"]  # the record evaluates these weights
         assert again["dice"] != rec["test"]["dice"]  # ... which the raw weights' do not match
+        val = [s for s in ss.subjects if s.subject_id in set(rec["splits"]["val"])]
+        assert val, "the tiny phantom's split has validation subjects"
+        on_val = evaluate(averaged, val, 2, (1, 16, 16), ss.class_names, torch.device("cpu"))
+        assert on_val["dice"] == rec[name]["val"]["dice"]  # selection reads these weights' val
         assert rec[name]["updates"] > 0
     steps = rec["privacy"]["steps"]
     assert rec["ema"]["updates"] == steps
