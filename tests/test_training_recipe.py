@@ -201,6 +201,28 @@ def test_recipe_sets_the_architectures_settings_and_the_record_says_so(tmp_path,
                for line in rec["privacy"]["not_covered"])
 
 
+def test_recipe_non_private_entry_applies_to_non_private_runs_only(tmp_path, monkeypatch):
+    """A recipe's ``non_private`` entry tunes the non-private arm without touching DP runs."""
+    from privseg import recipes
+    from privseg.config import ConfigError
+
+    arch = {"training": {"lr": 0.02, "ema": 0.99, "epochs": 3},
+            "privacy": {"clipping": "automatic"},
+            "non_private": {"training": {"lr": 0.004, "lr_schedule": {"kind": "cosine"}}}}
+    monkeypatch.setattr(recipes, "load_recipes", lambda: {"r": {"architectures": {"*": arch}}})
+    dp = tiny_config(tmp_path, model={"recipe": "r"})
+    plain = tiny_config(tmp_path, model={"recipe": "r"}, privacy={"enabled": False})
+    assert (dp.training.lr, dp.training.lr_schedule.kind) == (0.02, "constant")
+    assert (plain.training.lr, plain.training.lr_schedule.kind) == (0.004, "cosine")
+    # the rest of the architecture's settings hold in both arms
+    assert dp.training.ema == plain.training.ema == 0.99
+    assert dp.training.epochs == plain.training.epochs == 3
+    bad = {"*": {**arch, "non_private": {"model": {"name": "unet"}}}}
+    monkeypatch.setattr(recipes, "load_recipes", lambda: {"r": {"architectures": bad}})
+    with pytest.raises(ConfigError, match="non_private.*sections \\['model'\\] not allowed"):
+        tiny_config(tmp_path, model={"recipe": "r"}, privacy={"enabled": False})
+
+
 def test_shipped_default_recipe_is_todays_settings():
     from privseg.config import load_config
 
