@@ -33,9 +33,10 @@ NON_PRIVATE_KEY = "non_private"
 
 @cache
 def load_recipes() -> dict[str, dict]:
-    """The shipped recipes by name (``privseg/recipes.yaml``)."""
+    """The shipped recipes by name (``privseg/recipes.yaml``); top-level keys starting with
+    ``_`` hold shared YAML anchors, not recipes."""
     text = (resources.files("privseg") / RECIPES_FILE).read_text()
-    return yaml.safe_load(text) or {}
+    return {k: v for k, v in (yaml.safe_load(text) or {}).items() if not k.startswith("_")}
 
 
 def recipe_settings(recipe: str, model: str, private: bool = True) -> dict[str, dict]:
@@ -51,7 +52,7 @@ def recipe_settings(recipe: str, model: str, private: bool = True) -> dict[str, 
     if settings is None:
         raise KeyError(f"model.recipe: recipe {recipe!r} ({RECIPES_FILE}) has no settings for "
                        f"model {model!r} and no '*' entry; it has: {', '.join(sorted(archs))}")
-    settings = dict(settings)
+    settings = json.loads(json.dumps(settings))  # a copy: YAML anchors share their objects
     override = settings.pop(NON_PRIVATE_KEY, None) or {}
     for where, part in ((model, settings), (f"{model}.{NON_PRIVATE_KEY}", override)):
         bad = sorted(set(part) - set(RECIPE_SECTIONS))
