@@ -271,3 +271,40 @@ def test_study_phantom_preset_is_large_and_leaves_the_quick_phantom_alone():
         from privseg.config import parse_config
 
         parse_config({"dataset": {"options": {"preset": "huge"}}})
+
+
+def test_ablation_recipes_are_default_plus_one_piece_of_tuned():
+    """sweeps/ablation-phantom2d.yaml measures each piece of `tuned` alone: every `ablation-*`
+    recipe must resolve to `default` with exactly that piece of `tuned` changed, for each
+    architecture the study compares (so editing `tuned` without its ablation fails here)."""
+    from importlib import resources
+
+    import yaml
+
+    from privseg.config import load_config
+
+    # the EMA piece is the shared one, also where `tuned` chose an architecture's raw weights
+    shared = yaml.safe_load((resources.files("privseg") / "recipes.yaml").read_text())
+    ema = shared["_pieces"]["ema"]
+    pieces = {"ablation-ema": [("training", "ema")],
+              "ablation-augment": [("training", "augment")],
+              "ablation-schedule": [("training", "lr_schedule")],
+              "ablation-lr": [("training", "lr"), ("privacy", "clipping")]}
+    for name in ("unet", "resunet-scalenorm"):
+        def cfg(recipe, name=name):
+            return load_config("phantom2d", [f"model.name={name}", f"model.recipe={recipe}"])
+
+        base, tuned = cfg("default"), cfg("tuned")
+        for recipe, keys in pieces.items():
+            got = cfg(recipe)
+            for section in ("training", "privacy"):
+                want = getattr(base, section).model_dump()
+                want.update({k: ema if k == "ema" else getattr(getattr(tuned, s), k)
+                             for s, k in keys if s == section})
+                want = type(getattr(base, section)).model_validate(want).model_dump()
+                assert getattr(got, section).model_dump() == want, (name, recipe, section)
+        assert tuned.training.ema in (None, ema), name
+        # and `tuned` differs from `default` in every other piece (else its row is moot)
+        for section, key in [k for ks in pieces.values() for k in ks if k[1] != "ema"]:
+            assert getattr(getattr(tuned, section), key) != getattr(
+                getattr(base, section), key), (name, key)
