@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import statistics
@@ -408,3 +409,6 @@ def test_released_metrics_are_the_ema_weights_when_kept(tmp_path):
     assert row["min_dice"] == f"{statistics.fmean(worst):.3f} ± {statistics.stdev(worst):.3f}"
     gm = [raw["dice"]["grey_matter"], 0.52]
     assert row["grey_matter"] == f"{statistics.fmean(gm):.3f} ± {statistics.stdev(gm):.3f}"
+    csv = pd.read_csv(io.StringIO(
+        render(df.reset_index(), "csv", True, "released.mean_dice")))
+    assert csv["released.min_dice.mean"].iloc[0] == pytest.approx(statistics.fmean(worst))
