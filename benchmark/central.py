@@ -234,7 +234,11 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
                             timing=eval_split["test"])
     averaged = evaluate_averages(state.averages, lambda m: evaluate(
         m, test, cfg.dataset.dims, roi, subject_set.class_names, device,
-        subject_set.eval_regions, hd95=True, amp=amp, timing=eval_split["test"]))
+        subject_set.eval_regions, hd95=True, amp=amp, timing=eval_split["test"]),
+        (lambda m: evaluate(
+            m, val, cfg.dataset.dims, roi, subject_set.class_names, device,
+            subject_set.eval_regions, hd95=False, amp=amp, timing=eval_split["val"]))
+        if val else None)
     eval_time += time.perf_counter() - te
     cpu["eval_s"] += time.process_time() - te_cpu
     ta = time.perf_counter()

@@ -3,6 +3,9 @@
 A recipe maps architectures (registry names; ``"*"`` for any other) to config settings, e.g.
 ``{training: {lr: 0.01, ema: 0.999}, privacy: {clipping: automatic}}``, so that each
 architecture is compared at its own tuned settings rather than one shared, untuned setting.
+An architecture's optional ``non_private:`` entry (same sections) is merged over its settings
+in a run with ``privacy.enabled: false``: the non-private arm of a study is tuned for itself
+(without noise, a decaying schedule and a larger step count help; under DP they may not).
 Applied to the config mapping before it is validated (:func:`privseg.config.parse_config`):
 the resolved values are in the config, so the run id covers them, and a recipe file edited
 later gives new run ids rather than mislabelled old ones.
@@ -24,18 +27,22 @@ import yaml
 RECIPES_FILE = "recipes.yaml"
 #: the config sections a recipe may set
 RECIPE_SECTIONS = ("training", "privacy")
+#: an architecture's settings for non-private runs, merged over its (DP) settings
+NON_PRIVATE_KEY = "non_private"
 
 
 @cache
 def load_recipes() -> dict[str, dict]:
-    """The shipped recipes by name (``privseg/recipes.yaml``)."""
+    """The shipped recipes by name (``privseg/recipes.yaml``); top-level keys starting with
+    ``_`` hold shared YAML anchors, not recipes."""
     text = (resources.files("privseg") / RECIPES_FILE).read_text()
-    return yaml.safe_load(text) or {}
+    return {k: v for k, v in (yaml.safe_load(text) or {}).items() if not k.startswith("_")}
 
 
-def recipe_settings(recipe: str, model: str) -> dict[str, dict]:
-    """The settings recipe ``recipe`` gives architecture ``model``; a KeyError names what is
-    missing and what exists."""
+def recipe_settings(recipe: str, model: str, private: bool = True) -> dict[str, dict]:
+    """The settings recipe ``recipe`` gives architecture ``model`` (in a non-private run:
+    with its ``non_private`` entry merged over them); a KeyError names what is missing and
+    what exists."""
     recipes = load_recipes()
     if recipe not in recipes:
         raise KeyError(f"model.recipe: no recipe {recipe!r} in {RECIPES_FILE}; recipes: "
@@ -45,11 +52,17 @@ def recipe_settings(recipe: str, model: str) -> dict[str, dict]:
     if settings is None:
         raise KeyError(f"model.recipe: recipe {recipe!r} ({RECIPES_FILE}) has no settings for "
                        f"model {model!r} and no '*' entry; it has: {', '.join(sorted(archs))}")
-    bad = sorted(set(settings) - set(RECIPE_SECTIONS))
-    if bad:
-        raise KeyError(f"model.recipe: recipe {recipe!r} ({RECIPES_FILE}), model {model!r}: "
-                       f"sections {bad} not allowed; a recipe sets {RECIPE_SECTIONS}")
-    return settings
+    settings = json.loads(json.dumps(settings))  # a copy: YAML anchors share their objects
+    override = settings.pop(NON_PRIVATE_KEY, None) or {}
+    for where, part in ((model, settings), (f"{model}.{NON_PRIVATE_KEY}", override)):
+        bad = sorted(set(part) - set(RECIPE_SECTIONS))
+        if bad:
+            raise KeyError(f"model.recipe: recipe {recipe!r} ({RECIPES_FILE}), model {where!r}:"
+                           f" sections {bad} not allowed; a recipe sets {RECIPE_SECTIONS}")
+    if private:
+        return settings
+    return {section: {**settings.get(section, {}), **override.get(section, {})}
+            for section in RECIPE_SECTIONS if section in settings or section in override}
 
 
 def apply_recipe(data: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +73,9 @@ def apply_recipe(data: dict[str, Any]) -> dict[str, Any]:
     if recipe is None:
         return data
     data = json.loads(json.dumps(data))
-    for section, values in recipe_settings(str(recipe), model.get("name", "unet")).items():
+    private = bool((data.get("privacy") or {}).get("enabled", True))
+    for section, values in recipe_settings(str(recipe), model.get("name", "unet"),
+                                           private).items():
         node = data.setdefault(section, {})
         node.update(values)
     return data

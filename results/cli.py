@@ -58,7 +58,8 @@ def table(
                       ] = "markdown",
     per_class: Annotated[bool, typer.Option("--per-class", help="One column per class")
                          ] = False,
-    metric: Annotated[str, typer.Option(help="Column to tabulate, e.g. test.mean_hd95")
+    metric: Annotated[str, typer.Option(help="Column to tabulate, e.g. test.mean_hd95, "
+                                     "or released.mean_dice (the EMA weights when kept)")
                       ] = "test.mean_dice",
     output: Annotated[str | None, typer.Option("--output", "-o", help="Sweep output dir "
                                                "(when TARGET is a sweep)")] = None,

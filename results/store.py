@@ -6,7 +6,13 @@ Columns:
 - study axes: ``dataset``, ``model``, ``width`` (the model's width multiplier, registry default
   filled in), ``setting``, ``seed``, ``epsilon`` (the target ε; ``inf`` for non-private runs;
   for a fixed-σ run the ε spent), ``private``
-- test metrics: ``test.mean_dice``, ``test.dice.<class>``, ``test.mean_hd95``,
+- released model (:func:`released_metrics`): ``released.mean_dice``, ``released.min_dice`` (its
+  worst class), ``released.dice.<class>``, ``released.val_mean_dice`` (on the validation
+  subjects, at the end: what a tuning sweep selects on), ``released.weights`` (``ema`` or
+  ``raw``): the EMA
+  weights when the run kept an EMA (``training.ema``, the weights such a recipe is run for),
+  else the raw weights; ``ema.test.mean_dice`` the EMA's Dice alone (NaN without one)
+- test metrics (raw weights): ``test.mean_dice``, ``test.dice.<class>``, ``test.mean_hd95``,
   ``test.hd95.<class>`` (a class present in a test volume but never predicted there counts
   with the worst-case distance, see :mod:`privseg.training.evaluate`), ``test.n_empty_pred``
   and ``test.empty_pred.<class>`` (how many such volumes), ``test.n_subjects``,
@@ -138,6 +144,25 @@ def _federated_columns(fed: dict, priv: dict) -> dict[str, Any]:
     return out
 
 
+def released_metrics(record: dict) -> dict[str, Any]:
+    """The Dice of the weights a run releases for use: its EMA's (``record["ema"]``, De et al.
+    2022's averaged weights, post-processing of the DP iterates) when it kept one, else the raw
+    model's. An ablation that adds EMA compares these, not the raw weights it leaves behind."""
+    ema = (record.get("ema") or {}).get("test") or {}
+    source, name = (ema, "ema") if ema.get("dice") else (record.get("test") or {}, "raw")
+    vals = [row["val_mean_dice"] for row in record.get("history") or []
+            if row.get("val_mean_dice") is not None]
+    val = ((record.get("ema") or {}).get("val") or {}).get("mean_dice") if name == "ema" else (
+        vals[-1] if vals else None)
+    dice = {cls: _num(v) for cls, v in (source.get("dice") or {}).items()}
+    present = [v for v in dice.values() if v is not None and not math.isnan(v)]
+    return {"released.weights": name, "released.mean_dice": _num(source.get("mean_dice")),
+            "released.val_mean_dice": _num(val),
+            "released.min_dice": min(present) if present else None,
+            "ema.test.mean_dice": _num(ema.get("mean_dice")) if ema else math.nan,
+            **{f"released.dice.{cls}": v for cls, v in dice.items()}}
+
+
 def record_row(record: dict) -> dict[str, Any]:
     """One run record -> one flat row."""
     cfg = record.get("config") or {}
@@ -186,6 +211,7 @@ def record_row(record: dict) -> dict[str, Any]:
         "privacy.guarantee": priv.get("guarantee"),
         **_audit_columns(record.get("audit") or {}),
         **_federated_columns(record.get("federated") or {}, priv if private else {}),
+        **released_metrics(record),
     }
     for cls, v in (test.get("dice") or {}).items():
         row[f"test.dice.{cls}"] = _num(v)
@@ -231,8 +257,8 @@ def frame(records: Iterable[dict]) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=["run_id", "sweep", "model", "epsilon", "seed",
                                      "test.mean_dice"])
-    prefixes = ("test.dice.", "test.hd95.", "test.empty_pred.", "test.site.", "timing.",
-                "config.")
+    prefixes = ("test.dice.", "test.hd95.", "test.empty_pred.", "test.site.", "released.dice.",
+                "timing.", "config.")
     front = [c for c in rows[0] if not c.startswith(prefixes)]
     groups = [sorted(c for c in df.columns if c.startswith(p)) for p in prefixes]
     ordered = front + [c for g in groups for c in g]

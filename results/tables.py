@@ -43,8 +43,23 @@ def group_keys(df: pd.DataFrame) -> list[str]:
     return keys
 
 
-def class_columns(df: pd.DataFrame, metric: str = "dice") -> list[str]:
-    return [c for c in df.columns if c.startswith(f"test.{metric}.")]
+def class_columns(df: pd.DataFrame, metric: str = "dice", source: str = "test") -> list[str]:
+    """The per-class columns of ``metric`` for ``source`` (``test``: the raw weights;
+    ``released``: the EMA when kept, see :func:`privseg.results.store.released_metrics`)."""
+    return [c for c in df.columns if c.startswith(f"{source}.{metric}.")]
+
+
+def _per_class_metrics(df: pd.DataFrame, metric: str) -> list[str]:
+    """A per-class table's columns: each class's Dice, the worst class (where the store has
+    it: ``released.min_dice``), then ``metric``."""
+    worst = f"{_source(metric)}.min_dice"
+    return class_columns(df, source=_source(metric)) + ([worst] if worst in df else []) + [metric]
+
+
+def _source(metric: str) -> str:
+    """``released`` for a ``released.*`` metric (its classes are the released weights'), else
+    ``test``."""
+    return "released" if metric.startswith("released.") else "test"
 
 
 def aggregate(df: pd.DataFrame, metrics: list[str] | None = None,
@@ -104,8 +119,7 @@ def summary_table(df: pd.DataFrame, metric: str = METRIC, per_class: bool = Fals
         return pd.DataFrame()
     df, keys = split_variants(df, group_keys(df))
     if per_class:
-        classes = class_columns(df)
-        metrics = classes + [metric]
+        metrics = _per_class_metrics(df, metric)
         agg = aggregate(df, metrics, keys)
         table = agg[keys].copy()
         table.insert(len(keys), "ε", [eps_label(e) for e in agg["epsilon"]])
@@ -235,7 +249,7 @@ def render(df: pd.DataFrame, fmt: str = "markdown", per_class: bool = False,
     """The table of ``df`` as markdown, LaTeX, or CSV (CSV: the numbers, mean/std/n, long)."""
     if fmt == "csv":
         keys = group_keys(df)
-        metrics = (class_columns(df) if per_class else []) + [metric]
+        metrics = _per_class_metrics(df, metric) if per_class else [metric]
         return aggregate(df, metrics, keys).to_csv(index=False)
     table = summary_table(df, metric, per_class)
     if fmt == "markdown":

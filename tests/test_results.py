@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import statistics
@@ -370,3 +371,44 @@ def test_worst_case_hd95_for_a_class_never_predicted():
     absent[absent == 2] = 0
     m = volume_metrics(predicts_both, absent, names)
     assert math.isnan(m["hd95"]["b"]) and math.isnan(m["dice"]["b"]) and m["empty_pred"]["b"] == 0
+
+
+def test_released_metrics_are_the_ema_weights_when_kept(tmp_path):
+    """An ablation adding EMA compares the weights it releases (the EMA), with each run's worst
+    class beside the mean; a run without EMA releases its raw weights."""
+    plain = make_record("unet", 8.0, 0)
+    averaged = make_record("unet", 8.0, 1)
+    averaged["ema"] = {"decay": 0.9, "updates": 10,
+                       "test": {"mean_dice": 0.61, "dice": {"grey_matter": 0.52,
+                                                            "white_matter": 0.70}},
+                       "val": {"mean_dice": 0.66}}
+    for rec in (plain, averaged):  # the raw model's validation Dice at the last epoch
+        rec["history"] = [{"epoch": 1, "val_mean_dice": 0.1}, {"epoch": 2, "val_mean_dice": 0.3}]
+    for rec in (plain, averaged):
+        write_record(tmp_path / rec["run_id"], rec)
+    df = load(tmp_path).set_index("seed")
+    assert df.loc[1, "released.weights"] == "ema"
+    assert df.loc[1, "released.mean_dice"] == pytest.approx(0.61)
+    assert df.loc[1, "released.dice.grey_matter"] == pytest.approx(0.52)
+    assert df.loc[1, "released.min_dice"] == pytest.approx(0.52)
+    assert df.loc[1, "ema.test.mean_dice"] == pytest.approx(0.61)
+    assert df.loc[1, "released.val_mean_dice"] == pytest.approx(0.66)
+    assert df.loc[0, "released.val_mean_dice"] == pytest.approx(0.3)
+    assert df.loc[1, "test.mean_dice"] == pytest.approx(plain["test"]["mean_dice"] + 0.01)
+    raw = plain["test"]
+    assert df.loc[0, "released.weights"] == "raw"
+    assert df.loc[0, "released.mean_dice"] == pytest.approx(raw["mean_dice"])
+    assert df.loc[0, "released.min_dice"] == pytest.approx(min(raw["dice"].values()))
+    assert math.isnan(df.loc[0, "ema.test.mean_dice"])
+    table = summary_table(df.reset_index(), "released.mean_dice", per_class=True)
+    row = table.iloc[0]
+    mean = statistics.fmean([raw["mean_dice"], 0.61])
+    sd = statistics.stdev([raw["mean_dice"], 0.61])
+    assert row["mean"] == f"{mean:.3f} ± {sd:.3f}"
+    worst = [min(raw["dice"].values()), 0.52]
+    assert row["min_dice"] == f"{statistics.fmean(worst):.3f} ± {statistics.stdev(worst):.3f}"
+    gm = [raw["dice"]["grey_matter"], 0.52]
+    assert row["grey_matter"] == f"{statistics.fmean(gm):.3f} ± {statistics.stdev(gm):.3f}"
+    csv = pd.read_csv(io.StringIO(
+        render(df.reset_index(), "csv", True, "released.mean_dice")))
+    assert csv["released.min_dice.mean"].iloc[0] == pytest.approx(statistics.fmean(worst))

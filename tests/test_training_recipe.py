@@ -60,6 +60,10 @@ def test_ema_is_evaluated_checkpointed_and_free_in_privacy(baseline, one_thread)
         again = evaluate(averaged, test, 2, (1, 16, 16), ss.class_names, torch.device("cpu"))
         assert again["dice"] == rec[name]["test"]["dice"]  # the record evaluates these weights
         assert again["dice"] != rec["test"]["dice"]  # ... which the raw weights' do not match
+        val = [s for s in ss.subjects if s.subject_id in set(rec["splits"]["val"])]
+        assert val, "the tiny phantom's split has validation subjects"
+        on_val = evaluate(averaged, val, 2, (1, 16, 16), ss.class_names, torch.device("cpu"))
+        assert on_val["dice"] == rec[name]["val"]["dice"]  # selection reads these weights' val
         assert rec[name]["updates"] > 0
     steps = rec["privacy"]["steps"]
     assert rec["ema"]["updates"] == steps
@@ -89,6 +93,9 @@ def test_defaults_keep_the_committed_reference_run_ids():
     ids = {r["run_id"] for r in rows}
     runs = expand(load_sweep("quickstart"))
     assert runs and all(r.run_id in ids for r in runs)
+    # ... while the tuned recipe (opt-in) leaves the reference: a recipe is part of the run
+    tuned = expand(load_sweep("quickstart", {"model.recipe": "tuned"}))
+    assert tuned and not any(r.run_id in ids for r in tuned)
 
 
 def test_each_view_gets_its_own_augmentation_draw():
@@ -197,6 +204,28 @@ def test_recipe_sets_the_architectures_settings_and_the_record_says_so(tmp_path,
                for line in rec["privacy"]["not_covered"])
 
 
+def test_recipe_non_private_entry_applies_to_non_private_runs_only(tmp_path, monkeypatch):
+    """A recipe's ``non_private`` entry tunes the non-private arm without touching DP runs."""
+    from privseg import recipes
+    from privseg.config import ConfigError
+
+    arch = {"training": {"lr": 0.02, "ema": 0.99, "epochs": 3},
+            "privacy": {"clipping": "automatic"},
+            "non_private": {"training": {"lr": 0.004, "lr_schedule": {"kind": "cosine"}}}}
+    monkeypatch.setattr(recipes, "load_recipes", lambda: {"r": {"architectures": {"*": arch}}})
+    dp = tiny_config(tmp_path, model={"recipe": "r"})
+    plain = tiny_config(tmp_path, model={"recipe": "r"}, privacy={"enabled": False})
+    assert (dp.training.lr, dp.training.lr_schedule.kind) == (0.02, "constant")
+    assert (plain.training.lr, plain.training.lr_schedule.kind) == (0.004, "cosine")
+    # the rest of the architecture's settings hold in both arms
+    assert dp.training.ema == plain.training.ema == 0.99
+    assert dp.training.epochs == plain.training.epochs == 3
+    bad = {"*": {**arch, "non_private": {"model": {"name": "unet"}}}}
+    monkeypatch.setattr(recipes, "load_recipes", lambda: {"r": {"architectures": bad}})
+    with pytest.raises(ConfigError, match="non_private.*sections \\['model'\\] not allowed"):
+        tiny_config(tmp_path, model={"recipe": "r"}, privacy={"enabled": False})
+
+
 def test_shipped_default_recipe_is_todays_settings():
     from privseg.config import load_config
 
@@ -215,7 +244,7 @@ def test_tan_tuning_sweep_holds_b_over_sigma_and_steps_of_the_target_run():
                   if r.config.model.name == "unet" and r.config.privacy.enabled
                   and r.config.privacy.target_epsilon == 8)
     runs = expand(load_sweep("tune-tan-phantom2d"))
-    assert len({r.run_id for r in runs}) == len(runs) == 32
+    assert len({r.run_id for r in runs}) == len(runs) == 4
     n_train = 56
     t = target.training
     full = plan_privacy(n_train, t.expected_batch_size, t.epochs, target_epsilon=8.0,
@@ -245,3 +274,40 @@ def test_study_phantom_preset_is_large_and_leaves_the_quick_phantom_alone():
         from privseg.config import parse_config
 
         parse_config({"dataset": {"options": {"preset": "huge"}}})
+
+
+def test_ablation_recipes_are_default_plus_one_piece_of_tuned():
+    """sweeps/ablation-phantom2d.yaml measures each piece of `tuned` alone: every `ablation-*`
+    recipe must resolve to `default` with exactly that piece of `tuned` changed, for each
+    architecture the study compares (so editing `tuned` without its ablation fails here)."""
+    from importlib import resources
+
+    import yaml
+
+    from privseg.config import load_config
+
+    # the EMA piece is the shared one, also where `tuned` chose an architecture's raw weights
+    shared = yaml.safe_load((resources.files("privseg") / "recipes.yaml").read_text())
+    ema = shared["_pieces"]["ema"]
+    pieces = {"ablation-ema": [("training", "ema")],
+              "ablation-augment": [("training", "augment")],
+              "ablation-schedule": [("training", "lr_schedule")],
+              "ablation-lr": [("training", "lr"), ("privacy", "clipping")]}
+    for name in ("unet", "resunet-scalenorm"):
+        def cfg(recipe, name=name):
+            return load_config("phantom2d", [f"model.name={name}", f"model.recipe={recipe}"])
+
+        base, tuned = cfg("default"), cfg("tuned")
+        for recipe, keys in pieces.items():
+            got = cfg(recipe)
+            for section in ("training", "privacy"):
+                want = getattr(base, section).model_dump()
+                want.update({k: ema if k == "ema" else getattr(getattr(tuned, s), k)
+                             for s, k in keys if s == section})
+                want = type(getattr(base, section)).model_validate(want).model_dump()
+                assert getattr(got, section).model_dump() == want, (name, recipe, section)
+        assert tuned.training.ema in (None, ema), name
+        # and `tuned` differs from `default` in every other piece (else its row is moot)
+        for section, key in [k for ks in pieces.values() for k in ks if k[1] != "ema"]:
+            assert getattr(getattr(tuned, section), key) != getattr(
+                getattr(base, section), key), (name, key)

@@ -105,11 +105,18 @@ def make_averages(model: nn.Module, ema_decay: float | None, polyak_epochs: int,
     return WeightAverages(model, ema_decay, start)
 
 
-def evaluate_averages(averages: WeightAverages | None, evaluate_fn) -> dict:
-    """Record entries ``{name: {"test": metrics, **describe}}`` for each averaged model,
-    ``evaluate_fn(model) -> metrics`` evaluating it as the raw model is evaluated."""
+def evaluate_averages(averages: WeightAverages | None, evaluate_fn,
+                      validate_fn=None) -> dict:
+    """Record entries ``{name: {"test": metrics, "val": metrics, **describe}}`` for each
+    averaged model, ``evaluate_fn(model) -> metrics`` evaluating it as the raw model is
+    evaluated on the test subjects and ``validate_fn`` (optional) on the validation subjects:
+    a recipe that keeps an EMA is selected on its EMA's validation Dice, never on test."""
     if averages is None:
         return {}
     info = averages.describe()
-    return {name: {**info[name], "test": evaluate_fn(model)}
-            for name, model in averages.averaged().items()}
+    out = {}
+    for name, model in averages.averaged().items():
+        out[name] = {**info[name], "test": evaluate_fn(model)}
+        if validate_fn is not None:
+            out[name]["val"] = validate_fn(model)
+    return out
