@@ -142,6 +142,12 @@ def summary_scalars(record: dict) -> dict[str, float | str | bool]:
         if name in record:
             walk(f"{name}/test", {k: v for k, v in record[name]["test"].items()
                                   if k != "per_subject"})
+            if (record[name].get("val") or {}).get("mean_dice") is not None:
+                out[f"{name}/val/mean_dice"] = record[name]["val"]["mean_dice"]
+    vals = [row["val_mean_dice"] for row in record.get("history") or []
+            if row.get("val_mean_dice") is not None]
+    if vals:  # the last validation (the results store's released.val_mean_dice)
+        out["val/mean_dice"] = vals[-1]
     walk("privacy", {k: v for k, v in record["privacy"].items() if k != "accountant_history"})
     walk("timing", record["timing"])
     return out

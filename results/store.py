@@ -304,9 +304,19 @@ def wandb_run_record(run: Any) -> dict:
     test: dict[str, Any] = {"dice": {}, "hd95": {}, "empty_pred": {}, "per_site": {}}
     privacy: dict[str, Any] = {}
     timing: dict[str, Any] = {}
+    averages: dict[str, dict] = {}
+    history: list[dict] = []
     for k, v in summary.items():
         parts = k.split("/")
-        if parts[0] == "test":
+        if parts[0] in ("ema", "polyak") and len(parts) >= 3 and parts[1] in ("test", "val"):
+            split = averages.setdefault(parts[0], {}).setdefault(parts[1], {})
+            if len(parts) == 3:
+                split[parts[2]] = v
+            elif len(parts) == 4:
+                split.setdefault(parts[2], {})[parts[3]] = v
+        elif k == "val/mean_dice":
+            history = [{"val_mean_dice": v}]
+        elif parts[0] == "test":
             if len(parts) == 2:
                 test[parts[1]] = v
             elif len(parts) == 3 and parts[1] in ("dice", "hd95", "empty_pred"):
@@ -324,7 +334,8 @@ def wandb_run_record(run: Any) -> dict:
     return {"run_id": run.id, "name": cfg.get("name") or run.name, "status": status,
             "config": cfg, "setting": (cfg.get("setting") or {}).get(
             "kind"), "test": test, "privacy": privacy, "timing": timing,
-            "dataset": {"name": (cfg.get("dataset") or {}).get("name")}}
+            "dataset": {"name": (cfg.get("dataset") or {}).get("name")},
+            "history": history, **averages}
 
 
 def load_wandb(path: str, api: Any = None) -> pd.DataFrame:
