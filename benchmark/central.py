@@ -25,7 +25,7 @@ from privseg.datasets.split import split_subjects
 from privseg.dp.accounting import epsilon_of_history
 from privseg.dp.randomness import noise_note
 from privseg.recipes import recipe_statement
-from privseg.record import environment, run_dir, write_record
+from privseg.record import environment, last_validation_dice, run_dir, write_record
 from privseg.tracking import Tracker
 from privseg.training.ema import evaluate_averages
 from privseg.training.evaluate import evaluate, validation_subset
@@ -144,10 +144,8 @@ def summary_scalars(record: dict) -> dict[str, float | str | bool]:
                                   if k != "per_subject"})
             if (record[name].get("val") or {}).get("mean_dice") is not None:
                 out[f"{name}/val/mean_dice"] = record[name]["val"]["mean_dice"]
-    vals = [row["val_mean_dice"] for row in record.get("history") or []
-            if row.get("val_mean_dice") is not None]
-    if vals:  # the last validation (the results store's released.val_mean_dice)
-        out["val/mean_dice"] = vals[-1]
+    if (last := last_validation_dice(record)) is not None:  # results' released.val_mean_dice
+        out["val/mean_dice"] = last
     walk("privacy", {k: v for k, v in record["privacy"].items() if k != "accountant_history"})
     walk("timing", record["timing"])
     return out

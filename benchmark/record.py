@@ -77,6 +77,14 @@ def read_record(directory: Path) -> dict | None:
     return record if record is not None and record.get("status") == "complete" else None
 
 
+def last_validation_dice(record: dict) -> float | None:
+    """The mean Dice of a run's last validation (its ``history``), or None: what a tuning
+    sweep selects on, read alike from records and from W&B summaries."""
+    vals = [row["val_mean_dice"] for row in record.get("history") or []
+            if row.get("val_mean_dice") is not None]
+    return vals[-1] if vals else None
+
+
 def environment(device: str) -> dict:
     """Versions and hardware that a reviewer needs to reproduce a run."""
     import monai

@@ -39,7 +39,7 @@ from typing import Any
 
 import pandas as pd
 
-from privseg.record import RECORD_NAME
+from privseg.record import RECORD_NAME, last_validation_dice
 
 _INF = ("inf", "Infinity", "+inf")
 
@@ -150,10 +150,8 @@ def released_metrics(record: dict) -> dict[str, Any]:
     model's. An ablation that adds EMA compares these, not the raw weights it leaves behind."""
     ema = (record.get("ema") or {}).get("test") or {}
     source, name = (ema, "ema") if ema.get("dice") else (record.get("test") or {}, "raw")
-    vals = [row["val_mean_dice"] for row in record.get("history") or []
-            if row.get("val_mean_dice") is not None]
     val = ((record.get("ema") or {}).get("val") or {}).get("mean_dice") if name == "ema" else (
-        vals[-1] if vals else None)
+        last_validation_dice(record))
     dice = {cls: _num(v) for cls, v in (source.get("dice") or {}).items()}
     present = [v for v in dice.values() if v is not None and not math.isnan(v)]
     return {"released.weights": name, "released.mean_dice": _num(source.get("mean_dice")),
