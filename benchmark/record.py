@@ -24,15 +24,16 @@ def run_dir(output_dir: str | Path, run_id: str) -> Path:
     return Path(output_dir) / run_id
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as strings/None and numpy scalars as Python ones (JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
@@ -55,7 +56,7 @@ def write_record(directory: Path, record: dict) -> Path:
     """Atomically write ``record`` (marked complete) as ``directory/record.json``."""
     record = {"schema": RECORD_SCHEMA, "status": "complete", **record}
     path = Path(directory) / RECORD_NAME
-    atomic_write_text(path, json.dumps(_json_safe(record), indent=2, sort_keys=False))
+    atomic_write_text(path, json.dumps(json_safe(record), indent=2, sort_keys=False))
     return path
 
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import warnings
+from pathlib import Path
 
 import pytest
 from test_federated import dp_accounting_epsilon, secagg_tiny, tiny
 
 from privseg.config import parse_config
 from privseg.federated.client import SiteClient
+from privseg.federated.progress import read_progress, record_from_progress, write_progress
 from privseg.federated.server import SAMPLE_DROPOUT_NOTE, SITE_DROPOUT_NOTE
 from privseg.federated.simulation import run_federated
-from privseg.federated.site_plans import site_level_epsilon
-from privseg.record import RECORD_NAME, read_record, run_dir
+from privseg.federated.site_plans import sample_epsilon_bound, site_level_epsilon
+from privseg.record import RECORD_NAME, RECORD_SCHEMA, read_any_record, read_record, run_dir
 
 warnings.filterwarnings("ignore", module="opacus")
 
@@ -62,14 +65,49 @@ def test_site_failing_in_round_2_is_missed_and_rejoins(monkeypatch, sample_cfg,
     for s in ("site-A", "site-C"):  # the others' ε is unchanged by the fault
         assert p["epsilon_per_site"][s] == base["epsilon_per_site"][s]
         assert p["steps_per_site"][s] == base["steps_per_site"][s] == 3 * 2
-    # site-B took no step in round 2: its accountant composed the 2 rounds it trained
+    # site-B took no step in round 2: its accountant composed the 2 rounds it trained ...
     assert p["steps_per_site"]["site-B"] == 2 * 2
-    assert p["epsilon_per_site"]["site-B"] == pytest.approx(dp_accounting_epsilon(
+    assert p["epsilon_reported_per_site"]["site-B"] == pytest.approx(dp_accounting_epsilon(
         p["noise_multiplier_per_site"]["site-B"], p["sample_rate_per_site"]["site-B"], 4,
         p["delta_per_site"]["site-B"]), rel=1e-6)
-    assert p["epsilon_per_site"]["site-B"] < base["epsilon_per_site"]["site-B"]
+    # ... but the server cannot know that: the record's ε counts all 3 rounds it was sent
+    assert p["steps_bound_per_site"]["site-B"] == 3 * 2
+    assert p["epsilon_per_site"]["site-B"] == pytest.approx(
+        base["epsilon_per_site"]["site-B"], rel=1e-9)
+    assert p["epsilon_reported_per_site"]["site-B"] < p["epsilon_per_site"]["site-B"]
+    assert p["epsilon"] == max(p["epsilon_per_site"].values())
+    assert "epsilon_reported_per_site" not in base  # no fault: the bound is the report
     assert SAMPLE_DROPOUT_NOTE in p["not_covered"]
     assert SAMPLE_DROPOUT_NOTE not in base["not_covered"]
+
+
+def test_straggler_that_trained_but_never_answered_is_not_under_reported(monkeypatch,
+                                                                          sample_cfg):
+    """site-C takes the last round's DP steps, then its reply is lost (a straggler past the
+    deadline, a site killed after training): its accountant has spent 6 steps, its last report
+    (round 2) says 4. The record's ε must be the 6-step one."""
+    fit = SiteClient.fit
+    spent = {}
+
+    def trains_then_is_lost(self, parameters, config):
+        out = fit(self, parameters, config)
+        if self.site == "site-C" and int(config["round"]) == 3:
+            spent["steps"], spent["epsilon"] = self.steps_done, self.epsilon()
+            raise TimeoutError("site-C's reply did not arrive before the round deadline")
+        return out
+
+    monkeypatch.setattr(SiteClient, "fit", trains_then_is_lost)
+    rec = run_federated(sample_cfg, progress=False, force=True)
+    p = rec["privacy"]
+    assert rec["history"][2]["missed"][0]["site"] == "site-C"
+    assert p["steps_per_site"]["site-C"] == 4  # its last report
+    assert p["epsilon_reported_per_site"]["site-C"] < spent["epsilon"]
+    assert spent["steps"] == p["steps_bound_per_site"]["site-C"] == 6
+    assert p["epsilon_per_site"]["site-C"] >= spent["epsilon"] * (1 - 1e-9)
+    assert p["epsilon_per_site"]["site-C"] == pytest.approx(dp_accounting_epsilon(
+        p["noise_multiplier_per_site"]["site-C"], p["sample_rate_per_site"]["site-C"], 6,
+        p["delta_per_site"]["site-C"]), rel=1e-6)
+    assert p["epsilon"] >= spent["epsilon"] * (1 - 1e-9)
 
 
 def test_run_that_cannot_go_on_writes_a_failed_record(monkeypatch, tmp_path):
@@ -85,7 +123,9 @@ def test_run_that_cannot_go_on_writes_a_failed_record(monkeypatch, tmp_path):
     p = rec["privacy"]
     # A and C trained in round 2 before the run stopped: their spend is in the record
     assert p["steps_per_site"] == {"site-A": 4, "site-B": 2, "site-C": 4}
-    for s, steps in p["steps_per_site"].items():
+    # site-B was sent round 2 too: the server cannot tell whether it trained before failing
+    assert p["steps_bound_per_site"] == {"site-A": 4, "site-B": 4, "site-C": 4}
+    for s, steps in p["steps_bound_per_site"].items():
         assert p["epsilon_per_site"][s] == pytest.approx(dp_accounting_epsilon(
             p["noise_multiplier_per_site"][s], p["sample_rate_per_site"][s], steps,
             p["delta_per_site"][s]), rel=1e-6)
@@ -139,24 +179,32 @@ class IdleWorker:
         pass
 
 
+def serve_fake_supernode(monkeypatch, tmp_path, body: str, max_wait: float | None) -> tuple:
+    """serve_site over a shell script standing in for ``flower-supernode`` (``body``, after a
+    line counting its starts in ``$COUNT``); returns (serve_site's code, number of starts)."""
+    from privseg.federated import supernode
+
+    count = tmp_path / "starts"
+    script = tmp_path / "supernode"
+    script.write_text(f"#!/bin/sh\nCOUNT={count}\necho x >> $COUNT\n{body}")
+    script.chmod(0o755)
+    monkeypatch.setattr(supernode.SiteWorker, "load", staticmethod(lambda *a: IdleWorker()))
+    monkeypatch.setattr(supernode, "supernode_command", lambda *a: [str(script)])
+    monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
+    got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=max_wait)
+    return got, len(count.read_text().splitlines())
+
+
 @pytest.mark.parametrize("max_wait,starts,code", [(30.0, 3, 0), (None, 1, 305 % 256)])
 def test_refused_supernode_is_started_again_until_max_wait(monkeypatch, tmp_path, max_wait,
                                                            starts, code):
     """A SuperNode refused by the SuperLink (exit 305: a quick re-activation) is started
     again until ``--max-wait``; without it the refusal is the site's exit code (305 modulo
     256 as a process exit status)."""
-    from privseg.federated import supernode
-
-    count = tmp_path / "starts"
-    script = tmp_path / "supernode"  # refused twice, then served and stopped cleanly
-    script.write_text(f'#!/bin/sh\necho x >> {count}\n'
-                      f'[ "$(wc -l < {count})" -ge 3 ] && exit 0\nexit 305\n')
-    script.chmod(0o755)
-    monkeypatch.setattr(supernode.SiteWorker, "load", staticmethod(lambda *a: IdleWorker()))
-    monkeypatch.setattr(supernode, "supernode_command", lambda *a: [str(script)])
-    monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
-    got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=max_wait)
-    assert got == code and len(count.read_text().splitlines()) == starts
+    # refused twice, then served and stopped cleanly
+    got, n = serve_fake_supernode(monkeypatch, tmp_path,
+                                  '[ "$(wc -l < $COUNT)" -ge 3 ] && exit 0\nexit 305\n', max_wait)
+    assert got == code and n == starts
 
 
 def test_refusal_recognised_by_flowers_message_whatever_the_exit_status(monkeypatch,
@@ -164,26 +212,32 @@ def test_refusal_recognised_by_flowers_message_whatever_the_exit_status(monkeypa
     """Flower prints "Exit Code: 305" but the process exits with 1 when its runtime server had
     started (seen on the testbed: a SuperNode restarted at once after kill -9): still a
     refusal, started again; another exit 1 is not."""
-    from privseg.federated import supernode
-
-    count = tmp_path / "starts"
-    script = tmp_path / "supernode"  # refused (exit 1 + Flower's line), then a real crash
     child = tmp_path / "child"  # like Flower's SuperExec: outlives it, holding its output
-    script.write_text(f'#!/bin/sh\necho x >> {count}\n'
-                      f'[ "$(wc -l < {count})" -ge 2 ] && exit 1\n'
-                      f'sleep 600 & echo $! > {child}\n'
-                      'echo "ERROR :     Exit Code: 305"\nexit 1\n')
-    script.chmod(0o755)
-    monkeypatch.setattr(supernode.SiteWorker, "load", staticmethod(lambda *a: IdleWorker()))
-    monkeypatch.setattr(supernode, "supernode_command", lambda *a: [str(script)])
-    monkeypatch.setattr(supernode, "ACTIVATION_RETRY_S", 0.05)
-    got = supernode.serve_site([], "site-A", "127.0.0.1:9", max_wait=30.0)
-    assert got == 1 and len(count.read_text().splitlines()) == 2
+    # refused (exit 1 + Flower's line), then a real crash
+    got, n = serve_fake_supernode(monkeypatch, tmp_path,
+                                  '[ "$(wc -l < $COUNT)" -ge 2 ] && exit 1\n'
+                                  f'sleep 600 & echo $! > {child}\n'
+                                  'echo "ERROR :     Exit Code: 305"\nexit 1\n', 30.0)
+    assert got == 1 and n == 2
     pid = int(child.read_text())
     try:  # the retry did not wait for the SuperNode's children to close its output
         os.kill(pid, 0)
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_supernode_that_gave_up_its_connection_is_stopped_and_started_again(monkeypatch,
+                                                                             tmp_path):
+    """Flower's SuperNode gives up for good when an error's text names SSL (a SuperLink killed
+    mid-connection) yet lives on, never again online: it is stopped and started afresh (the
+    worker, holding the site's state, lives on); the second start serves and exits cleanly."""
+    from privseg.federated.supernode import GAVE_UP_LINE
+
+    # 1st start: gives up and hangs; 2nd: serves, exits 0
+    got, n = serve_fake_supernode(monkeypatch, tmp_path,
+                                  '[ "$(wc -l < $COUNT)" -ge 2 ] && exit 0\n'
+                                  f'echo "ERROR :     {GAVE_UP_LINE}"\nexec sleep 600\n', 30.0)
+    assert got == 0 and n == 2
 
 
 def test_secure_aggregation_still_refuses_fewer_than_all_sites(monkeypatch, tmp_path):
@@ -285,3 +339,118 @@ def test_a_site_that_left_is_named_absent_and_the_run_completes(monkeypatch, sam
     assert p["steps_per_site"]["site-B"] == 2  # round 1 only
     for s in ("site-A", "site-C"):
         assert p["epsilon_per_site"][s] == base["epsilon_per_site"][s]
+
+
+def test_epsilon_bound_of_a_site_that_never_answered_is_its_calibration_target():
+    """No report, no σ or q at the server: the bound is the target ε the site calibrated σ to
+    (its planned steps spend at most that), ∞ when σ was set by hand; not sent: nothing."""
+    assert sample_epsilon_bound(None, 2, 3, 8.0) == (8.0, None)
+    assert sample_epsilon_bound(None, 2, 3, None) == (math.inf, None)
+    assert sample_epsilon_bound(None, 0, 3, 8.0) == (0.0, 0)
+    report = {"planned_steps": 6, "steps": 2, "epsilon": 1.0, "noise_multiplier": 1.1,
+              "sample_rate": 0.5, "delta": 1e-5, "accountant": "rdp"}
+    eps, steps = sample_epsilon_bound(report, 3, 3, 8.0)
+    assert steps == 6 and eps == pytest.approx(dp_accounting_epsilon(1.1, 0.5, 6, 1e-5),
+                                               rel=1e-3)  # RDP vs dp_accounting's RDP
+    assert sample_epsilon_bound(report, 1, 3, 8.0) == (1.0, 2)  # answered all it was sent
+
+
+def test_progress_becomes_the_failed_record_only_for_its_own_flower_run(tmp_path):
+    """A killed ServerApp's progress is turned into its failed record, status failed, the
+    reason first; another Flower run's progress (a rerun of the same config) is left alone."""
+    progress = {"run_id": "r", "error": "RuntimeError: the ServerApp stopped in round 2",
+                "privacy": {"epsilon": 3.0}, "federated": {"transport": {"flower_run_id": 7}}}
+    write_progress(tmp_path, progress)
+    assert read_progress(tmp_path)["status"] == "running"
+    assert read_any_record(tmp_path) is None
+    assert record_from_progress(tmp_path, 8, "lost") is None  # not this run's
+    assert read_any_record(tmp_path) is None and read_progress(tmp_path) is not None
+    rec = record_from_progress(tmp_path, 7, "no record within 5 s")
+    assert read_any_record(tmp_path) == {"schema": RECORD_SCHEMA, **rec}
+    assert rec["status"] == "failed" and rec["privacy"] == {"epsilon": 3.0}
+    assert rec["error"].startswith("no record within 5 s; RuntimeError: the ServerApp stopped")
+    assert read_progress(tmp_path) is None
+    assert read_record(tmp_path) is None  # a failed record does not block a rerun
+
+
+def test_a_resent_instruction_gets_the_same_reply_without_new_steps(tmp_path):
+    """A site whose reply was lost (a SuperLink restart) and that is sent the same round's
+    instruction again answers with its first reply: no DP step twice, ε unchanged. Another
+    global model in that round is a new instruction and is trained on (and accounted)."""
+    from privseg.datasets import load_dataset
+    from privseg.federated.client import get_weights, make_client
+    from privseg.federated.sites import build_site
+
+    cfg = parse_config(tiny(tmp_path, rounds=3))
+    d = cfg.dataset
+    subject_set = load_dataset(d.name, d.options, d.root, Path(d.cache_dir))
+    client = make_client(cfg, build_site(cfg, subject_set, "site-A"), subject_set)
+    w0 = get_weights(client.state.model)
+    first = client.fit(w0, {"round": 1})
+    steps, eps = client.steps_done, client.epsilon()
+    again = client.fit([a.copy() for a in w0], {"round": 1})
+    assert again is first and client.steps_done == steps and client.epsilon() == eps
+    other = [a + 1e-3 for a in w0]
+    client.fit(other, {"round": 1})
+    assert client.steps_done == 2 * steps and client.epsilon() > eps
+
+
+class LosingGrid:
+    """A SuperLink grid that answers the first instruction to node 2 with "Node Unavailable"
+    (its reply was lost in a SuperLink restart) while node 2 is offline for two polls."""
+
+    def __init__(self):
+        self.pushed, self.polls, self.n = [], 0, 0
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            self.n += 1
+            m.metadata.__dict__["_message_id"] = f"m{self.n}"
+            self.pushed.append(m)
+            ids.append(f"m{self.n}")
+        return ids
+
+    def get_node_ids(self):
+        self.polls += 1
+        return [1, 2] if self.polls > 2 else [1]
+
+    def pull_messages(self, ids):
+        from flwr.app import Error, RecordDict
+        from flwr.common.constant import ErrorCode
+
+        out = []
+        for m in [m for m in self.pushed if m.metadata.message_id in ids]:
+            if m.metadata.dst_node_id == 2 and m.metadata.message_id == "m2":
+                out.append(m.create_error_reply(Error(ErrorCode.NODE_UNAVAILABLE, "lost")))
+            else:
+                out.append(m.create_reply(RecordDict()))
+        return out
+
+
+@pytest.mark.parametrize("resend", [True, False])
+def test_instruction_lost_in_a_superlink_restart_is_resent_once_its_site_is_back(
+        monkeypatch, resend):
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from privseg.federated.app import CountingGrid
+
+    for k in ("_run_id", "_task_id", "_node_id"):  # as in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, k, 1)
+
+    grid = LosingGrid()
+    counting = CountingGrid(grid, poll_s=0.0, resend=resend)
+    ins = [Message(content=RecordDict(), dst_node_id=n, message_type="train", group_id="2")
+           for n in (1, 2)]
+    replies = counting.send_and_receive(ins, timeout=5.0)
+    by_node = {grid.pushed[int(r.metadata.reply_to_message_id[1:]) - 1].metadata.dst_node_id: r
+               for r in replies}
+    assert sorted(by_node) == [1, 2]
+    if resend:  # node 2's instruction went again after it was back; its reply is not an error
+        assert counting.resent == [("2", 2)] and not by_node[2].has_error()
+        assert [m.metadata.dst_node_id for m in grid.pushed] == [1, 2, 2]
+        assert grid.polls >= 3
+    else:  # Flower's behaviour: the error stands
+        assert counting.resent == [] and by_node[2].has_error()
+        assert len(grid.pushed) == 2

@@ -300,3 +300,27 @@ def test_links_section_attributes_the_wire_bytes_to_rounds(tmp_path):
 
     png = plot_link_sweep(pd.DataFrame(rows), tmp_path / "f.png")
     assert png.stat().st_size > 0
+
+
+def test_testbed_stops_when_a_site_exits_on_its_own(tmp_path):
+    """A SuperNode that exits by itself (here: refusing to start) stops the testbed with its
+    log's end, instead of the run waiting for it; one killed by a fault does not."""
+    from types import SimpleNamespace
+
+    from privseg.federated.testbed import Testbed
+
+    (tmp_path / "site-site-B.log").write_text("Error: site site-B: move the ledger first\n")
+    gone = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tb = SimpleNamespace(work=tmp_path, sites={
+            "site-A": SimpleNamespace(name="site-A", proc=alive),
+            "site-B": SimpleNamespace(name="site-B", proc=gone)})
+        Testbed.check_sites(tb, {"site-B"})  # B was killed by a fault: expected
+        with pytest.raises(RuntimeError, match=r"site-B's SuperNode exited \(2\)(.|\n)*"
+                                               r"move the ledger first"):
+            Testbed.check_sites(tb, set())
+    finally:
+        alive.kill()
+        alive.wait()

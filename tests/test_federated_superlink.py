@@ -25,15 +25,16 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_federated import assert_dice_close, secagg_tiny, tiny
+from test_federated import assert_dice_close, dp_accounting_epsilon, secagg_tiny, tiny
 
 from privseg.config import parse_config
 from privseg.dp.ledger import SiteLedger
 from privseg.federated import certs
 from privseg.federated.federation import connection_toml, flower_command, flower_env
+from privseg.federated.progress import read_progress
 from privseg.federated.simulation import run_federated
 from privseg.federated.supernode import ledger_path
-from privseg.record import read_record
+from privseg.record import read_any_record, read_record
 
 warnings.filterwarnings("ignore", module="opacus")
 
@@ -140,7 +141,7 @@ def federation(tmp_path_factory, request):
 
     # Everyone holds the same agreed config; sites load the phantom into a shared cache.
     cfg = {"plain": tiny(work), "secagg": secagg_tiny(work, site_clip_norm=0.1),
-           "svt": svt_tiny(work)}
+           "svt": svt_tiny(work), "killed": tiny(work, rounds=3)}
     paths = {}
     for k, d in cfg.items():
         paths[k] = work / f"{k}.yaml"
@@ -150,7 +151,7 @@ def federation(tmp_path_factory, request):
     for s in (*SITES, "X"):  # X says it is site-A: only its key tells it apart
         site = f"site-{s}" if s != "X" else "site-A"
         start(f"site-{s}", CLI + [
-            "supernode", str(paths["plain"]), str(paths["secagg"]), str(paths["svt"]),
+            "supernode", *(str(paths[k]) for k in cfg),
             "--site", site, "--superlink",
             f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
             "--auth-key", str(certs / f"site-{s}"), "--runtime-port", str(_free_port()),
@@ -278,6 +279,46 @@ def test_superlink_svt_run_equals_simulation_and_sends_only_the_selection(deploy
         svt = [e for e in entries if e.get("pure_rounds")]
         assert len(svt) == 1 and svt[0]["epsilon"] == 2000.0 and svt[0]["delta"] == 0.0
         assert svt[0]["epsilon_per_round"] == 1000.0 and svt[0]["pure_rounds"] == 2
+
+
+@pytest.mark.slow
+def test_serverapp_killed_mid_round_leaves_a_failed_record_of_what_was_spent(
+        federation, deployed, deployed_svt):
+    """The ServerApp killed (kill -9, as when its SuperLink dies under Flower's subprocess
+    isolation) once round 2's instructions went out: it writes nothing more, yet
+    ``privseg federated run`` reports the run failed and leaves a failed record whose ε per
+    site counts every step of the 2 rounds the sites were sent (whether or not round 2's
+    replies came), from the progress the ServerApp kept (privseg.federated.progress)."""
+    f = federation
+    out = f.work / "killed"
+    cfg = parse_config(f.cfg["killed"])
+    directory = out / cfg.run_id()
+    p = f.start("run-killed", CLI + [
+        "run", str(f.paths["killed"]), "--superlink", f"127.0.0.1:{f.port}",
+        "--ca-cert", str(f.certs / "ca.crt"), "--sites", "3", "--output", str(out),
+        "--round-timeout", "120", "--lost-wait", "5"], f.work / "home-run-killed")
+    deadline = time.monotonic() + 300
+    while len((read_progress(directory) or {}).get("history", [])) < 2:
+        assert time.monotonic() < deadline and p.poll() is None, (
+            f.logs["run-killed"].read_text()[-3000:])
+        time.sleep(0.05)
+    killed = subprocess.run(["pkill", "-KILL", "-f", "flwr-serverapp"], check=False)
+    assert killed.returncode == 0, "no flwr-serverapp process to kill"
+    code = p.wait(timeout=400)  # Flower marks the run failed once its heartbeats stop
+    log = f.logs["run-killed"].read_text()
+    assert code != 0 and "failed after" in log, log[-3000:]
+    rec = read_any_record(directory)
+    assert rec["status"] == "failed", rec.get("status")
+    assert "the ServerApp stopped in round 2 without writing its record" in rec["error"]
+    assert read_progress(directory) is None  # turned into the record
+    priv = rec["privacy"]
+    assert priv["steps_bound_per_site"] == {f"site-{s}": 2 * 2 for s in SITES}
+    for s in SITES:  # independent accountant over all 4 steps of the 2 rounds sent
+        site = f"site-{s}"
+        assert priv["epsilon_per_site"][site] == pytest.approx(dp_accounting_epsilon(
+            priv["noise_multiplier_per_site"][site], priv["sample_rate_per_site"][site], 4,
+            priv["delta_per_site"][site]), rel=1e-6)
+    assert priv["epsilon"] == max(priv["epsilon_per_site"].values())
 
 
 def test_unregistered_site_is_refused(federation, deployed, deployed_svt):

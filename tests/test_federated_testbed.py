@@ -1,4 +1,5 @@
-"""The testbed end to end: one federation on this machine, a shaped link and a site killed.
+"""The testbed end to end: one federation on this machine, a shaped link and a site killed;
+another whose SuperLink is killed and restarted mid-round.
 
 ``privseg federated testbed`` runs as an operator would run it (a subprocess): a SuperLink,
 three SuperNodes (each in its own network namespace when root, else on loopback), one relay per
@@ -48,23 +49,27 @@ def processes_mentioning(text: str) -> list[str]:
     return out
 
 
+def run_testbed(work: Path, d: dict, *args: str) -> tuple:
+    """``privseg federated testbed`` on config ``d`` (3 sites) as an operator runs it, with
+    ``args``; returns (the finished process, the run's complete record or None, ``work``)."""
+    from privseg.config import parse_config
+
+    cfg = work / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    proc = subprocess.run(
+        [sys.executable, "-c", "from privseg.cli import main; main()", "federated", "testbed",
+         str(cfg), "--sites", "3", "--workdir", str(work / "tb"), *args],
+        capture_output=True, text=True, timeout=900, env=flower_env(OMP_NUM_THREADS="1"))
+    return proc, read_record(Path(d["output"]["dir"]) / parse_config(d).run_id()), work
+
+
 @pytest.fixture(scope="module")
 def testbed_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("testbed")
     d = tiny(work, rounds=ROUNDS, local_steps=LOCAL_STEPS, min_fit_sites=2)
     d["setting"]["federated"]["links"] = {"site-A": {"latency_ms": LATENCY_MS,
                                                      "bandwidth_mbit": MBIT}}
-    cfg = work / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(d))
-    proc = subprocess.run(
-        [sys.executable, "-c", "from privseg.cli import main; main()", "federated", "testbed",
-         str(cfg), "--sites", "3", "--workdir", str(work / "tb"), "--round-timeout", "45",
-         "--fault", "kill:site-B@2"],
-        capture_output=True, text=True, timeout=900, env=flower_env(OMP_NUM_THREADS="1"))
-    from privseg.config import parse_config
-
-    record = read_record(Path(d["output"]["dir"]) / parse_config(d).run_id())
-    return proc, record, work
+    return run_testbed(work, d, "--round-timeout", "45", "--fault", "kill:site-B@2")
 
 
 def test_testbed_completes_and_names_the_missed_round(testbed_run):
@@ -85,7 +90,12 @@ def test_testbed_completes_and_names_the_missed_round(testbed_run):
         assert p["epsilon_per_site"][s] == pytest.approx(dp_accounting_epsilon(
             p["noise_multiplier_per_site"][s], p["sample_rate_per_site"][s],
             ROUNDS * LOCAL_STEPS, p["delta_per_site"][s]), rel=1e-6)
-    assert p["steps_per_site"]["site-B"] == LOCAL_STEPS  # round 1 only
+    assert p["steps_per_site"]["site-B"] == LOCAL_STEPS  # its last report: round 1
+    # B may have trained in round 2 before it was killed: the record counts that round too
+    assert p["steps_bound_per_site"]["site-B"] >= 2 * LOCAL_STEPS
+    assert p["epsilon_per_site"]["site-B"] >= dp_accounting_epsilon(
+        p["noise_multiplier_per_site"]["site-B"], p["sample_rate_per_site"]["site-B"],
+        2 * LOCAL_STEPS, p["delta_per_site"]["site-B"]) * (1 - 1e-6)
 
 
 def test_shaped_link_round_times_follow_its_profile(testbed_run):
@@ -135,3 +145,35 @@ def test_testbed_leaves_nothing_behind(testbed_run):
     prefix = record["testbed"]["namespace_prefix"]  # this testbed's (others may be running)
     assert prefix.startswith(netns.PREFIX) and len(prefix) > len(netns.PREFIX)
     assert netns.leftovers(prefix[len(netns.PREFIX):]) == []
+
+
+@pytest.fixture(scope="module")
+def superlink_restart_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("testbed-superlink")
+    d = tiny(work, rounds=ROUNDS, local_steps=LOCAL_STEPS, min_fit_sites=2)
+    return run_testbed(work, d, "--round-timeout", "90", "--fault", "superlink@2+5")
+
+
+def test_superlink_restart_is_survived_without_a_step_counted_twice(superlink_restart_run):
+    """The SuperLink killed (kill -9) when round 2's instructions reach the sites, restarted
+    on its database 5 s later. The sites' round-2 replies, sent while it was down, are lost;
+    the ServerApp (outside the SuperLink's process tree) lives on, the SuperNodes that gave
+    up are started afresh, round 2's instructions are sent again and answered from the
+    sites' first replies: the run completes with every site in every round and each site's
+    ε that of its 6 steps, as without the fault (8 steps had round 2 been trained twice)."""
+    proc, record, work = superlink_restart_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert record is not None and record["status"] == "complete"
+    assert [e["what"] for e in record["testbed"]["events"]][0].startswith("SuperLink killed")
+    h = record["history"]
+    assert [r["sites"] for r in h] == [["site-A", "site-B", "site-C"]] * ROUNDS
+    assert not any(r.get("missed") for r in h)
+    resent = record["federated"]["transport"]["resent"]
+    assert resent and {g for g, _ in resent} == {"2"}
+    p = record["privacy"]
+    for s in ("site-A", "site-B", "site-C"):
+        assert p["steps_per_site"][s] == ROUNDS * LOCAL_STEPS
+        assert p["epsilon_per_site"][s] == pytest.approx(dp_accounting_epsilon(
+            p["noise_multiplier_per_site"][s], p["sample_rate_per_site"][s],
+            ROUNDS * LOCAL_STEPS, p["delta_per_site"][s]), rel=1e-6)
+    assert processes_mentioning(str(work)) == []

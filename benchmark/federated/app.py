@@ -29,6 +29,7 @@ This module imports only Flower at import time: ``flwr-clientapp`` loads it for 
 from __future__ import annotations
 
 import json
+import math
 import time
 from multiprocessing.connection import Client as SocketClient
 from pathlib import Path
@@ -38,6 +39,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import serde
+from flwr.common.constant import ErrorCode
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.serverapp import Grid, ServerApp
@@ -49,6 +51,10 @@ CONFIG_KEY = "privseg-config"  # the privseg RunConfig, JSON
 SITES_KEY = "n-sites"
 OUTPUT_KEY = "output-dir"  # where the ServerApp writes OUTPUT_DIR/RUN_ID/record.json
 TIMEOUT_KEY = "round-timeout"  # seconds; 0: none
+#: seconds after its "Node Unavailable" error that an instruction is resent for, once its site
+#: is back (at most until the round's deadline): SuperNodes reconnect within ~20 s of a
+#: SuperLink restart, and a site that is really gone should not hold the round much longer
+RESEND_WAIT_S = 45.0
 #: node-config keys (``flower-supernode --node-config``)
 WORKER_KEY = "privseg-worker"  # the site worker's Unix socket
 SITE_KEY = "site"
@@ -100,10 +106,16 @@ class CountingGrid(Grid):
     and object chunking are not included).
     """
 
-    def __init__(self, grid: Grid, poll_s: float = 0.2):
+    def __init__(self, grid: Grid, poll_s: float = 0.2, resend: bool = False,
+                 resend_wait_s: float = RESEND_WAIT_S):
         self.grid = grid
         self.poll_s = poll_s
+        #: resend an instruction a site never got an answer to through (see send_and_receive)
+        self.resend = resend
+        self.resend_wait_s = resend_wait_s
         self.by_round: dict[str, dict[str, dict[str, int]]] = {}
+        #: (group id, destination node) of each instruction sent again
+        self.resent: list[tuple[str, int]] = []
 
     def _count(self, msg: Message, direction: str) -> None:
         size = serde.message_to_proto(msg).ByteSize()
@@ -147,15 +159,51 @@ class CountingGrid(Grid):
 
         Flower's own loop (``HttpGrid.send_and_receive``) polls every 3 s; here every
         ``poll_s`` (0.2 s), which matters for SecAgg+'s four round trips per round.
+
+        With :attr:`resend`, an instruction answered by the SuperLink's "Node Unavailable"
+        error is pushed again once its site is back among the connected nodes, if that is
+        within :attr:`resend_wait_s` of the error and the round's ``timeout``. That is what a
+        SuperLink restart leaves: the site trained, but its reply was sent while the SuperLink
+        was down and is lost. The site answers a resent instruction with the reply it already
+        computed (:meth:`privseg.federated.client.SiteClient.fit`): no DP step is taken twice.
         """
-        msg_ids = set(self.push_messages(messages))
-        end = None if timeout is None else time.monotonic() + timeout
+        messages = list(messages)
+        # an id Flower could not push (None) would be awaited forever
+        pending = {i: m for i, m in zip(self.push_messages(messages), messages, strict=True)
+                   if i is not None}
+        start = time.monotonic()
+        end = None if timeout is None else start + timeout
+        resend_until: dict[str, float] = {}  # per waiting instruction
         replies: list[Message] = []
-        while msg_ids:
-            got = list(self.pull_messages(msg_ids))
-            replies.extend(got)
-            msg_ids -= {r.metadata.reply_to_message_id for r in got}
-            if not msg_ids or (end is not None and time.monotonic() >= end):
+        waiting: list[tuple[Message, Message]] = []  # (instruction, its error reply)
+        while pending or waiting:
+            got = list(self.pull_messages(list(pending))) if pending else []
+            for r in got:
+                ins = pending.pop(r.metadata.reply_to_message_id)
+                now = time.monotonic()
+                if (self.resend and r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE
+                        and (end is None or now < end)):
+                    waiting.append((ins, r))
+                    resend_until[ins.metadata.message_id] = min(
+                        now + self.resend_wait_s, end if end is not None else math.inf)
+                else:
+                    replies.append(r)
+            if waiting:
+                online = set(self.get_node_ids())
+                back = [(i, r) for i, r in waiting if i.metadata.dst_node_id in online]
+                waiting = [(i, r) for i, r in waiting if i.metadata.dst_node_id not in online]
+                again = [Message(content=i.content, dst_node_id=i.metadata.dst_node_id,
+                                 message_type=i.metadata.message_type,
+                                 group_id=i.metadata.group_id) for i, _ in back]
+                if again:
+                    self.resent += [(m.metadata.group_id, m.metadata.dst_node_id) for m in again]
+                    pending.update((i, m) for i, m in zip(self.push_messages(again), again,
+                                                          strict=True) if i is not None)
+                now = time.monotonic()  # not back in time: the error stands
+                replies += [r for i, r in waiting if now >= resend_until[i.metadata.message_id]]
+                waiting = [(i, r) for i, r in waiting
+                           if now < resend_until[i.metadata.message_id]]
+            if not (pending or waiting) or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(self.poll_s)
         return replies
@@ -165,6 +213,7 @@ class CountingGrid(Grid):
 def serve_federation(grid: Grid, context: Context) -> None:
     """ServerApp main: the rounds, the final test and the run record (see the module doc)."""
     from privseg.config import parse_config
+    from privseg.federated.progress import clear_progress, write_progress
     from privseg.federated.secagg import _fill_round_bytes, run_workflow
     from privseg.federated.server import (
         deployment_record,
@@ -185,10 +234,21 @@ def serve_federation(grid: Grid, context: Context) -> None:
     if timeout:  # a site gone from the federation is awaited no longer than a round's deadline
         manager = server.client_manager()
         manager.absent_wait_s = min(manager.absent_wait_s, timeout)
-    counting = CountingGrid(grid)
+    counting = CountingGrid(grid, resend=not cfg.setting.federated.secure_aggregation)
     t0 = time.perf_counter()
     transport = {"runtime": "flower-superlink", "flower_run_id": int(context.run_id),
-                 "wire_bytes_by_round": counting.by_round}
+                 "wire_bytes_by_round": counting.by_round, "resent": counting.resent}
+    directory = run_dir(output, cfg.run_id())
+
+    def keep_progress() -> None:  # what was spent so far, should this process be killed
+        stopped = RuntimeError(f"the ServerApp stopped in round {len(server.recorder.rounds)} "
+                               "without writing its record")
+        record = failed_run_record(cfg, server, stopped, "server",
+                                   timing={"total_s": time.perf_counter() - t0})
+        record["federated"]["transport"] = transport
+        write_progress(directory, record)
+
+    server.recorder.on_progress = keep_progress
     try:
         with fails_as_run(server):
             run_workflow(cfg, server, counting, round_timeout=timeout)
@@ -196,7 +256,8 @@ def serve_federation(grid: Grid, context: Context) -> None:
         record = failed_run_record(cfg, server, e, "server",
                                    timing={"total_s": time.perf_counter() - t0})
         record["federated"]["transport"] = transport
-        path = write_record(run_dir(output, record["run_id"]), record)
+        path = write_record(directory, record)
+        clear_progress(directory)
         print(f"privseg: run failed, record written to {path}", flush=True)
         raise
     if cfg.setting.federated.secure_aggregation:
@@ -206,5 +267,6 @@ def serve_federation(grid: Grid, context: Context) -> None:
         "deployment (Flower SuperLink/SuperNode"
         + (", SecAgg+)" if cfg.setting.federated.secure_aggregation else ")"),
         transport)
-    path = write_record(run_dir(output, record["run_id"]), record)
+    path = write_record(directory, record)
+    clear_progress(directory)
     print(f"privseg: record written to {path}", flush=True)

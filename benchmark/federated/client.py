@@ -21,6 +21,7 @@ that sites sharing one process (simulation) draw exactly what separate processes
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -46,6 +47,15 @@ from privseg.training.step import prepare_training, train_step, unwrap
 def get_weights(model: torch.nn.Module) -> list[np.ndarray]:
     """The model's state (parameters and buffers) as NumPy arrays, in state-dict order."""
     return [v.detach().cpu().numpy().copy() for v in unwrap(model).state_dict().values()]
+
+
+def weights_digest(weights: list[np.ndarray]) -> str:
+    """SHA-256 of a list of arrays (shapes, dtypes and bytes): one global model's identity."""
+    h = hashlib.sha256()
+    for a in weights:
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def set_weights(model: torch.nn.Module, weights: list[np.ndarray]) -> None:
@@ -99,6 +109,8 @@ class SiteClient(NumPyClient):
         q = self.plan.sample_rate if self.plan else None
         self.steps_per_round = local_steps_per_round(self.scfg, q or 1.0, len(data.train))
         self.steps_done = 0
+        #: ((round, digest of the global model), reply) of the last fit answered
+        self.last_fit: tuple[tuple[int, str], tuple] | None = None
         self._batches = None
         #: SVT / partial sharing: what turns the new weights into the sparse message
         self.sparsifier = (SiteSparsifier(cfg, data.name, seed) if is_sparse(self.fed)
@@ -159,6 +171,16 @@ class SiteClient(NumPyClient):
         return get_weights(self.state.model)
 
     def fit(self, parameters, config):
+        key = (int(config.get("round", 0)), weights_digest(parameters))
+        if self.last_fit is not None and self.last_fit[0] == key:
+            # the same round's instruction with the same global model, sent again because our
+            # reply was lost (a SuperLink restart): the same reply, no DP step taken twice
+            return self.last_fit[1]
+        reply = self._fit(parameters, config)
+        self.last_fit = (key, reply)
+        return reply
+
+    def _fit(self, parameters, config):
         t0 = time.perf_counter()
         planned = self.plan.steps if self.plan else None
         if planned is not None and self.steps_done + self.steps_per_round > planned:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from privseg.config import ConfigError, RunConfig
 from privseg.federated.app import APP_DIR, CONFIG_KEY, OUTPUT_KEY, SITES_KEY, TIMEOUT_KEY
+from privseg.federated.progress import record_from_progress
 from privseg.record import read_any_record, run_dir
 
 CONNECTION = "privseg"
@@ -131,6 +132,10 @@ def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None
         raise RuntimeError(f"`flwr run` failed (exit {proc.returncode}):\n{out[-3000:]}")
     wait = RECORD_GRACE_S if proc.returncode == 0 else max(lost_wait, RECORD_GRACE_S)
     record = await_record(run_dir(output, cfg.run_id()), int(m.group(1)), wait)
+    if record is None:  # the ServerApp was killed: its progress is the record of the spend
+        record = record_from_progress(
+            run_dir(output, cfg.run_id()), int(m.group(1)),
+            f"no record within {wait:g} s of `flwr run` ending (exit {proc.returncode})")
     if record is None:
         raise RuntimeError(f"Flower run {m.group(1)} left no record in "
                            f"{run_dir(output, cfg.run_id())} within {wait:g} s of `flwr run` "

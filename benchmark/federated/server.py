@@ -28,7 +28,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from logging import INFO
 
@@ -67,7 +67,12 @@ from privseg.federated.site_dp import (
     seed_server_noise,
     site_sampler,
 )
-from privseg.federated.site_plans import site_level_epsilon, site_level_plan, sites_per_round
+from privseg.federated.site_plans import (
+    sample_epsilon_bound,
+    site_level_epsilon,
+    site_level_plan,
+    sites_per_round,
+)
 from privseg.federated.sparse import (
     Densify,
     check_sparse,
@@ -115,9 +120,11 @@ SITE_DROPOUT_NOTE = (
     "history[].sites does: do not publish it")
 #: what a sample-level DP record cannot know about a site that failed mid-round
 SAMPLE_DROPOUT_NOTE = (
-    "a site that failed mid-round (history[].missed) may have taken DP steps it never "
-    "reported: its ε here is its last report; its own ledger (privseg.dp.ledger, charged "
-    "with the run's planned spend before training) is the bound")
+    "a site that missed a round it was sent (history[].missed) may have taken that round's DP "
+    "steps without its reply arriving: its ε here counts every step of every round it was "
+    "sent (steps_bound_per_site; its last report is epsilon_reported_per_site), and a site "
+    "that never answered is bounded by its calibration (target ε); its own ledger "
+    "(privseg.dp.ledger, charged with the planned spend before training) holds the same bound")
 
 
 #: the metric names a site's fit and evaluate replies may carry (besides per-class keys)
@@ -301,11 +308,13 @@ class RecordingStrategy(Strategy):
         self.secagg: dict | None = None
         self.site_fit_metrics: dict[str, dict] = {}
         self.site_train_subjects: dict[str, int] = {}
+        #: cid -> site name (the client manager's), to name the sites of failures
         self.site_of: dict[str, str] = {}
         self.final_test: dict[str, dict] = {}
         self.compute_s = 0.0
-        #: cid -> site name (the client manager's), to name the sites of failures
-        self.site_of: dict[str, str] = {}
+        #: called whenever a round's instructions went out or its replies are in (a deployed
+        #: ServerApp keeps its progress record with it: privseg.federated.progress)
+        self.on_progress: Callable[[], None] | None = None
 
     def min_sites(self, asked: int) -> int:
         """Least answers a round of ``asked`` sites needs (``min_fit_sites``, default all)."""
@@ -371,7 +380,12 @@ class RecordingStrategy(Strategy):
         row["absent"] = absent
         if not self.fed.secure_aggregation:  # SecAgg+: the grid counts all four stages
             row["bytes_down"] += sum(payload_bytes(fi.parameters) for _, fi in ins)
+        self._progress()
         return ins
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _check_fitres(self, res: FitRes) -> None:
         self.audit["fit_results"] += 1
@@ -508,6 +522,7 @@ class RecordingStrategy(Strategy):
                 zip(parameters_to_ndarrays(params), self.param_dtypes, strict=True)])
         row["fit_s"] = time.perf_counter() - row.pop("t_start")
         row["ended_at"] = time.time()
+        self._progress()
         return params, {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -535,6 +550,7 @@ class RecordingStrategy(Strategy):
         # all the sites' validation subjects, or a subset before the last round (val_subjects)
         row["val_n_subjects"] = sum(int(m.get("n_subjects", 0)) for m in per_site.values())
         row["ended_at"] = time.time()
+        self._progress()
         return None, {}
 
     def _collect_eval(self, results) -> dict[str, dict]:
@@ -551,6 +567,22 @@ class RecordingStrategy(Strategy):
         return None  # no data on the server: evaluation happens at the sites
 
     # -- results --------------------------------------------------------------------------
+    def sample_epsilon_bounds(self) -> tuple[dict[str, float], dict[str, int | None]]:
+        """Per site, (ε, steps) at most spent in sample mode: every step of every round the
+        site was sent, answered or not (:func:`~privseg.federated.site_plans.sample_epsilon_bound`);
+        equal to the sites' own reports when every site answered every round it was sent."""
+        sent: dict[str, int] = {}
+        for r in self.rounds:
+            for s in r.get("asked", []):
+                if s not in r.get("absent", []):  # an absent site was sent nothing
+                    sent[s] = sent.get(s, 0) + 1
+        eps, steps = {}, {}
+        for s in sorted(set(sent) | set(self.site_fit_metrics)):
+            eps[s], steps[s] = sample_epsilon_bound(
+                self.site_fit_metrics.get(s), sent.get(s, 0), self.fed.rounds,
+                self.cfg.privacy.target_epsilon)
+        return eps, steps
+
     def privacy(self) -> dict:
         """The privacy block of the run record, with the guarantee in words."""
         mode = self.fed.dp_mode
@@ -564,13 +596,16 @@ class RecordingStrategy(Strategy):
             return self._svt_privacy(noise)
         if mode == "sample":
             m = self.site_fit_metrics
-            eps = {s: float(v["epsilon"]) for s, v in m.items()}
+            reported = {s: float(v["epsilon"]) for s, v in m.items()}
+            eps, steps_bound = self.sample_epsilon_bounds()
             worst = max(eps.values()) if eps else math.inf
             replay = ("" if self.cfg.privacy.noise_seed is None else
                       " NOT against whoever holds the config: its noise_seed replays the noise.")
             return {
                 "enabled": True, "mode": "sample", "unit": "subject",
                 "epsilon": worst, "epsilon_per_site": eps,
+                **({"epsilon_reported_per_site": reported,
+                    "steps_bound_per_site": steps_bound} if reported != eps else {}),
                 "delta_per_site": {s: v["delta"] for s, v in m.items()},
                 "noise_multiplier_per_site": {s: v["noise_multiplier"] for s, v in m.items()},
                 "sample_rate_per_site": {s: v["sample_rate"] for s, v in m.items()},

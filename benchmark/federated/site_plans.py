@@ -22,6 +22,8 @@ sampling, and accounting it as such is optimistic; Lebeda et al. 2024, arXiv 240
 
 from __future__ import annotations
 
+import math
+
 from privseg.config import RunConfig
 from privseg.dp.accounting import (
     PrivacyPlan,
@@ -29,6 +31,7 @@ from privseg.dp.accounting import (
     check_delta,
     checked_user_delta,
     default_delta,
+    epsilon_for,
     epsilon_of_history,
     steps_per_epoch,
 )
@@ -65,6 +68,31 @@ def plan_site_sample(cfg: RunConfig, n_train: int) -> PrivacyPlan:
     return PrivacyPlan(n_train, t.expected_batch_size, q, steps_per_epoch(q), fed.rounds, steps,
                        delta, float(sigma), p.target_epsilon, p.accountant, p.max_grad_norm,
                        delta_warning=warning)
+
+
+def sample_epsilon_bound(report: dict | None, rounds_sent: int, rounds: int,
+                         target_epsilon: float | None) -> tuple[float, int | None]:
+    """(ε, steps) at most spent by a sample-level site, from what the server saw of it.
+
+    A site that was sent a round's fit instruction may have taken that round's local steps
+    without its reply ever arriving (a straggler past the deadline, a site killed after
+    training, a lost link): its last report then under-states its spend. This counts every
+    step of every round it was sent (never more than the planned steps its σ was calibrated
+    for, which the site refuses to exceed). ``report`` is its last fit metrics (σ, q, δ, planned
+    and taken steps); a site that never answered has none, and is bounded by its calibration:
+    σ was chosen so that all planned steps spend at most the target ε (∞ when σ was set by
+    hand, as q = B/n is then unknown to the server).
+    """
+    if report is None:
+        if rounds_sent == 0:
+            return 0.0, 0
+        return (math.inf if target_epsilon is None else float(target_epsilon)), None
+    planned, taken = int(report["planned_steps"]), int(report["steps"])
+    steps = max(taken, min(planned, planned // rounds * rounds_sent))
+    if steps == taken:
+        return float(report["epsilon"]), steps
+    return epsilon_for(float(report["noise_multiplier"]), float(report["sample_rate"]), steps,
+                       float(report["delta"]), str(report["accountant"])), steps
 
 
 def sites_per_round(n_sites: int, fraction: float) -> int:

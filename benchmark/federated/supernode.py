@@ -63,6 +63,11 @@ SUPERNODE_CONNECTION_ERROR = 305 % 256
 REFUSED_LINE = "Exit Code: 305"
 #: seconds between a refused SuperNode's exit and its next start
 ACTIVATION_RETRY_S = 5.0
+#: what Flower prints when its connection retries give up for good because an error's text
+#: names SSL (``flwr.supercore.retry.http_retry``): a SuperLink killed mid-connection reads
+#: as "UNEXPECTED_EOF_WHILE_READING (_ssl.c)", so after a SuperLink restart the SuperNode
+#: lives on without heartbeats and is never again online
+GAVE_UP_LINE = "SSL/TLS handshake error detected."
 
 #: Flower error code for a reply the worker could not compute (ClientApp raised)
 WORKER_ERROR_CODE = 0
@@ -369,12 +374,15 @@ def supernode_command(superlink: str, socket_path: Path, site: str,
     return cmd
 
 
-def _pass_on(stream, refused: threading.Event) -> None:
-    """Copy the SuperNode's output to ours; set ``refused`` on Flower's refusal line."""
+def _pass_on(stream, refused: threading.Event, gave_up: threading.Event) -> None:
+    """Copy the SuperNode's output to ours; set ``refused`` on Flower's refusal line and
+    ``gave_up`` when its connection retries gave up (:data:`GAVE_UP_LINE`)."""
     for line in stream:
         print(line, end="", flush=True)
         if REFUSED_LINE in line:
             refused.set()
+        if GAVE_UP_LINE in line:
+            gave_up.set()
 
 
 def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: str | None = None,
@@ -390,8 +398,9 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
     directory only this user can enter, behind a random shared secret (file mode 0600).
 
     A SuperNode that exits because the SuperLink refused it (a restarted node's re-activation
-    is refused until its heartbeat expires; a SuperLink restarting) is started again, same
-    key, every :data:`ACTIVATION_RETRY_S` seconds until ``max_wait`` seconds have passed
+    is refused until its heartbeat expires; a SuperLink restarting), or that gave up its
+    connection for good (:data:`GAVE_UP_LINE`: the SuperLink was killed), is started again,
+    same key, every :data:`ACTIVATION_RETRY_S` seconds until ``max_wait`` seconds have passed
     (no ``max_wait``: no retry). The worker, its ledger and its accountants live on across
     the restarts.
     """
@@ -425,20 +434,26 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
         while True:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,  # noqa: S603
                                     stderr=subprocess.STDOUT, text=True, errors="replace")
-            refused = threading.Event()
+            refused, gave_up = threading.Event(), threading.Event()
             # passed on as it comes, the refusal recognised; in a thread: the SuperNode's own
             # children (its SuperExec) may hold the pipe open after it exited
-            reader = threading.Thread(target=_pass_on, args=(proc.stdout, refused),
+            reader = threading.Thread(target=_pass_on, args=(proc.stdout, refused, gave_up),
                                       daemon=True)
             reader.start()
+            while proc.poll() is None:
+                if gave_up.wait(0.5):  # alive but disconnected for good: start it afresh
+                    log.warning("site %s: the SuperNode lost the SuperLink and stopped "
+                                "retrying; restarting it", site)
+                    stop_process(proc)
             code = proc.wait()
             reader.join(timeout=1.0)
             log.info("site %s: SuperNode exited with code %s", site, code)
-            if not (refused.is_set() or code == SUPERNODE_CONNECTION_ERROR) or (
-                    time.monotonic() >= deadline):
+            if not (refused.is_set() or gave_up.is_set()
+                    or code == SUPERNODE_CONNECTION_ERROR) or time.monotonic() >= deadline:
                 return code
-            log.warning("site %s: the SuperLink refused this SuperNode (exit %d); starting it "
-                        "again in %g s (until --max-wait)", site, code, ACTIVATION_RETRY_S)
+            log.warning("site %s: the SuperLink refused or lost this SuperNode (exit %d); "
+                        "starting it again in %g s (until --max-wait)", site, code,
+                        ACTIVATION_RETRY_S)
             time.sleep(min(ACTIVATION_RETRY_S, max(0.0, deadline - time.monotonic())))
     finally:
         signal.signal(signal.SIGTERM, previous)

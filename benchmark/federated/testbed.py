@@ -215,7 +215,19 @@ class Testbed:
                 "--ssl-certfile", str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                 "--host", "127.0.0.1", "--port", str(self.port),
-                "--database", str(self.work / "superlink.db")]
+                "--database", str(self.work / "superlink.db"),
+                # the ServerApp's SuperExec runs on its own (start_superexec), not as the
+                # SuperLink's child: in Flower's default subprocess isolation it watches its
+                # parent and stops (taking the ServerApp with it) when the SuperLink dies
+                "--isolation", "process"]
+
+    def start_superexec(self) -> None:
+        """Flower's SuperExec for ServerApps (``flower-superexec``), outside the SuperLink's
+        process tree, so that a ServerApp outlives a SuperLink restart."""
+        self._start("superexec", [
+            flower_command("flower-superexec"), "--runtime-api-address",
+            f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs / "ca.crt")],
+            self.work / "home-superexec")
 
     def start_superlink(self) -> None:
         """Start (or restart, on the same database) the SuperLink; wait until it listens."""
@@ -235,6 +247,18 @@ class Testbed:
     def start_site(self, site: Site) -> None:
         """Start (or restart: same key, cache and ledger) the site's SuperNode."""
         site.proc = self._start(f"site-{site.name}", site.cmd, self.work / f"home-{site.name}")
+
+    def check_sites(self, faulted: set[str]) -> None:
+        """Raise if a site's SuperNode exited on its own (not killed by a fault in
+        ``faulted``): a site that refuses to start (a bad config, a ledger to move, a budget)
+        would otherwise leave the run waiting for it until the round deadline."""
+        for site in self.sites.values():
+            if site.name in faulted or site.proc is None or site.proc.poll() is None:
+                continue
+            log = self.work / f"site-{site.name}.log"
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise RuntimeError(f"site {site.name}'s SuperNode exited ({site.proc.returncode}) "
+                               f"during the run; {log} ends:\n{tail}")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> Testbed:
@@ -265,6 +289,7 @@ class Testbed:
                           ["127.0.0.1"] + [s.address for s in self.sites.values() if s.ns])
         self.port = free_port()
         self.start_superlink()
+        self.start_superexec()
         self._register_keys()
         site_configs = self._start_pacs() if self.pacs else {}
         for site in self.sites.values():
@@ -526,8 +551,9 @@ def run_testbed(cfg: RunConfig, config_path: Path, n_sites: int, workdir: Path, 
         runner = threading.Thread(target=submit, daemon=True)
         runner.start()
         tb.watch(faults, done)
+        faulted = {f.site for f in faults if f.kind in ("kill", "restart")}
         while not done.wait(0.5):
-            pass
+            tb.check_sites(faulted)
         record = read_any_record(run_dir(output, cfg.run_id()))
         if record is None:
             raise outcome.get("error") or RuntimeError("the run left no record")
