@@ -454,3 +454,25 @@ def test_instruction_lost_in_a_superlink_restart_is_resent_once_its_site_is_back
     else:  # Flower's behaviour: the error stands
         assert counting.resent == [] and by_node[2].has_error()
         assert len(grid.pushed) == 2
+
+
+def test_record_is_awaited_while_the_superlink_says_the_run_goes_on(tmp_path):
+    """``flwr run`` can end (exit 0) while the ServerApp still works (seen on the testbed:
+    its stream ended while the ServerApp awaited a lost site): the record is awaited past the
+    grace period for as long as the run is live, and not once it is finished."""
+    from privseg.federated.federation import await_record
+    from privseg.record import write_record
+
+    asked = []
+
+    def live() -> bool:  # the ServerApp writes its record while the operator waits
+        asked.append(1)
+        if len(asked) == 2:
+            write_record(tmp_path, {"federated": {"transport": {"flower_run_id": 5}}})
+        return True
+
+    rec = await_record(tmp_path, 5, wait=0.0, poll_s=0.0, still_running=live, longest=60,
+                       recheck_s=0.0)
+    assert rec["federated"]["transport"]["flower_run_id"] == 5 and len(asked) == 2
+    assert await_record(tmp_path / "none", 5, wait=0.0, poll_s=0.0,
+                        still_running=lambda: False, longest=60, recheck_s=0.0) is None

@@ -124,14 +124,18 @@ def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None
                str(overrides), "--stream"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                               check=False)  # noqa: S603
-    out = proc.stdout + proc.stderr
-    if log_path is not None:
-        Path(log_path).write_text(out)
-    m = re.search(r"Successfully started run (\d+)", out)
-    if m is None:
-        raise RuntimeError(f"`flwr run` failed (exit {proc.returncode}):\n{out[-3000:]}")
-    wait = RECORD_GRACE_S if proc.returncode == 0 else max(lost_wait, RECORD_GRACE_S)
-    record = await_record(run_dir(output, cfg.run_id()), int(m.group(1)), wait)
+        out = proc.stdout + proc.stderr
+        if log_path is not None:
+            Path(log_path).write_text(out)
+        m = re.search(r"Successfully started run (\d+)", out)
+        if m is None:
+            raise RuntimeError(f"`flwr run` failed (exit {proc.returncode}):\n{out[-3000:]}")
+        wait = RECORD_GRACE_S if proc.returncode == 0 else max(lost_wait, RECORD_GRACE_S)
+        record = await_record(
+            run_dir(output, cfg.run_id()), int(m.group(1)), wait,
+            still_running=lambda: run_is_live(flwr, connection or CONNECTION, env,
+                                              int(m.group(1))),
+            longest=max(lost_wait, RECORD_GRACE_S))
     if record is None:  # the ServerApp was killed: its progress is the record of the spend
         record = record_from_progress(
             run_dir(output, cfg.run_id()), int(m.group(1)),
@@ -147,16 +151,38 @@ def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None
     return record
 
 
-def await_record(directory: Path, flower_run: int, wait: float,
-                 poll_s: float = 0.5) -> dict | None:
+def run_is_live(flwr: str, connection: str, env: dict[str, str], flower_run: int) -> bool:
+    """Whether the SuperLink says Flower run ``flower_run`` is still pending, starting or
+    running (``flwr ls --run-id``); False when it cannot be asked."""
+    try:
+        p = subprocess.run([flwr, "ls", connection, "--run-id", str(flower_run), "--format",
+                            "json"], env=env, capture_output=True, text=True, timeout=60,
+                           check=False)  # noqa: S603
+        status = json.loads(p.stdout)["runs"][0]["status"]
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, KeyError, IndexError, TypeError):
+        return False
+    return str(status).split(":")[0] in ("pending", "starting", "running")
+
+
+def await_record(directory: Path, flower_run: int, wait: float, poll_s: float = 0.5,
+                 still_running=None, longest: float | None = None,
+                 recheck_s: float = 10.0) -> dict | None:
     """The record (complete or failed) that Flower run ``flower_run`` wrote in ``directory``,
-    polled for up to ``wait`` seconds; None if none came (another run's record is ignored)."""
-    deadline = time.monotonic() + wait
+    polled for up to ``wait`` seconds, and on while ``still_running()`` says the run goes on
+    (``flwr run`` can end its stream, exit 0, while the ServerApp is still at work: seen
+    while it awaited a lost site), up to ``longest`` seconds in all; None if none came
+    (another run's record is ignored). The run's status is asked every ``recheck_s``."""
+    start = time.monotonic()
+    deadline = start + wait
     while True:
         record = read_any_record(directory)
         transport = (record or {}).get("federated", {}).get("transport", {})
         if transport.get("flower_run_id") == flower_run:
             return record
-        if time.monotonic() > deadline:
-            return None
+        now = time.monotonic()
+        if now > deadline:
+            if (still_running is None or now - start > (longest or wait)
+                    or not still_running()):
+                return None
+            deadline = now + recheck_s
         time.sleep(poll_s)
