@@ -25,6 +25,7 @@ import pytest
 import yaml
 from test_federated import dp_accounting_epsilon, tiny
 
+from privseg.datasets.orthanc import dicomweb_plugin, orthanc_binary
 from privseg.federated import netns
 from privseg.federated.federation import flower_env
 from privseg.federated.relay import CHUNK
@@ -176,4 +177,36 @@ def test_superlink_restart_is_survived_without_a_step_counted_twice(superlink_re
         assert p["epsilon_per_site"][s] == pytest.approx(dp_accounting_epsilon(
             p["noise_multiplier_per_site"][s], p["sample_rate_per_site"][s],
             ROUNDS * LOCAL_STEPS, p["delta_per_site"][s]), rel=1e-6)
+    assert processes_mentioning(str(work)) == []
+
+
+@pytest.mark.skipif(orthanc_binary() is None or dicomweb_plugin() is None,
+                    reason="Orthanc with DICOMweb not installed (CI installs it)")
+def test_testbed_sites_reading_their_pacs_train_as_on_files(tmp_path):
+    """``--pacs``: one Orthanc per site holding the data set, each site reading its subjects
+    back over DICOMweb. The run completes and the sites train on the same subjects as on
+    files: the same sites, subject counts, σ and ε (calibrated from each site's n), and
+    bytes per round as the in-process simulation of the files config."""
+    import json
+
+    from privseg.federated.simulation import run_federated
+
+    d = tiny(tmp_path, rounds=2, local_steps=LOCAL_STEPS)
+    proc, _, work = run_testbed(tmp_path, d, "--round-timeout", "120", "--pacs")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = Path(d["output"]["dir"]).glob("*/record.json")
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "complete" and rec["testbed"]["pacs"] is True
+    assert rec["config"]["dataset"]["name"] == "pacs"
+    d["output"]["dir"] = str(tmp_path / "files-runs")
+    from privseg.config import parse_config
+
+    files = run_federated(parse_config(d), progress=False, force=True)
+    assert rec["dataset"]["sites"] == files["dataset"]["sites"]
+    for s, m in files["test"]["per_site"].items():
+        assert rec["test"]["per_site"][s]["n_subjects"] == m["n_subjects"]
+    p, q = rec["privacy"], files["privacy"]
+    assert p["noise_multiplier_per_site"] == q["noise_multiplier_per_site"]
+    assert p["epsilon_per_site"] == q["epsilon_per_site"]
+    assert rec["federated"]["bytes_per_round"] == files["federated"]["bytes_per_round"]
     assert processes_mentioning(str(work)) == []
