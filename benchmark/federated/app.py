@@ -173,9 +173,9 @@ class CountingGrid(Grid):
                    if i is not None}
         start = time.monotonic()
         end = None if timeout is None else start + timeout
-        resend_until: dict[str, float] = {}  # per waiting instruction
         replies: list[Message] = []
-        waiting: list[tuple[Message, Message]] = []  # (instruction, its error reply)
+        #: (instruction, its error reply, resend no later than)
+        waiting: list[tuple[Message, Message, float]] = []
         while pending or waiting:
             got = list(self.pull_messages(list(pending))) if pending else []
             for r in got:
@@ -183,26 +183,24 @@ class CountingGrid(Grid):
                 now = time.monotonic()
                 if (self.resend and r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE
                         and (end is None or now < end)):
-                    waiting.append((ins, r))
-                    resend_until[ins.metadata.message_id] = min(
-                        now + self.resend_wait_s, end if end is not None else math.inf)
+                    waiting.append((ins, r, min(now + self.resend_wait_s,
+                                                end if end is not None else math.inf)))
                 else:
                     replies.append(r)
             if waiting:
                 online = set(self.get_node_ids())
-                back = [(i, r) for i, r in waiting if i.metadata.dst_node_id in online]
-                waiting = [(i, r) for i, r in waiting if i.metadata.dst_node_id not in online]
                 again = [Message(content=i.content, dst_node_id=i.metadata.dst_node_id,
                                  message_type=i.metadata.message_type,
-                                 group_id=i.metadata.group_id) for i, _ in back]
+                                 group_id=i.metadata.group_id)
+                         for i, _, _ in waiting if i.metadata.dst_node_id in online]
                 if again:
                     self.resent += [(m.metadata.group_id, m.metadata.dst_node_id) for m in again]
                     pending.update((i, m) for i, m in zip(self.push_messages(again), again,
                                                           strict=True) if i is not None)
                 now = time.monotonic()  # not back in time: the error stands
-                replies += [r for i, r in waiting if now >= resend_until[i.metadata.message_id]]
-                waiting = [(i, r) for i, r in waiting
-                           if now < resend_until[i.metadata.message_id]]
+                waiting = [w for w in waiting if w[0].metadata.dst_node_id not in online]
+                replies += [r for _, r, until in waiting if now >= until]
+                waiting = [w for w in waiting if now < w[2]]
             if not (pending or waiting) or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(self.poll_s)
@@ -240,23 +238,23 @@ def serve_federation(grid: Grid, context: Context) -> None:
                  "wire_bytes_by_round": counting.by_round, "resent": counting.resent}
     directory = run_dir(output, cfg.run_id())
 
-    def keep_progress() -> None:  # what was spent so far, should this process be killed
-        stopped = RuntimeError(f"the ServerApp stopped in round {len(server.recorder.rounds)} "
-                               "without writing its record")
-        record = failed_run_record(cfg, server, stopped, "server",
+    def failed(error: BaseException) -> dict:  # what was spent so far, with the transport
+        record = failed_run_record(cfg, server, error, "server",
                                    timing={"total_s": time.perf_counter() - t0})
         record["federated"]["transport"] = transport
-        write_progress(directory, record)
+        return record
+
+    def keep_progress() -> None:  # should this process be killed
+        write_progress(directory, failed(RuntimeError(
+            f"the ServerApp stopped in round {len(server.recorder.rounds)} without writing "
+            "its record")))
 
     server.recorder.on_progress = keep_progress
     try:
         with fails_as_run(server):
             run_workflow(cfg, server, counting, round_timeout=timeout)
     except Exception as e:  # what was spent is written down before the ServerApp fails
-        record = failed_run_record(cfg, server, e, "server",
-                                   timing={"total_s": time.perf_counter() - t0})
-        record["federated"]["transport"] = transport
-        path = write_record(directory, record)
+        path = write_record(directory, failed(e))
         clear_progress(directory)
         print(f"privseg: run failed, record written to {path}", flush=True)
         raise

@@ -130,24 +130,24 @@ def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None
         m = re.search(r"Successfully started run (\d+)", out)
         if m is None:
             raise RuntimeError(f"`flwr run` failed (exit {proc.returncode}):\n{out[-3000:]}")
+        flower_run, directory = int(m.group(1)), run_dir(output, cfg.run_id())
         wait = RECORD_GRACE_S if proc.returncode == 0 else max(lost_wait, RECORD_GRACE_S)
         record = await_record(
-            run_dir(output, cfg.run_id()), int(m.group(1)), wait,
-            still_running=lambda: run_is_live(flwr, connection or CONNECTION, env,
-                                              int(m.group(1))),
+            directory, flower_run, wait,
+            still_running=lambda: run_is_live(flwr, connection or CONNECTION, env, flower_run),
             longest=max(lost_wait, RECORD_GRACE_S))
     if record is None:  # the ServerApp was killed: its progress is the record of the spend
         record = record_from_progress(
-            run_dir(output, cfg.run_id()), int(m.group(1)),
+            directory, flower_run,
             f"no record within {wait:g} s of `flwr run` ending (exit {proc.returncode})")
     if record is None:
-        raise RuntimeError(f"Flower run {m.group(1)} left no record in "
-                           f"{run_dir(output, cfg.run_id())} within {wait:g} s of `flwr run` "
-                           f"ending (exit {proc.returncode}); its log ends:\n{out[-3000:]}")
+        raise RuntimeError(f"Flower run {flower_run} left no record in {directory} within "
+                           f"{wait:g} s of `flwr run` ending (exit {proc.returncode}); its log "
+                           f"ends:\n{out[-3000:]}")
     if record.get("status") != "complete":
-        raise RuntimeError(f"Flower run {m.group(1)} failed after {record.get('rounds_done')} "
+        raise RuntimeError(f"Flower run {flower_run} failed after {record.get('rounds_done')} "
                            f"round(s): {record.get('error')} (its record of what was spent: "
-                           f"{run_dir(output, cfg.run_id())})")
+                           f"{directory})")
     return record
 
 
