@@ -41,6 +41,7 @@ from privseg.config import RunConfig, parse_config
 from privseg.dp.functional_step import FunctionalDPStep
 from privseg.dp.grad_samplers import CONV_SAMPLERS
 from privseg.record import atomic_write_text, environment
+from privseg.training.cpu_memory import keep_freed_cpu_memory
 from privseg.training.losses import PerSampleDiceCE
 from privseg.training.setup import builder_knobs, place_model, resolve_device, seed_everything
 from privseg.training.step import make_optimizer, prepare_training, train_step
@@ -192,6 +193,8 @@ def run_bench(model: str = "unet", dims: int = 2, device: str = "cpu", batch: in
               model_options: dict | None = None, channels_last: bool = False) -> dict:
     """Measure every mode's median step time, throughput and peak memory, and ratios."""
     dev = resolve_device(device)
+    if dev.type == "cpu":  # as training does (prepare_training); the peer gets it too
+        keep_freed_cpu_memory()
     size = size or (256 if dims == 2 else 96)
     shape = (size,) * dims
     entry = get_entry(model)

@@ -23,6 +23,7 @@ from privseg.config import RunConfig
 from privseg.datasets.crops import SubjectCrops
 from privseg.dp.accounting import PrivacyPlan
 from privseg.dp.private import group_crop_grad_samples, make_private, upcast_grad_samples
+from privseg.training.cpu_memory import keep_freed_cpu_memory
 from privseg.training.ema import WeightAverages, make_averages
 from privseg.training.losses import PerSampleDiceCE, per_subject
 from privseg.training.schedule import make_scheduler
@@ -74,6 +75,8 @@ def prepare_training(cfg: RunConfig, model: nn.Module, train_set: SubjectCrops,
     """Model, optimizer, loader and loss; wrapped by Opacus when privacy is enabled
     (:func:`privseg.dp.private.make_private`, which takes ``plan`` and ``stock_opacus``)."""
     t, p = cfg.training, cfg.privacy
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     optimizer = make_optimizer(cfg, model.parameters())
     # the averages copy the user's model before Opacus wraps it (no grad-sample hooks)
     template = copy.deepcopy(model) if t.ema is not None or t.polyak_epochs else None
