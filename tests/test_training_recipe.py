@@ -311,3 +311,43 @@ def test_ablation_recipes_are_default_plus_one_piece_of_tuned():
         for section, key in [k for ks in pieces.values() for k in ks if k[1] != "ema"]:
             assert getattr(getattr(tuned, section), key) != getattr(
                 getattr(base, section), key), (name, key)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fast_augmentation_equals_plain_monai_bitwise(dims):
+    """No metadata tracking and a cached affine grid change no value: the views equal those of
+    the same MONAI transforms applied plainly (MetaTensors, a grid per view), same seeds."""
+    import math
+
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    from privseg.datasets.augment import view_augmentation
+
+    shape = (12,) * dims
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 1, *shape), torch.randint(0, 8, (3, *shape))
+    keys = ["image", "label"]
+    plain = Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=dims - 1),
+        RandAffined(keys, prob=1.0, rotate_range=(0.1 * math.pi,) * (1 if dims == 2 else 3),
+                    scale_range=(0.1,) * dims, mode=("bilinear", "nearest"),
+                    padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=1.0),
+        RandShiftIntensityd("image", offsets=0.1, prob=1.0),
+        RandAdjustContrastd("image", gamma=(0.9, 1.1), prob=1.0)])
+    torch.manual_seed(5)
+    plain.set_random_state(int(torch.randint(0, 2**31 - 1, (1,))))
+    ref = [plain({"image": xi, "label": yi[None]}) for xi, yi in zip(x, y, strict=True)]
+    torch.manual_seed(5)
+    fx, fy = view_augmentation(True, 0.1, 0.1, dims=dims, spatial_size=shape)(x, y)
+    for i, r in enumerate(ref):
+        assert torch.equal(fx[i], r["image"].as_tensor().float())
+        assert torch.equal(fy[i], r["label"].as_tensor()[0].round().long())
+    assert not torch.equal(fx[0], x[0])

@@ -19,7 +19,7 @@ from privseg.architectures import get_entry
 from privseg.config import RunConfig
 from privseg.datasets import Subject, SubjectSet, load_dataset
 from privseg.datasets.augment import view_augmentation
-from privseg.datasets.crops import SubjectCrops
+from privseg.datasets.crops import SubjectCrops, crop_size
 from privseg.record import read_record
 
 log = logging.getLogger("privseg")
@@ -99,9 +99,12 @@ def training_crops(cfg: RunConfig, subjects: list[Subject],
     """The training items of ``subjects`` as the config asks: k crops per subject, each an
     augmented view when ``training.augment`` turns augmentations on."""
     d, t = cfg.dataset, cfg.training
+    size = crop_size(d.dims, d.patch_size, subjects[0].label.shape) if subjects else None
+    view = size[1:] if size and d.dims == 2 else size  # a 2D view is one slice of the crop
     return SubjectCrops(subjects, d.dims, d.patch_size, t.crops_per_subject,
                         t.foreground_fraction, num_classes,
-                        augment=view_augmentation(**t.augment.model_dump(), dims=d.dims))
+                        augment=view_augmentation(**t.augment.model_dump(), dims=d.dims,
+                                                  spatial_size=view))
 
 
 def load_subjects(cfg: RunConfig) -> SubjectSet:
