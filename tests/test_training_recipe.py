@@ -319,14 +319,7 @@ def test_fast_augmentation_equals_plain_monai_bitwise(dims):
     the same MONAI transforms applied plainly (MetaTensors, a grid per view), same seeds."""
     import math
 
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrastd,
-        RandAffined,
-        RandFlipd,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-    )
+    import monai.transforms as mt
 
     from privseg.datasets.augment import view_augmentation
 
@@ -334,14 +327,14 @@ def test_fast_augmentation_equals_plain_monai_bitwise(dims):
     torch.manual_seed(1)
     x, y = torch.randn(3, 1, *shape), torch.randint(0, 8, (3, *shape))
     keys = ["image", "label"]
-    plain = Compose([
-        RandFlipd(keys, prob=0.5, spatial_axis=dims - 1),
-        RandAffined(keys, prob=1.0, rotate_range=(0.1 * math.pi,) * (1 if dims == 2 else 3),
-                    scale_range=(0.1,) * dims, mode=("bilinear", "nearest"),
-                    padding_mode="zeros"),
-        RandScaleIntensityd("image", factors=0.1, prob=1.0),
-        RandShiftIntensityd("image", offsets=0.1, prob=1.0),
-        RandAdjustContrastd("image", gamma=(0.9, 1.1), prob=1.0)])
+    plain = mt.Compose([
+        mt.RandFlipd(keys, prob=0.5, spatial_axis=dims - 1),
+        mt.RandAffined(keys, prob=1.0, rotate_range=(0.1 * math.pi,) * (1 if dims == 2 else 3),
+                       scale_range=(0.1,) * dims, mode=("bilinear", "nearest"),
+                       padding_mode="zeros"),
+        mt.RandScaleIntensityd("image", factors=0.1, prob=1.0),
+        mt.RandShiftIntensityd("image", offsets=0.1, prob=1.0),
+        mt.RandAdjustContrastd("image", gamma=(0.9, 1.1), prob=1.0)])
     torch.manual_seed(5)
     plain.set_random_state(int(torch.randint(0, 2**31 - 1, (1,))))
     ref = [plain({"image": xi, "label": yi[None]}) for xi, yi in zip(x, y, strict=True)]
