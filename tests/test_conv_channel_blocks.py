@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch):
     monkeypatch.setattr(cm, "_measured_blocks", {})
+    monkeypatch.setattr(cm, "_bitwise_equal", {})
 
 
 def _layer(dims=2, c_in=80, c_out=6, **kw):
@@ -70,19 +71,35 @@ def test_a_block_that_changes_the_result_is_never_chosen(monkeypatch):
     assert list(cm._measured_blocks.values()) == [None]
 
 
-def test_choice_is_measured_once_per_shape(monkeypatch):
+def test_choice_is_timed_once_per_layer_shape_and_checked_per_batch_size(monkeypatch):
     calls = []
     real = cm._blocked_weight_grad
     monkeypatch.setattr(cm, "_blocked_weight_grad",
                         lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(cm, "CHANNEL_BLOCKS", (None, 32))
+    monkeypatch.setattr(cm, "_measured_blocks", {})
     conv, x, g = _layer(c_in=128)
     cm.per_sample_conv_weight_grad(conv, x, g)
     first = len(calls)
     assert first > 1 + len(cm.CHANNEL_BLOCKS)  # every block timed
     cm.per_sample_conv_weight_grad(conv, x, g)
     assert len(calls) == first + 1  # then one call with the stored choice
-    cm.per_sample_conv_weight_grad(conv, x[:2], g[:2])  # another batch: measured anew
-    assert len(cm._measured_blocks) == 2
+    cm.per_sample_conv_weight_grad(conv, x[:2], g[:2])  # another batch size: not re-timed
+    assert len(cm._measured_blocks) == 1 and len(calls) <= first + 4
+
+
+def test_a_block_unequal_at_another_batch_size_is_not_used_there(monkeypatch):
+    monkeypatch.setattr(cm, "CHANNEL_BLOCKS", (32,))
+    conv, x, g = _layer(c_in=128)
+    xp, padding = cm.padded_input(conv, x)
+    assert cm.channel_block(conv, xp, g, padding) == 32
+    real = cm._blocked_weight_grad
+    monkeypatch.setattr(cm, "_blocked_weight_grad",
+                        lambda *a: real(*a) * (1 + 1e-15) if a[1].shape[0] == 2 else real(*a))
+    xp, padding = cm.padded_input(conv, x[:2])
+    assert cm.channel_block(conv, xp, g[:2], padding) is None
+    xp, padding = cm.padded_input(conv, x)
+    assert cm.channel_block(conv, xp, g, padding) == 32
 
 
 @pytest.mark.parametrize("what", ["few channels", "grouped"])

@@ -126,3 +126,27 @@ def test_hd95_of_classes_in_both_masks_only_changes_nothing():
         assert (math.isnan(g) and math.isnan(w)) or g == w, name
     assert got["empty_pred"]["c3"] == 1 and math.isnan(got["hd95"]["c5"])
     assert sum(math.isfinite(v) for v in want) >= 4  # MONAI's values are compared too
+
+
+def test_metrics_in_a_worker_thread_equal_sequential_ones():
+    """evaluate() computes each volume's metrics in a background thread while the next volume
+    is predicted: the summary must equal the one from predicting and scoring in turn, and
+    the metrics must be computed once per volume, on that volume's own prediction."""
+    from privseg.training.evaluate import evaluate, summarise
+
+    torch.manual_seed(0)
+    model = build("unet", 2, 1, CLASSES, base_channels=4, depth=2)
+    subjects = []
+    for i in range(4):
+        image, label, _ = make_subject(i, SIZE, f"site-{'AB'[i % 2]}", 0)
+        subjects.append(Subject(f"s{i}", f"site-{'AB'[i % 2]}", image, label))
+    names = [f"c{i}" for i in range(CLASSES)]
+    roi = (1, SIZE, SIZE)
+    timing: dict[str, float] = {}
+    got = evaluate(model, subjects, 2, roi, names, torch.device("cpu"), timing=timing)
+    want = summarise({s.subject_id: (s.site, volume_metrics(
+        predict_volume(model, s, 2, roi, torch.device("cpu")), s.label, names))
+        for s in subjects})
+    assert got == want
+    assert timing["predict_s"] > 0 and timing["metrics_s"] > 0
+    assert model.training  # restored

@@ -53,8 +53,10 @@ def _grouped_weight_grad(layer: ConvNd, x: torch.Tensor, g: torch.Tensor,
 
 #: in-channel blocks tried for the per-sample weight gradient on CPU (None: all at once)
 CHANNEL_BLOCKS: tuple[int | None, ...] = (None, 64, 32)
-#: (shapes, dtype, layer geometry) -> the block measured fastest (see :func:`channel_block`)
+#: (per-sample shapes, dtype, layer geometry) -> the block measured fastest
 _measured_blocks: dict[tuple, int | None] = {}
+#: (that key, batch size) -> whether the chosen block's result is bitwise the one call's
+_bitwise_equal: dict[tuple, bool] = {}
 
 
 def _blocked_weight_grad(layer: ConvNd, x: torch.Tensor, g: torch.Tensor,
@@ -73,9 +75,10 @@ def channel_block(layer: ConvNd, x: torch.Tensor, g: torch.Tensor,
     shapes: with 128 input channels per group at small images it measured 3-5x slower than two
     calls on 64-channel halves (2D 12², B 32: 14.5 ms against 5.9 ms), while at larger images
     the one call wins, and which block wins is not monotone in the shapes. So on the first
-    call for a shape every block in :data:`CHANNEL_BLOCKS` is timed (a warm-up call, then the
-    best of two) and the fastest kept. A block is a candidate only if its result is bitwise
-    equal to the one call's, so the choice (which depends on timing) never changes a number.
+    call for a layer's per-sample shapes every block in :data:`CHANNEL_BLOCKS` is timed and the
+    fastest kept (whatever the batch size). A block is used only where its result is bitwise
+    equal to the one call's (checked at each batch size seen), so the choice, which depends on
+    timing, never changes a number.
     Only on CPU, ``groups == 1`` and more input channels than the smallest block; elsewhere
     one call (the CUDA kernels were not measured to need it).
     """
@@ -83,14 +86,30 @@ def channel_block(layer: ConvNd, x: torch.Tensor, g: torch.Tensor,
     if x.device.type != "cpu" or layer.groups != 1 or c_in <= min(
             b for b in CHANNEL_BLOCKS if b):
         return None
-    key = (tuple(x.shape), tuple(g.shape), x.dtype, tuple(layer.weight.shape[2:]),
+    key = (tuple(x.shape[1:]), tuple(g.shape[1:]), x.dtype, tuple(layer.weight.shape[2:]),
            tuple(layer.stride), padding, tuple(layer.dilation))
-    if key in _measured_blocks:
-        return _measured_blocks[key]
+    if key not in _measured_blocks:
+        _measured_blocks[key] = _fastest_block(layer, x, g, padding)
+    block = _measured_blocks[key]
+    if block is None:
+        return None
+    # Poisson batches vary in size: the choice is timed once, its exactness checked per size
+    checked = (key, x.shape[0])
+    if checked not in _bitwise_equal:
+        _bitwise_equal[checked] = torch.equal(
+            _blocked_weight_grad(layer, x, g, padding, block),
+            _grouped_weight_grad(layer, x, g, padding))
+    return block if _bitwise_equal[checked] else None
+
+
+def _fastest_block(layer: ConvNd, x: torch.Tensor, g: torch.Tensor,
+                   padding: tuple[int, ...]) -> int | None:
+    """Time every block whose result is bitwise the one call's (a warm-up call, then the best
+    of two); the fastest."""
     reference = _grouped_weight_grad(layer, x, g, padding)
     best, best_s = None, math.inf
     for block in CHANNEL_BLOCKS:
-        if block is not None and (block >= c_in or not torch.equal(
+        if block is not None and (block >= x.shape[1] or not torch.equal(
                 _blocked_weight_grad(layer, x, g, padding, block), reference)):
             continue
         _blocked_weight_grad(layer, x, g, padding, block)
@@ -101,7 +120,6 @@ def channel_block(layer: ConvNd, x: torch.Tensor, g: torch.Tensor,
             seconds = min(seconds, time.perf_counter() - t0)
         if seconds < best_s:
             best, best_s = block, seconds
-    _measured_blocks[key] = best
     return best
 
 

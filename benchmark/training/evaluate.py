@@ -27,6 +27,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -162,25 +163,39 @@ def evaluate(model: nn.Module, subjects: list[Subject], dims: int, roi: tuple[in
              amp: bool = False, timing: dict[str, float] | None = None) -> dict:
     """Per-class and mean Dice/HD95 over ``subjects``, overall and per site.
 
-    ``timing``, when given, accumulates the seconds spent predicting the volumes
-    (``predict_s``) and computing their metrics (``metrics_s``: Dice, and HD95 if asked), so
-    that a run's record says where its evaluation time went.
+    A volume's metrics (Dice, HD95: MONAI on the CPU) are computed in one background thread
+    while the next volume is predicted, so on a machine with a core to spare they cost no
+    wall time (``privseg train phantom2d``: 1.1 s of a 4.5 s evaluation). The prediction runs
+    on this thread as before, and the metrics are pure functions of prediction and reference,
+    so no number changes. ``timing``, when given, accumulates the seconds spent predicting the
+    volumes (``predict_s``) and computing their metrics (``metrics_s``, in the worker thread),
+    so that a run's record says where its evaluation time went.
     """
     was_training = model.training
     model.eval()
-    per_subject = {}
-    predict_s = metrics_s = 0.0
-    for s in subjects:
+    predict_s = 0.0
+    metric_s: list[float] = []
+
+    def metrics(pred: torch.Tensor, s: Subject) -> tuple[str, dict]:
         t0 = time.perf_counter()
-        pred = predict_volume(model, s, dims, roi, device, amp=amp)
-        t1 = time.perf_counter()
-        per_subject[s.subject_id] = (s.site, volume_metrics(pred, s.label, class_names,
-                                                            regions, hd95))
-        predict_s, metrics_s = predict_s + t1 - t0, metrics_s + time.perf_counter() - t1
-    model.train(was_training)
+        out = volume_metrics(pred, s.label, class_names, regions, hd95)
+        metric_s.append(time.perf_counter() - t0)
+        return s.site, out
+
+    futures = {}
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="privseg-metrics") as pool:
+            for s in subjects:
+                t0 = time.perf_counter()
+                pred = predict_volume(model, s, dims, roi, device, amp=amp)
+                predict_s += time.perf_counter() - t0
+                futures[s.subject_id] = pool.submit(metrics, pred, s)
+        per_subject = {sid: f.result() for sid, f in futures.items()}
+    finally:
+        model.train(was_training)
     if timing is not None:
         timing["predict_s"] = timing.get("predict_s", 0.0) + predict_s
-        timing["metrics_s"] = timing.get("metrics_s", 0.0) + metrics_s
+        timing["metrics_s"] = timing.get("metrics_s", 0.0) + sum(metric_s)
     return summarise(per_subject)
 
 
