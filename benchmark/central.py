@@ -289,7 +289,8 @@ def _loop(cfg: RunConfig, state: TrainState, subject_set: SubjectSet, by_id: dic
             # total_s: the loop (training, evaluation, accounting); train_s: the epochs'
             # steps and batch loading (data_s of it); eval_s: validation and test
             "total_s": total, "train_s": train_time, "eval_s": eval_time,
-            # eval_s by split and part: predicting volumes, computing Dice (and HD95: test)
+            # eval_s by split and part: predicting volumes, computing Dice (and HD95: test);
+            # the metrics run in a worker thread beside the prediction, so the parts overlap
             "eval_split_s": {f"{split}_{part}": v for split, parts in eval_split.items()
                              for part, v in parts.items()},
             "accounting_s": accounting_time,
