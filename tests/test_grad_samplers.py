@@ -291,3 +291,24 @@ def test_group_moments_both_ways(use_kernel):
     torch.testing.assert_close(mean, groups.mean(2), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rstd, 1 / torch.sqrt(groups.var(2, unbiased=False) + 1e-5),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_lean_module_hooks_output_tensors_not_modules():
+    """The U-Net's conv and GroupNorm layers are hooked on their output tensors: the graph of
+    a wrapped forward has no ``BackwardHookFunction`` node (module full backward hooks), yet
+    every parameter gets its per-sample gradient."""
+    from privseg.dp.grad_sample_module import LeanGradSampleModule
+
+    model = build("unet", 2, 1, 3, base_channels=4, depth=2)
+    wrapped = LeanGradSampleModule(model, batch_first=True, loss_reduction="sum")
+    out = wrapped(torch.randn(2, 1, 16, 16))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(f for f, _ in node.next_functions)
+    assert not [n for n in seen if "BackwardHook" in type(n).__name__]
+    out.sum().backward()
+    assert all(p.grad_sample.shape == (2, *p.shape) for p in model.parameters())

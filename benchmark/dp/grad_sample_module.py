@@ -15,15 +15,24 @@ the storing step replaced.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.grad_sample_module import (
     create_or_accumulate_grad_sample,
     promote_current_grad_sample,
 )
-from opacus.utils.module_utils import trainable_parameters
+from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
+from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
+
+#: layer types (exact, not subclasses) whose forward returns one tensor: their output
+#: gradient is taken by a hook on that tensor (see the module doc)
+SINGLE_OUTPUT_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Embedding)
 
 
 def _shares_storage(t: torch.Tensor, others) -> bool:
@@ -65,6 +74,43 @@ def store_grad_sample(param: nn.Parameter, grad_sample: torch.Tensor, max_batch_
 class LeanGradSampleModule(GradSampleModule):
     """Opacus' ``GradSampleModule`` (hooks or functorch mode) storing per-sample gradients
     through :func:`store_grad_sample`."""
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
+                  force_functorch: bool = False) -> None:
+        """Opacus' ``GradSampleModule.add_hooks`` (opacus 1.6), except that each layer in
+        :data:`SINGLE_OUTPUT_LAYERS` gets one forward hook that captures its input and hooks
+        its output tensor's gradient (:meth:`_capture_and_hook_output`) instead of Opacus'
+        forward hook plus module full backward hook. The per-sample gradients are the same
+        tensors, computed from the same output gradient."""
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        backprops = partial(self.capture_backprops_hook, loss_reduction=loss_reduction,
+                            batch_first=batch_first)
+        for module in self.iterate_submodules(self._module):
+            if type(module) in (DPRNN, DPLSTM, DPGRU):  # as Opacus: hooked at their RNNLinear
+                continue
+            if force_functorch or self._get_module_type(module) not in self.GRAD_SAMPLERS:
+                prepare_layer(module, batch_first=batch_first)
+            handles = self.autograd_grad_sample_hooks
+            if type(module) in SINGLE_OUTPUT_LAYERS:
+                handles.append(module.register_forward_hook(
+                    partial(self._capture_and_hook_output, backprops=backprops)))
+            else:
+                handles.append(module.register_forward_hook(self.capture_activations_hook))
+                handles.append(module.register_full_backward_hook(backprops))
+        self.enable_hooks()
+
+    def _capture_and_hook_output(self, module: nn.Module, forward_input, output: torch.Tensor,
+                                 backprops) -> None:
+        """Forward hook: Opacus' activation capture, and a hook on ``output``'s gradient that
+        runs Opacus' backprop capture with it, under the conditions Opacus captures in."""
+        if (not self.hooks_enabled or not module.training or not torch.is_grad_enabled()
+                or not requires_grad(module) or not output.requires_grad):
+            return
+        self.capture_activations_hook(module, forward_input, output)
+        output.register_hook(lambda grad: backprops(module, None, (grad,)))
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output,
                                loss_reduction: str, batch_first: bool) -> None:
