@@ -290,7 +290,7 @@ def prepare_module(model: nn.Module, grad_sample_mode: str, conv_sampler: ConvSa
 def _conv_forward_without_weight_grad(self: ConvNd, x: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     # Detaching needs something else in the layer to carry the gradient to its output (an
-    # input or a bias that requires grad); otherwise the backward hook would never fire.
+    # input or a bias that requires grad); otherwise the output-gradient hook would never fire.
     if self.training and torch.is_grad_enabled() and (
         x.requires_grad or (self.bias is not None and self.bias.requires_grad)
     ):
@@ -306,9 +306,9 @@ def skip_dense_conv_weight_grads(model: nn.Module) -> int:
     then ``p.grad`` is overwritten). With the grouped sampler that dense weight-grad kernel costs
     as much as the per-sample one, so it is a third of the conv backward spent for nothing.
     The layer's forward uses a detached weight (the conv backward then computes only the
-    input gradient); the backward hook still receives the output gradient and the grad sampler
-    fills ``weight.grad_sample``. Not for ghost clipping, whose second backward needs the
-    dense gradients; not for non-private training.
+    input gradient); the hook on the layer's output still receives the output gradient and
+    the grad sampler fills ``weight.grad_sample``. Not for ghost clipping, whose second
+    backward needs the dense gradients; not for non-private training.
     """
     n = 0
     for m in model.modules():
