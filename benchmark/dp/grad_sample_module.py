@@ -25,7 +25,7 @@ from opacus.grad_sample.grad_sample_module import (
     promote_current_grad_sample,
 )
 from opacus.layers.dp_rnn import DPGRU, DPLSTM, DPRNN
-from opacus.utils.module_utils import requires_grad, trainable_parameters
+from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 
 #: layer types (exact, not subclasses) whose forward returns one tensor: their output
@@ -104,13 +104,14 @@ class LeanGradSampleModule(GradSampleModule):
 
     def _capture_and_hook_output(self, module: nn.Module, forward_input, output: torch.Tensor,
                                  backprops) -> None:
-        """Forward hook: Opacus' activation capture, and a hook on ``output``'s gradient that
-        runs Opacus' backprop capture with it, under the conditions Opacus captures in."""
-        if (not self.hooks_enabled or not module.training or not torch.is_grad_enabled()
-                or not requires_grad(module) or not output.requires_grad):
+        """Forward hook: Opacus' activation capture, and, where it captured, a hook on
+        ``output``'s gradient that runs Opacus' backprop capture with it."""
+        if not output.requires_grad:  # no gradient will reach this layer's output
             return
+        captured = len(getattr(module, "activations", ()))
         self.capture_activations_hook(module, forward_input, output)
-        output.register_hook(lambda grad: backprops(module, None, (grad,)))
+        if len(getattr(module, "activations", ())) > captured:
+            output.register_hook(lambda grad: backprops(module, None, (grad,)))
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output,
                                loss_reduction: str, batch_first: bool) -> None:
