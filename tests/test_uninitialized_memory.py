@@ -61,8 +61,8 @@ def nan_filled_allocations():
     torch.utils.deterministic.fill_uninitialized_memory = was[2]
 
 
-@pytest.mark.parametrize("mode", ["hooks", "hooks+opacus", "hooks+bookkeeping", "functorch",
-                                  "ghost"])
+# "hooks" is hooks with the default (book-keeping) conv sampler
+@pytest.mark.parametrize("mode", ["hooks", "hooks+grouped", "hooks+opacus", "functorch", "ghost"])
 def test_released_weights_do_not_read_unwritten_memory(mode, nan_filled_allocations):
     plain = _released_weights(mode)
     nan_filled_allocations()
