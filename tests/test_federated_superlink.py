@@ -37,6 +37,8 @@ from privseg.federated.supernode import ledger_path
 from privseg.record import read_any_record, read_record
 
 warnings.filterwarnings("ignore", module="opacus")
+# a deployed federation: 5-7 min of Flower processes on a 2-core CPU, outside the fast suite
+pytestmark = pytest.mark.slow
 
 SITES = ("A", "B", "C")
 CLI = [sys.executable, "-c", "from privseg.cli import main; main()", "federated"]
@@ -281,7 +283,6 @@ def test_superlink_svt_run_equals_simulation_and_sends_only_the_selection(deploy
         assert svt[0]["epsilon_per_round"] == 1000.0 and svt[0]["pure_rounds"] == 2
 
 
-@pytest.mark.slow
 def test_serverapp_killed_mid_round_leaves_a_failed_record_of_what_was_spent(
         federation, deployed, deployed_svt):
     """The ServerApp killed (kill -9, as when its SuperLink dies under Flower's subprocess

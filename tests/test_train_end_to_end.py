@@ -101,6 +101,7 @@ def test_finished_config_is_not_rerun(nonprivate, tmp, monkeypatch):
     assert run_training(config(tmp), progress=False)["run_id"] == nonprivate["run_id"]
 
 
+@pytest.mark.slow  # 420 DP steps: about 2 min on a 2-core CPU
 def test_dp_run_learns_and_reports_subject_level_epsilon(tmp, nonprivate):
     # DP needs more subjects than the non-private check: 112 training subjects, batch 8 (at
     # δ = 1e-5; with 56 subjects and the old δ = 1/n^1.1 = 0.012, σ was 1.3, now it would be
