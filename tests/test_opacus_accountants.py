@@ -40,9 +40,12 @@ _NUMBERS = (
     "       'eps_prv': acc.epsilon_for(1.3, 0.1, 60, 1e-5, 'prv'),\n"
     "       'eps_rdp': acc.epsilon_for(1.3, 0.1, 60, 1e-5, 'rdp'),\n"
     "       'torch': 'torch' in sys.modules, 'backend': acc.PRVAccountant.__module__,\n"
-    "       'opacus': sorted(m for m in sys.modules if m.startswith('opacus'))}\n"
+    "       'opacus': sorted(m for m in sys.modules if m.startswith('opacus')),\n"
+    "       'scipy_signal': 'scipy.signal' in sys.modules}\n"
     "from opacus.optimizers import DPOptimizer\n"
     "out['optimizer'] = DPOptimizer.__module__\n"
+    "import scipy.signal\n"
+    "out['signal'] = scipy.signal.convolve.__module__\n"
     "print(json.dumps(out))\n")
 
 
@@ -54,13 +57,16 @@ def _numbers(first: str) -> dict:
 
 def test_privacy_path_imports_no_torch_and_same_numbers():
     """In a fresh process privseg's calibration and accounting (what ``privseg privacy`` runs)
-    import neither torch nor Opacus, leave no ``opacus.*`` entry behind (a later import of
-    Opacus is the real one) and give bit-for-bit the σ and ε of a process where privseg's
-    accounting runs on Opacus imported normally."""
+    import neither torch nor Opacus nor scipy.signal, leave no ``opacus.*`` or scipy.signal
+    placeholder behind (later imports are the real ones) and give bit-for-bit the σ and ε
+    of a process where privseg's accounting runs on Opacus imported normally."""
     light = _numbers("")
     assert light["torch"] is False and light["opacus"] == []
     assert light["backend"].startswith(PRIVATE_NAME)
     assert light["optimizer"].startswith("opacus.optimizers")
+    # scipy.signal (for composing different PRVs) is not imported for one (σ, q); a later
+    # import of it is the real module, not the load's placeholder
+    assert light["scipy_signal"] is False and light["signal"].startswith("scipy.signal")
     normal = _numbers("import opacus.accountants\n")
     assert normal["torch"] is True and normal["backend"].startswith("opacus.accountants")
     for key in ("sigma", "eps_prv", "eps_rdp"):
