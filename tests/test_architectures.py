@@ -289,3 +289,33 @@ def test_smp_unet_resnet34_builds_and_unknown_encoder_rejected():
         assert _params("smp-unet", encoder_name="resnet34") > _params("smp-unet")
     with pytest.raises(ValueError, match="resnet18"):
         build("smp-unet", 2, 1, 2, encoder_name="vgg11")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # Opacus' hooks, non-leaf
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_frozen_copy_for_evaluation_is_hookless_and_exact(case):
+    """Evaluation predicts with a frozen copy of the trained model, one per thread
+    (privseg.training.evaluate): for every entry, a copy of the model wrapped for per-sample
+    gradients, after a backward pass, has no hooks, no gradients, its own storage and the
+    model's logits bitwise (2D on a CPU: channels-last, to float rounding)."""
+    import copy
+
+    from privseg.dp.grad_sample_module import LeanGradSampleModule
+    from privseg.training.evaluate import frozen_copy, inference_forward
+
+    model, x, y, _ = _setup(*case)
+    wrapped = LeanGradSampleModule(copy.deepcopy(model))  # the cached model stays unhooked
+    nn.functional.cross_entropy(wrapped(x), y).backward()
+    frozen = frozen_copy(wrapped)
+    assert not frozen.training
+    for m in frozen.modules():
+        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), m
+    stored = {p.data_ptr() for p in wrapped.parameters()}
+    assert all(not p.requires_grad and p.grad is None and p.data_ptr() not in stored
+               for p in frozen.parameters())
+    wrapped.eval()
+    with torch.no_grad():
+        want = wrapped._module(x)
+        assert torch.equal(frozen(x), want)
+        got = inference_forward(wrapped, case[1], torch.device("cpu"))(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
