@@ -297,7 +297,8 @@ def test_frozen_copy_for_evaluation_is_hookless_and_exact(case):
     """Evaluation predicts with a frozen copy of the trained model, one per thread
     (privseg.training.evaluate): for every entry, a copy of the model wrapped for per-sample
     gradients, after a backward pass, has no hooks, no gradients, its own storage and the
-    model's logits bitwise (2D on a CPU: channels-last, to float rounding)."""
+    model's logits bitwise (2D on a CPU: channels-last, to float rounding), and does not
+    follow the model's later steps."""
     import copy
 
     from privseg.dp.grad_sample_module import LeanGradSampleModule
@@ -318,4 +319,7 @@ def test_frozen_copy_for_evaluation_is_hookless_and_exact(case):
         want = wrapped._module(x)
         assert torch.equal(frozen(x), want)
         got = inference_forward(wrapped, case[1], torch.device("cpu"))(x)
+        for p in wrapped.parameters():
+            p.add_(1.0)
+        assert torch.equal(frozen(x), want)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
