@@ -172,3 +172,32 @@ def test_metrics_in_a_worker_thread_equal_sequential_ones():
     assert timing["predict_s"] > 0 and timing["metrics_s"] > 0
     assert model.training  # restored
 
+
+def test_a_failing_volume_stops_the_evaluation_without_predicting_the_rest(monkeypatch):
+    """An error (or Ctrl-C) while volumes are predicted propagates at once: the volumes not yet
+    started are dropped rather than predicted first, and the model's mode is restored."""
+    import time
+
+    import privseg.training.evaluate as ev
+
+    torch.manual_seed(0)
+    model = build("unet", 2, 1, CLASSES, base_channels=4, depth=2)
+    image, label, _ = make_subject(0, 16, "site-A", 0)
+    subjects = [Subject(f"s{i}", "site-A", image, label) for i in range(10)]
+    started = []
+    real = ev.predict_volume
+
+    def predict_volume(model, subject, *args, **kwargs):
+        started.append(subject.subject_id)
+        if subject.subject_id == "s1":
+            raise RuntimeError("corrupt volume s1")
+        if subject.subject_id != "s0":
+            time.sleep(0.3)
+        return real(model, subject, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "predict_volume", predict_volume)
+    names = [f"c{i}" for i in range(CLASSES)]
+    with pytest.raises(RuntimeError, match="corrupt volume s1"):
+        ev.evaluate(model, subjects, 2, (1, 16, 16), names, torch.device("cpu"), threads=1)
+    assert len(started) <= 4, started  # s0, s1, and at most the one or two begun meanwhile
+    assert model.training

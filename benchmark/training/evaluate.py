@@ -249,15 +249,17 @@ def evaluate(model: nn.Module, subjects: list[Subject], dims: int, roi: tuple[in
         return scorer.submit(metrics, pred, s)
 
     start = time.perf_counter()
+    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="privseg-metrics")
+    predictor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="privseg-predict")
     try:
         for _ in range(min(threads, len(subjects))):
             forwards.put(inference_forward(model, dims, device))
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="privseg-metrics") as scorer, \
-                ThreadPoolExecutor(max_workers=threads,
-                                   thread_name_prefix="privseg-predict") as predictor:
-            predicted = {s.subject_id: predictor.submit(predict, s) for s in subjects}
-            per_subject = {sid: f.result().result() for sid, f in predicted.items()}
+        predicted = {s.subject_id: predictor.submit(predict, s) for s in subjects}
+        per_subject = {sid: f.result().result() for sid, f in predicted.items()}
     finally:
+        # on an error or Ctrl-C, the volumes not yet started are dropped, not predicted first
+        predictor.shutdown(cancel_futures=True)
+        scorer.shutdown(cancel_futures=True)
         model.train(was_training)
     if timing is not None:
         timing["predict_s"] = timing.get("predict_s", 0.0) + (
