@@ -7,6 +7,7 @@ over all steps (Opacus ``get_noise_multiplier``); accounting reports the ε actu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -25,15 +26,19 @@ rdp_analysis = _opacus.analysis.rdp
 Domain = _opacus.analysis.prv.Domain
 
 
-def get_noise_multiplier(**kwargs) -> float:
-    """Opacus' ``get_noise_multiplier`` (``opacus.accountants.utils``), of the loaded copy.
-
-    Without Opacus' warning that the optimal RDP order is the smallest one tried, which
-    :func:`rdp_epsilon` silences too: with RDP the calibration only brackets σ for PRV, and a
-    loose RDP bound is still a valid one (the run's log stays quiet).
-    """
+@contextlib.contextmanager
+def _without_smallest_order_warning():
+    """Silence Opacus' warning that the optimal RDP order is the smallest one tried: a loose
+    RDP bound is still a valid one, and a run's log stays quiet."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
+        yield
+
+
+def get_noise_multiplier(**kwargs) -> float:
+    """Opacus' ``get_noise_multiplier`` (``opacus.accountants.utils``), of the loaded copy,
+    without the smallest-order warning (with RDP the calibration only brackets σ for PRV)."""
+    with _without_smallest_order_warning():
         return _opacus.utils.get_noise_multiplier(**kwargs)
 
 # Opacus' RDP accountant evaluates fractional orders (1.1, 1.2, ...) with a truncated series
@@ -69,8 +74,7 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     if not history:
         return 0.0
     rdp = sum(steps * _rdp_of_one_step(float(q), float(sigma)) for sigma, q, steps in history)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")
+    with _without_smallest_order_warning():
         eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return float(eps)
 
