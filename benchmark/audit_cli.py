@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from privseg.cli_common import console, fail, show_info_logs
-from privseg.config import ConfigError, load_config
+from privseg.errors import ConfigError
 
 app = typer.Typer()
 
@@ -58,6 +58,7 @@ def audit(
     from pydantic import ValidationError
 
     from privseg.audit import run_audit, summary_line, with_audit
+    from privseg.config import load_config
 
     try:
         cfg = load_config(config, set_ or [])

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from privseg.cli_common import fail, print_summary, quiet_flower, show_info_logs
-from privseg.config import ConfigError, builtin_configs, load_config
+from privseg.errors import ConfigError
 
 app = typer.Typer()
 data_app = typer.Typer(help="Inspect and validate data sets.", no_args_is_help=True)
@@ -37,6 +37,7 @@ def train(
 
     Example:  privseg train phantom2d --set privacy.target_epsilon=1 --set training.epochs=5
     """
+    from privseg.config import load_config
     from privseg.run import run
 
     try:
@@ -124,6 +125,8 @@ def configs() -> None:
 
     Example:  privseg configs
     """
+    from privseg.config import builtin_configs
+
     for name, path in sorted(builtin_configs().items()):
         first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "")
         typer.echo(f"{name:24s} {first.lstrip('# ')}")
@@ -197,6 +200,7 @@ def data_check(
 
     Example:  privseg data check /data/feta_2.2 --dataset feta
     """
+    from privseg.config import load_config
     from privseg.datasets.check import data_check_report
 
     if dataset is not None:
@@ -228,6 +232,7 @@ def data_upload_pacs(
 
     Example:  privseg data upload-pacs phantom2d --url http://127.0.0.1:8042/dicom-web
     """
+    from privseg.config import load_config
     from privseg.datasets.faults import DataValidationError
     from privseg.datasets.pacs_upload import upload_dataset
     from privseg.training.setup import default_cache_dir

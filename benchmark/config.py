@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from privseg.errors import ConfigError  # defined there so the CLI imports it without pydantic
+
 GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]
 
 
@@ -530,8 +532,6 @@ def _check_registries(cfg: RunConfig) -> None:
         )
 
 
-class ConfigError(ValueError):
-    """A config that does not validate; the message names the offending keys."""
 
 
 def _format_errors(err: ValidationError, prefix: str = "") -> str:

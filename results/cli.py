@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from privseg.cli_common import console, fail
-from privseg.config import ConfigError
+from privseg.errors import ConfigError
 
 if TYPE_CHECKING:  # pandas costs ~0.8 s to import: only the commands that read runs do
     import pandas as pd

@@ -16,21 +16,14 @@ import yaml
 from rich.table import Table
 
 from privseg.cli_common import console, fail, print_summary
-from privseg.config import ConfigError
-from privseg.sweeps.spec import (
-    EPSILON_KEY,
-    SweepError,
-    build_run_config,
-    is_infinite_epsilon,
-    load_sweep,
-    parse_agent_args,
-    to_wandb,
-)
+from privseg.errors import ConfigError, SweepError
 
 app = typer.Typer()
 
 
 def parse_set(items: list[str] | None) -> dict:
+    from privseg.sweeps.spec import EPSILON_KEY, is_infinite_epsilon
+
     out = {}
     for item in items or []:
         if "=" not in item:
@@ -42,6 +35,8 @@ def parse_set(items: list[str] | None) -> dict:
 
 
 def _load(file: str, set_: list[str] | None, output: str | None = None):
+    from privseg.sweeps.spec import load_sweep
+
     extra = parse_set(set_)
     if output is not None:
         extra["output.dir"] = output
@@ -133,6 +128,8 @@ def _report(result) -> None:
 def _create_wandb_sweep(sw, entity: str | None, project: str | None) -> None:
     import wandb
 
+    from privseg.sweeps.spec import to_wandb
+
     config = to_wandb(sw)
     sweep_id = wandb.sweep(config, entity=entity, project=project or config.get("project"))
     path = "/".join(p for p in (entity or config.get("entity"), project or config.get(
@@ -149,6 +146,7 @@ def sweep_run(
 ) -> None:
     """Train one sweep point (the command a W&B agent runs): base=NAME plus dotted keys."""
     from privseg.run import run
+    from privseg.sweeps.spec import build_run_config, parse_agent_args
 
     try:
         p = parse_agent_args(params)

@@ -45,6 +45,7 @@ from privseg.config import (
     read_config_mapping,
     resolve_config_path,
 )
+from privseg.errors import SweepError  # defined there so the CLI imports it without pydantic
 
 BASE_KEY = "base"
 AGENT_COMMAND = ["privseg", "sweep-run", "${args_no_hyphens}"]
@@ -58,8 +59,6 @@ _RANDOM_DISTRIBUTIONS = {"categorical", "constant", "uniform", "int_uniform",
                          "log_uniform_values"}
 
 
-class SweepError(ValueError):
-    """A sweep file that cannot be expanded; the message names the file and the key."""
 
 
 def is_infinite_epsilon(value: Any) -> bool:

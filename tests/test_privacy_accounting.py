@@ -131,13 +131,71 @@ HISTORIES = [  # accountant histories as Opacus' accountants record them: [(σ, 
 
 @pytest.mark.parametrize("history", HISTORIES)
 def test_rdp_epsilon_is_opacus_rdp_at_integer_orders(history):
-    """The cached RDP path gives Opacus' number exactly, also when a (q, σ) already cached for
-    one step count is asked again for another (a cached array must not be scaled in place)."""
+    """The vectorised, cached RDP path gives Opacus' number (to float64 rounding of its sum),
+    also when a (q, σ) already cached for one step count is asked again for another (a cached
+    array must not be scaled in place)."""
     for steps_scale in (1, 3, 1):
         h = [(s, q, n * steps_scale) for s, q, n in history]
         acc = RDPAccountant()
         acc.history = list(h)
-        assert rdp_epsilon(h, 1e-5) == acc.get_epsilon(delta=1e-5, alphas=RDP_ORDERS)
+        assert rdp_epsilon(h, 1e-5) == pytest.approx(
+            acc.get_epsilon(delta=1e-5, alphas=RDP_ORDERS), rel=1e-12)
+
+
+@pytest.mark.parametrize("q,sigma", [(0.1, 1.1), (0.0457, 3.66), (8 / 9, 0.6), (0.01, 0.3),
+                                     (0.999, 50.0), (1e-5, 0.5), (1.0, 2.0), (0.0, 1.0),
+                                     (0.3, 0.0)])
+def test_one_step_rdp_is_opacus_compute_rdp_at_every_order(q, sigma):
+    """Each order's RDP of one step (the log-sum-exp of Mironov et al.'s integer-order sum)
+    against Opacus' loop, special cases q = 0, q = 1, σ = 0 included."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from privseg.dp.accounting import _rdp_of_one_step
+
+    ours = _rdp_of_one_step(q, sigma)
+    theirs = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS))
+    finite = np.isfinite(theirs)
+    assert np.array_equal(np.isfinite(ours), finite)
+    # relative to the sum's float64 rounding: |log A| ≥ 1e-8 at q = 1e-5 leaves ~1e-8
+    assert ours[finite] == pytest.approx(theirs[finite], rel=1e-7, abs=1e-15)
+
+
+@pytest.mark.parametrize("target,q,steps,delta", [(8.0, 0.0667, 900, 1e-5),
+                                                  (1.0, 0.0457, 420, 1e-5),
+                                                  (0.5, 8 / 9, 14, 1e-3),
+                                                  (30.0, 0.2, 5, 1e-4)])
+def test_rdp_sigma_search_is_opacus_get_noise_multiplier(target, q, steps, delta):
+    """privseg's RDP σ search takes Opacus' ``get_noise_multiplier`` probes over the
+    vectorised RDP, so it lands on the same σ."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from privseg.dp.accounting import rdp_noise_multiplier
+
+    tol = 0.005 * target
+    theirs = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
+                                  steps=steps, accountant="rdp", epsilon_tolerance=tol,
+                                  alphas=RDP_ORDERS)
+    assert rdp_noise_multiplier(target, delta, q, steps, tol) == pytest.approx(theirs,
+                                                                                 rel=1e-12)
+
+
+def test_prv_domain_size_is_fft_friendly_and_covers_opacus_rule():
+    """The PRV domain is widened to a 5-smooth even size (a fast FFT), symmetric as Opacus'
+    ``_compose_fourier`` needs (``t_min = -(size/2 - 1)·dt``), at the same mesh."""
+    from privseg.dp.accounting import Domain, fft_friendly
+
+    base = Domain.create_aligned(-11.3, 11.3, 4.6e-5)  # 491,308 = 4·122,827 points
+    wide = fft_friendly(base)
+    assert wide.size >= base.size and wide.size % 2 == 0
+    n = wide.size
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    assert n == 1
+    assert wide.dt == pytest.approx(base.dt, rel=1e-12)
+    assert wide.t_max >= base.t_max and wide.t_min <= base.t_min
+    assert wide.t_min == pytest.approx(-(wide.size / 2 - 1) * wide.dt, rel=1e-12)
 
 
 @pytest.mark.parametrize("history", HISTORIES)
@@ -204,17 +262,17 @@ def test_a_weak_user_delta_is_allowed_but_warned_in_the_plan(caplog):
 def test_sites_with_one_plan_share_one_calibration(monkeypatch):
     """σ is calibrated once per distinct site plan: two sites with 9 training subjects (the
     same n, B, steps, δ, ε, accountant) share one calibration, a site with 10 gets its own.
-    Counted by the calibrations' RDP bracket (one ``get_noise_multiplier`` per calibration)."""
+    Counted by the calibrations' RDP bracket (one ``rdp_noise_multiplier`` per calibration)."""
     import privseg.dp.accounting as acc
 
     calls = []
-    real = acc.get_noise_multiplier
+    real = acc.rdp_noise_multiplier
 
-    def counting(**kw):
-        calls.append(kw["sample_rate"])
-        return real(**kw)
+    def counting(target_epsilon, delta, sample_rate, *args):
+        calls.append(sample_rate)
+        return real(target_epsilon, delta, sample_rate, *args)
 
-    monkeypatch.setattr(acc, "get_noise_multiplier", counting)
+    monkeypatch.setattr(acc, "rdp_noise_multiplier", counting)
     acc.calibrate_noise.cache_clear()
     cfg = load_config("phantom2d-federated", [
         "setting.federated.rounds=1", "setting.federated.local_steps=1",
@@ -239,3 +297,23 @@ def test_calibration_at_few_steps_is_quiet():
         sigma = calibrate_noise.__wrapped__(8.0, 1e-5, 16 / 112, 14, "prv")
     assert [str(w.message) for w in caught] == []
     assert epsilon_of_history([(sigma, 16 / 112, 14)], 1e-5, "prv") <= 8.0
+
+
+@pytest.mark.parametrize("q,sigma", [(0.1, 1.1), (8 / 9, 0.6), (1.0, 9.6), (0.01, 3.0)])
+def test_truncated_prv_cdf_at_one_point_is_opacus(q, sigma):
+    """The truncated PRV's CDF at single floats (what ``quad`` asks for its mean) is Opacus'
+    array CDF at the same points, below, inside and above the truncation, q = 1 included."""
+    import numpy as np
+
+    from privseg.dp.accounting import ScalarCdfTruncatedPRV, prv_analysis
+
+    prv = prv_analysis.PoissonSubsampledGaussianPRV(q, sigma)
+    ours = ScalarCdfTruncatedPRV(prv, -4.0, 5.0)
+    stock = prv_analysis.TruncatedPrivacyRandomVariable(prv, -4.0, 5.0)
+    ts = np.linspace(-6.0, 7.0, 1301)
+    with np.errstate(divide="ignore"):
+        expected = stock.cdf(ts)
+    got = np.array([ours.cdf(float(t)) for t in ts])
+    assert np.max(np.abs(got - expected)) < 1e-14
+    with np.errstate(divide="ignore"):
+        assert np.array_equal(ours.cdf(ts), expected)  # arrays take Opacus' own path

@@ -68,3 +68,25 @@ def test_a_weak_delta_is_warned_from_the_cache_too(home, monkeypatch):
         assert len(seen) == 2 and seen[1] == seen[0]
     finally:
         logger.removeHandler(handler)
+
+
+def test_the_calculator_and_help_load_no_config_models_torch_or_pandas(tmp_path):
+    """The CLI's path is lazy (issue 19): a new ``privseg privacy`` question and ``--help``
+    import neither the config models (pydantic) nor torch, Opacus' real package or pandas, in
+    a fresh process. A top-level import of any of them in a sub-app fails this."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import json, sys\nfrom privseg.cli import app\n"
+             "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "heavy = ('privseg.config', 'pydantic', 'torch', 'opacus', 'pandas')\n"
+             "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    for args in (["privacy", "--subjects", "50", "--batch", "5", "--epochs", "2",
+                  "--epsilon", "4"], ["--help"], ["privacy", "--help"]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [], args

@@ -1,7 +1,7 @@
 """Answers of ``privseg privacy`` kept on disk, keyed by everything that determines them.
 
-The first answer to a question costs a σ calibration (~1 s of Opacus PRV/RDP queries) plus
-the import of SciPy (~0.5 s); asked again, the calculator reads the answer from
+The first answer to a question costs a σ calibration (0.2-1 s of PRV/RDP queries) plus the
+import of SciPy (~0.6 s); asked again, the calculator reads the answer from
 ``~/.cache/privseg/privacy-calculator.json`` and imports neither. The key holds the question
 (n, B, epochs, ε or σ, δ, accountant), the installed Opacus version and a hash of privseg's
 accounting sources, so an answer is never served after the code that computed it changed.

@@ -38,7 +38,8 @@ from types import ModuleType
 
 #: the private package's name in ``sys.modules``
 PRIVATE_NAME = "privseg.dp._opacus_accountants"
-#: the submodules privseg uses (``get_noise_multiplier``; RDP analysis; PRV domain)
+#: the submodules loaded (``utils``: Opacus' ``get_noise_multiplier``, which the tests hold
+#: privseg's σ search to; RDP analysis; PRV analysis)
 SUBMODULES = ("utils", "analysis.rdp", "analysis.prv")
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from privseg.cli_common import fail, quiet_flower
-from privseg.config import ConfigError, load_config
+from privseg.errors import ConfigError
 
 app = typer.Typer(help="Federated training on Flower: server, site, simulation.",
                   no_args_is_help=True)
@@ -35,6 +35,8 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 
 def _load(config: str, set_: list[str] | None):
+    from privseg.config import load_config
+
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
