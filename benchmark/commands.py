@@ -38,12 +38,13 @@ def train(
     Example:  privseg train phantom2d --set privacy.target_epsilon=1 --set training.epochs=5
     """
     from privseg.config import load_config
-    from privseg.run import run
 
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
         fail(str(e))
+    from privseg.run import run  # torch, MONAI, Opacus: only for a config that validated
+
     show_info_logs()
     if cfg.setting.kind == "federated":
         quiet_flower()
