@@ -221,10 +221,9 @@ def fft_friendly(domain: Domain) -> Domain:
     size = next_fast_len(domain.size, real=True)
     while size % 2:
         size = next_fast_len(size + 1, real=True)
-    half = size // 2 - 1
-    dt = domain.dt
     if size == domain.size:
         return domain
+    half, dt = size // 2 - 1, domain.dt
     return Domain(-half * dt, (half + 1) * dt, size)
 
 
