@@ -532,8 +532,6 @@ def _check_registries(cfg: RunConfig) -> None:
         )
 
 
-
-
 def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():

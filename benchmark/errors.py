@@ -1,8 +1,8 @@
 """privseg's user-facing error types, in a module that imports nothing.
 
-The CLI's sub-apps catch these at import time of the CLI; defining them here rather than in
-:mod:`privseg.config` (pydantic models, ~0.25 s to import) lets ``privseg privacy`` and
-``--help`` start without loading the config machinery they never use.
+The CLI's sub-apps import these when the CLI is imported, to catch them in their commands.
+Defined here rather than in :mod:`privseg.config` (pydantic models, ~0.25 s to import), they
+let ``privseg privacy`` and ``--help`` start without the config machinery they never use.
 """
 
 
