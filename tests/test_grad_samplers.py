@@ -312,3 +312,109 @@ def test_lean_module_hooks_output_tensors_not_modules():
     assert not [n for n in seen if "BackwardHook" in type(n).__name__]
     out.sum().backward()
     assert all(p.grad_sample.shape == (2, *p.shape) for p in model.parameters())
+
+
+class _ConvBackwardMasks:
+    """Records ``aten.convolution_backward``'s output mask (input, weight, bias) per call."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        masks = self.masks = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten.convolution_backward.default:
+                    masks.append((tuple(args[1].shape), tuple(args[-1])))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("sampler", ["grouped", "bookkeeping"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_hooks_mode_skips_dense_conv_grads_and_stays_exact(dims, sampler):
+    """In hooks mode the conv backward computes neither the summed weight nor the summed bias
+    gradient where the layer's input carries the gradient (on CPU a bias gradient costs a
+    whole weight-gradient pass), only the first layer keeps its weight's; and the per-sample
+    gradients are still each sample's own (invariant 1), bias included."""
+    from privseg.dp.exactness import per_sample_loss
+
+    side = 32 if dims == 2 else 8
+    torch.manual_seed(0)
+    model = build("unet", dims, 1, 3, base_channels=4).double()
+    for m in model.modules():  # a bias on every conv, so that the bias path is exercised
+        if isinstance(m, nn.Conv2d | nn.Conv3d) and m.bias is None:
+            m.bias = nn.Parameter(torch.randn(m.out_channels, dtype=torch.float64) * 0.1)
+    x = torch.randn(3, 1, *(side,) * dims, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, *(side,) * dims))
+    ref = reference_grads(model, x, y)
+    wrapped = prepare_module(copy.deepcopy(model).train(), grad_sample_mode="hooks",
+                             conv_sampler=sampler, batch_first=True, loss_reduction="sum")
+    rec = _ConvBackwardMasks()
+    loss = per_sample_loss(wrapped(x), y).sum()
+    with rec.mode:
+        loss.backward()
+    dense = [(shape, mask) for shape, mask in rec.masks if shape[0] == x.shape[0]]
+    n_conv = sum(isinstance(m, nn.Conv2d | nn.Conv3d) for m in model.modules())
+    first = [(shape, mask) for shape, mask in dense if shape[1] == 1]
+    assert len(first) == 1 and first[0][1][0] is False  # the input needs no gradient
+    rest = [mask for shape, mask in dense if shape[1] != 1]
+    assert len(rest) == n_conv - 1
+    assert all(mask == (True, False, False) for mask in rest), rest
+    for name, p in wrapped._module.named_parameters():
+        gs = p.grad_sample
+        gs = gs.materialize() if hasattr(gs, "materialize") else gs
+        torch.testing.assert_close(gs, ref[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_wrapped_group_norm_gets_the_forwards_moments(monkeypatch):
+    """A wrapped GroupNorm hands its sampler the mean and rstd autograd saved in the forward
+    (``activations == [x, mean, rstd]``), equal to the moments of its input; the sampler then
+    computes none itself, and its gradients are those it computes without them."""
+    from privseg.dp.grad_sample_module import LeanGradSampleModule
+
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(3, 6).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    x = 2.0 + torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    g = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    seen, calls = [], []
+    sampler = gsamp.group_norm_grad_sample
+    moments = gsamp.group_moments
+    monkeypatch.setattr(gsamp, "group_moments", lambda *a, **k: calls.append(1) or moments(*a, **k))
+
+    def spy(layer, activations, backprops):
+        seen.append([t.clone() for t in activations])
+        return sampler(layer, activations, backprops)
+
+    with conv_samplers("grouped"):
+        wrapped = LeanGradSampleModule(nn.Sequential(layer), batch_first=True,
+                                       loss_reduction="sum")
+    wrapped.GRAD_SAMPLERS = {**wrapped.GRAD_SAMPLERS, nn.GroupNorm: spy}
+    (wrapped(x) * g).sum().backward()
+    (acts,) = seen
+    assert len(acts) == 3 and not calls
+    mean, rstd = moments(x, 3, layer.eps, use_kernel=True)
+    torch.testing.assert_close(acts[1], mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acts[2], rstd, rtol=1e-10, atol=1e-12)
+    own = sampler(layer, [x], g)
+    assert calls  # without them, the sampler computes its own
+    for p in (layer.weight, layer.bias):
+        torch.testing.assert_close(p.grad_sample, own[p], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_group_norm_sampler_with_a_frozen_parameter(frozen):
+    """Only the parameters that need a gradient get a per-sample one, equal to Opacus'."""
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(2, 4).double()
+    getattr(layer, frozen).requires_grad_(False)
+    x = 1.0 + torch.randn(3, 4, 6, dtype=torch.float64)
+    g = torch.randn(3, 4, 6, dtype=torch.float64)
+    ours = gsamp.group_norm_grad_sample(layer, [x], g)
+    live = layer.bias if frozen == "weight" else layer.weight
+    assert set(ours) == {live}
+    ref = compute_group_norm_grad_sample(layer, [x], g)
+    torch.testing.assert_close(ours[live], ref[live], rtol=1e-10, atol=1e-12)

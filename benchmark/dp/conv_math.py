@@ -158,21 +158,22 @@ def use_ghost_norm(layer: ConvNd, positions: int) -> bool:
 def unfold_input(layer: ConvNd, x: torch.Tensor) -> torch.Tensor:
     """``[B, T, C_in·k^d]``: the input patch under the kernel at each output position.
 
-    2D: ATen's im2col (``F.unfold``, a view transposed; measured several times faster on CPU
-    than the strided copy below), else windows of the padded input, copied once.
+    Each patch's ``C_in·k^d`` values are in the order (kernel offset, channel), not the
+    weight's (channel, offset): its only users are Gram matrices ``a·aᵀ`` over positions
+    (ghost norms, :mod:`privseg.dp.bookkeeping`), which do not depend on that order. The
+    input is made channels-last first, so the one copy that gathers the patches moves runs
+    of ``C_in`` contiguous values (measured 2-4x faster than ATen's im2col, ``F.unfold``, in
+    2D and ~9x faster than the channels-first copy in 3D, at U-Net bottleneck shapes).
     """
     x, padding = padded_input(layer, x)
-    if x.dim() == 4:
-        return F.unfold(x, layer.kernel_size, layer.dilation, padding,
-                        layer.stride).transpose(1, 2)
     x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
+    x = x.movedim(1, -1).contiguous()  # [B, *S, C]
+    nd = len(layer.kernel_size)
     for i, (k, s, d) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation,
                                       strict=True)):
-        # dim 2+i becomes the positions along that axis; the kernel window is appended last
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
-    nd = len(layer.kernel_size)
-    b, c = x.shape[:2]
-    positions = x.shape[2:2 + nd]
-    # [B, C, *T, *k] -> [B, *T, C, *k] -> [B, T, C·k^d]
-    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+        # dim 1+i becomes the positions along that axis; the kernel window is appended last
+        x = x.unfold(1 + i, d * (k - 1) + 1, s)[..., ::d]
+    b, positions = x.shape[0], x.shape[1:1 + nd]
+    # [B, *T, C, *k] -> [B, *T, *k, C] -> [B, T, k^d·C]
+    perm = [0, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd), 1 + nd]
     return x.permute(perm).reshape(b, math.prod(positions), -1)

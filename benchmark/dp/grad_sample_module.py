@@ -71,6 +71,18 @@ def store_grad_sample(param: nn.Parameter, grad_sample: torch.Tensor, max_batch_
                                      max_batch_len=max_batch_len)
 
 
+def saved_group_moments(output: torch.Tensor) -> list[torch.Tensor]:
+    """``[mean, rstd]`` (``[N, G]`` each) that autograd saved for a GroupNorm output's
+    backward (ATen's ``native_group_norm``), or ``[]`` where the output did not come from
+    that kernel. Handed to the GroupNorm sampler with the layer's input
+    (:func:`privseg.dp.grad_samplers.group_norm_grad_sample`), they spare it a pass over
+    the input to recompute them."""
+    node = output.grad_fn
+    if type(node).__name__ != "NativeGroupNormBackward0":
+        return []
+    return [node._saved_result1, node._saved_result2]
+
+
 class LeanGradSampleModule(GradSampleModule):
     """Opacus' ``GradSampleModule`` (hooks or functorch mode) storing per-sample gradients
     through :func:`store_grad_sample`."""
@@ -111,6 +123,8 @@ class LeanGradSampleModule(GradSampleModule):
         captured = len(getattr(module, "activations", ()))
         self.capture_activations_hook(module, forward_input, output)
         if len(getattr(module, "activations", ())) > captured:
+            if type(module) is nn.GroupNorm:
+                module.activations[-1] += saved_group_moments(output)
             output.register_hook(lambda grad: backprops(module, None, (grad,)))
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output,

@@ -137,32 +137,43 @@ def group_moments(x: torch.Tensor, num_groups: int, eps: float,
 
 def group_norm_grad_sample(layer: nn.GroupNorm, activations: Sequence[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """Opacus grad sampler for GroupNorm (Wu & He 2018) without re-normalising the input.
+    """Opacus grad sampler for GroupNorm (Wu & He 2018) by ATen's own GroupNorm backward.
 
     Opacus' sampler recomputes ``group_norm(x)`` and multiplies it by the output gradient,
-    writing two activation-sized tensors per layer. With ``x̂ = (x - μ)·r`` per sample and
-    group, ``∂L/∂γ_c = Σ_s g·x̂ = r·(Σ_s g·x - μ·Σ_s g)``: one moments pass over ``x`` and
-    reductions, no second normalisation. ``∂L/∂β_c = Σ_s g``.
+    writing two activation-sized tensors per layer. Here the batch is folded into channels:
+    ``[N, C, *S]`` viewed as one sample of ``N·C`` channels in ``N·G`` groups (a group never
+    spans two samples, as the groups are contiguous channel blocks), ATen's
+    ``native_group_norm_backward`` gives that one sample's ``∂L/∂γ`` and ``∂L/∂β`` over its
+    ``N·C`` channels, which are each sample's per-channel gradients
+    ``∂L/∂γ_nc = Σ_s g·x̂`` and ``∂L/∂β_nc = Σ_s g``: one fused reduction over ``g`` and ``x``
+    (measured 1.8-3.5x faster on CPU than moments, a product and two sums). The moments are
+    the forward's own where ``activations`` carries them after the input (``[x, mean,
+    rstd]``, from :func:`privseg.dp.grad_sample_module.saved_group_moments`: no pass over
+    ``x``), else those of the folded view (:func:`group_moments`).
     """
     x = activations[0]
     n, c = backprops.shape[:2]
     params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
     if n == 0:
         return {p: backprops.new_zeros(0, *p.shape) for p in params}
-    g = backprops.reshape(n, c, -1)
-    g_sum = g.sum(2)
-    out = {}
-    if layer.weight is not None and layer.weight.requires_grad:
-        mean, rstd = group_moments(x.to(g.dtype), layer.num_groups, layer.eps,
-                                   use_kernel=not x.is_cuda)
-        per_group = c // layer.num_groups
-        rstd = rstd.repeat_interleave(per_group, dim=1)
-        mean = mean.repeat_interleave(per_group, dim=1)
-        # (g·x).sum measured faster than einsum's batched dot on an H100 (2D 256², B 32)
-        gx = (g * x.reshape(n, c, -1)).sum(2)
-        out[layer.weight] = rstd * (gx - mean * g_sum)
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g_sum
+    want_w = layer.weight is not None and layer.weight.requires_grad
+    want_b = layer.bias is not None and layer.bias.requires_grad
+    if not want_w:
+        return {layer.bias: backprops.reshape(n, c, -1).sum(2)} if want_b else {}
+    g = backprops.reshape(1, n * c, -1)
+    xs = x.to(g.dtype).reshape(1, n * c, -1)
+    groups = n * layer.num_groups
+    saved = activations[1:3]  # the forward's own moments, where the module passed them
+    if len(saved) == 2 and all(t.shape == (n, layer.num_groups) and t.dtype == g.dtype
+                               for t in saved):
+        mean, rstd = (t.reshape(1, groups) for t in saved)
+    else:
+        mean, rstd = group_moments(xs, groups, layer.eps, use_kernel=not x.is_cuda)
+    _, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
+        g, xs, mean, rstd, None, 1, n * c, g.shape[2], groups, [False, True, want_b])
+    out = {layer.weight: grad_w.view(n, c)}
+    if want_b:
+        out[layer.bias] = grad_b.view(n, c)
     return out
 
 
@@ -288,14 +299,20 @@ def prepare_module(model: nn.Module, grad_sample_mode: str, conv_sampler: ConvSa
 
 
 def _conv_forward_without_weight_grad(self: ConvNd, x: torch.Tensor) -> torch.Tensor:
-    weight = self.weight
-    # Detaching needs something else in the layer to carry the gradient to its output (an
-    # input or a bias that requires grad); otherwise the output-gradient hook would never fire.
-    if self.training and torch.is_grad_enabled() and (
-        x.requires_grad or (self.bias is not None and self.bias.requires_grad)
-    ):
-        weight = weight.detach()
-    return self._conv_forward(x, weight, self.bias)
+    weight, bias = self.weight, self.bias
+    if self.training and torch.is_grad_enabled():
+        # Detaching needs something else in the layer to carry the gradient to its output
+        # (an input or a bias that requires grad); otherwise the output-gradient hook would
+        # never fire. The bias is detached too where the input carries it: CPU's oneDNN
+        # computes a bias gradient only inside its weight-gradient primitive, so asking
+        # for the bias alone still pays for the whole weight gradient (measured: a 3D 32³
+        # layer's backward 62 ms with the bias, 29 ms without).
+        if x.requires_grad:
+            weight = weight.detach()
+            bias = None if bias is None else bias.detach()
+        elif bias is not None and bias.requires_grad:
+            weight = weight.detach()
+    return self._conv_forward(x, weight, bias)
 
 
 def skip_dense_conv_weight_grads(model: nn.Module) -> int:
@@ -305,9 +322,10 @@ def skip_dense_conv_weight_grads(model: nn.Module) -> int:
     never uses: the optimizer builds the update from ``p.grad_sample`` alone (clip, sum, noise,
     then ``p.grad`` is overwritten). With the grouped sampler that dense weight-grad kernel costs
     as much as the per-sample one, so it is a third of the conv backward spent for nothing.
-    The layer's forward uses a detached weight (the conv backward then computes only the
-    input gradient); the hook on the layer's output still receives the output gradient and
-    the grad sampler fills ``weight.grad_sample``. Not for ghost clipping, whose second
+    The layer's forward uses a detached weight, and bias where its input needs a gradient
+    (the conv backward then computes only the input gradient); the hook on the layer's
+    output still receives the output gradient and the grad sampler fills
+    ``weight.grad_sample`` and ``bias.grad_sample``. Not for ghost clipping, whose second
     backward needs the dense gradients; not for non-private training.
     """
     n = 0
