@@ -178,6 +178,27 @@ def test_engine_uses_configured_sampler_and_run_id_ignores_it():
         assert state.model.GRAD_SAMPLERS[nn.Conv2d] is want
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (1, 1), (1, "same")])
+def test_pointwise_conv_per_sample_grads_exact(dims, stride, padding):
+    """1×1 convolutions (a U-Net head): each sample's weight gradient, whether by the
+    batched matrix product (stride 1, no padding) or the grouped call (any other), is that
+    sample's own autograd gradient."""
+    from privseg.dp.conv_math import is_pointwise, padded_input, per_sample_conv_weight_grad
+
+    torch.manual_seed(0)
+    layer = CONV[dims](5, 3, 1, stride=stride, padding=padding).double()
+    x = torch.randn(4, 5, *(6,) * dims, dtype=torch.float64)
+    out = layer(x)
+    g = torch.randn_like(out)
+    assert is_pointwise(layer, padded_input(layer, x)[1]) == (stride == 1 and padding != 1)
+    ours = per_sample_conv_weight_grad(layer, x, g)
+    for i in range(len(x)):
+        layer.zero_grad()
+        (layer(x[i:i + 1]) * g[i:i + 1]).sum().backward()
+        torch.testing.assert_close(ours[i], layer.weight.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_empty_batch():
     layer = nn.Conv2d(2, 3, 3, bias=True)
     x, g = torch.zeros(0, 2, 5, 5), torch.zeros(0, 3, 3, 3)
@@ -321,11 +342,13 @@ class _ConvBackwardMasks:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         masks = self.masks = []
+        dense = self.dense_grads = []  # whether each call's output gradient was contiguous
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func is torch.ops.aten.convolution_backward.default:
                     masks.append((tuple(args[1].shape), tuple(args[-1])))
+                    dense.append(args[0].is_contiguous())
                 return func(*args, **(kwargs or {}))
 
         self.mode = Mode()
@@ -335,9 +358,9 @@ class _ConvBackwardMasks:
 @pytest.mark.parametrize("dims", [2, 3])
 def test_hooks_mode_skips_dense_conv_grads_and_stays_exact(dims, sampler):
     """In hooks mode the conv backward computes neither the summed weight nor the summed bias
-    gradient where the layer's input carries the gradient (on CPU a bias gradient costs a
-    whole weight-gradient pass), only the first layer keeps its weight's; and the per-sample
-    gradients are still each sample's own (invariant 1), bias included."""
+    gradient (on CPU a bias gradient costs a whole weight-gradient pass), and the first layer,
+    whose input needs no gradient, no conv backward at all; and the per-sample gradients are
+    still each sample's own (invariant 1), bias included."""
     from privseg.dp.exactness import per_sample_loss
 
     side = 32 if dims == 2 else 8
@@ -357,11 +380,13 @@ def test_hooks_mode_skips_dense_conv_grads_and_stays_exact(dims, sampler):
         loss.backward()
     dense = [(shape, mask) for shape, mask in rec.masks if shape[0] == x.shape[0]]
     n_conv = sum(isinstance(m, nn.Conv2d | nn.Conv3d) for m in model.modules())
-    first = [(shape, mask) for shape, mask in dense if shape[1] == 1]
-    assert len(first) == 1 and first[0][1][0] is False  # the input needs no gradient
+    assert not [shape for shape, mask in dense if shape[1] == 1]  # the first layer's
     rest = [mask for shape, mask in dense if shape[1] != 1]
     assert len(rest) == n_conv - 1
     assert all(mask == (True, False, False) for mask in rest), rest
+    # the up-convolutions' output gradients are slices of a concatenation's: made dense
+    # once, by the hook, for the sampler and the layer's backward alike
+    assert all(rec.dense_grads)
     for name, p in wrapped._module.named_parameters():
         gs = p.grad_sample
         gs = gs.materialize() if hasattr(gs, "materialize") else gs

@@ -127,14 +127,29 @@ def _fastest_block(layer: ConvNd, x: torch.Tensor, g: torch.Tensor,
 
 def per_sample_conv_weight_grad(layer: ConvNd, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``[B, *weight.shape]``: each sample's weight gradient, by grouped weight-grad calls
-    (one, or one per in-channel block where that measured faster: :func:`channel_block`).
+    (one, or one per in-channel block where that measured faster: :func:`channel_block`), or
+    one batched matrix product for a pointwise layer (:func:`is_pointwise`).
 
     ``x`` is the layer input ``[B, C_in, *S]``, ``g`` the output gradient ``[B, C_out, *T]``.
     """
     x, padding = padded_input(layer, x.to(g.dtype))
     with torch.no_grad():
+        if is_pointwise(layer, padding):
+            # A per-position linear map: each sample's gradient is g_i·x_iᵀ over positions,
+            # one batched matrix product (measured on CPU: 0.9 ms against 1.7 ms for the
+            # grouped call at a 3D 32³ B 4 U-Net head, 25 against 62 ms at 96³ B 2; never
+            # slower in 2D).
+            return torch.bmm(g.flatten(2), x.flatten(2).transpose(1, 2)).view(
+                len(x), *layer.weight.shape)
         block = channel_block(layer, x, g, padding)
         return _blocked_weight_grad(layer, x, g, padding, block)
+
+
+def is_pointwise(layer: ConvNd, padding: tuple[int, ...]) -> bool:
+    """Whether the layer is a 1×1(×1) convolution with stride 1, no padding and one group:
+    output position t sees input position t alone."""
+    return (all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.stride)
+            and not any(padding) and layer.groups == 1)
 
 
 def positions_of(g: torch.Tensor) -> int:

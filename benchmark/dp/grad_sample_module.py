@@ -71,6 +71,15 @@ def store_grad_sample(param: nn.Parameter, grad_sample: torch.Tensor, max_batch_
                                      max_batch_len=max_batch_len)
 
 
+def dense_layout(t: torch.Tensor) -> torch.memory_format:
+    """The memory format ``t`` is dense in: channels-last (2D or 3D) where it is so, else
+    the default one."""
+    for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if t.dim() == dims and not t.is_contiguous() and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 def saved_group_moments(output: torch.Tensor) -> list[torch.Tensor]:
     """``[mean, rstd]`` (``[N, G]`` each) that autograd saved for a GroupNorm output's
     backward (ATen's ``native_group_norm``), or ``[]`` where the output did not come from
@@ -125,7 +134,17 @@ class LeanGradSampleModule(GradSampleModule):
         if len(getattr(module, "activations", ())) > captured:
             if type(module) is nn.GroupNorm:
                 module.activations[-1] += saved_group_moments(output)
-            output.register_hook(lambda grad: backprops(module, None, (grad,)))
+            layout = dense_layout(output)
+
+            def hook(grad: torch.Tensor) -> torch.Tensor:
+                # A gradient that is a slice (the output went into a concatenation, as a
+                # U-Net's up-convolutions do) is made dense once, here, and handed on to
+                # autograd as well: the sampler's reshape and the layer's own backward
+                # kernel would each copy it otherwise.
+                grad = grad.contiguous(memory_format=layout)
+                backprops(module, None, (grad,))
+                return grad
+            output.register_hook(hook)
 
     def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output,
                                loss_reduction: str, batch_first: bool) -> None:
