@@ -178,6 +178,27 @@ def test_engine_uses_configured_sampler_and_run_id_ignores_it():
         assert state.model.GRAD_SAMPLERS[nn.Conv2d] is want
 
 
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_few_channel_conv_per_sample_grads_exact(case):
+    """A layer with one input channel (a U-Net's first), whose per-sample weight gradients
+    come from its input patches (:func:`privseg.dp.conv_math.use_patch_product`): each is
+    that sample's own, whatever the stride, padding (string, reflect), dilation."""
+    from privseg.dp.conv_math import per_sample_conv_weight_grad, use_patch_product
+
+    dims, (stride, padding, dilation, groups, bias, mode) = case
+    torch.manual_seed(0)
+    layer = CONV[dims](groups, 6, (3, 4, 2)[:dims], stride=stride, padding=padding,
+                       dilation=dilation, groups=groups, bias=bias, padding_mode=mode).double()
+    x = torch.randn(3, groups, *(7,) * dims, dtype=torch.float64)
+    g = torch.randn_like(layer(x))
+    assert use_patch_product(layer, x) == (groups == 1)
+    ours = per_sample_conv_weight_grad(layer, x, g)
+    for i in range(len(x)):
+        layer.zero_grad()
+        (layer(x[i:i + 1]) * g[i:i + 1]).sum().backward()
+        torch.testing.assert_close(ours[i], layer.weight.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (1, 1), (1, "same")])
 def test_pointwise_conv_per_sample_grads_exact(dims, stride, padding):
