@@ -414,6 +414,32 @@ def test_hooks_mode_skips_dense_conv_grads_and_stays_exact(dims, sampler):
         torch.testing.assert_close(gs, ref[name], rtol=1e-7, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_first_layer_without_backward_allows_inplace_ops(bias):
+    """A first conv (input needing no gradient) followed by an in-place ReLU: hooks mode
+    still wraps and trains it (its output is a tensor of its own, not a view), runs no conv
+    backward for it, and its per-sample gradients are each sample's own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=bias), nn.ReLU(inplace=True),
+                          nn.Conv2d(4, 2, 3, padding=1)).double()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    wrapped = prepare_module(copy.deepcopy(model).train(), grad_sample_mode="hooks",
+                             conv_sampler="grouped", batch_first=True, loss_reduction="sum")
+    rec = _ConvBackwardMasks()
+    out = wrapped(x)
+    with rec.mode:
+        (out * out).sum().backward()
+    assert [shape for shape, _ in rec.masks if shape == tuple(x.shape)] == []
+    first = wrapped._module[0]
+    for i in range(len(x)):
+        model.zero_grad()
+        y = model(x[i:i + 1])
+        (y * y).sum().backward()
+        torch.testing.assert_close(first.weight.grad_sample[i], model[0].weight.grad)
+        if bias:
+            torch.testing.assert_close(first.bias.grad_sample[i], model[0].bias.grad)
+
+
 def test_wrapped_group_norm_gets_the_forwards_moments(monkeypatch):
     """A wrapped GroupNorm hands its sampler the mean and rstd autograd saved in the forward
     (``activations == [x, mean, rstd]``), equal to the moments of its input; the sampler then

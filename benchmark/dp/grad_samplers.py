@@ -298,34 +298,33 @@ def prepare_module(model: nn.Module, grad_sample_mode: str, conv_sampler: ConvSa
     return gsm
 
 
-class _OutputGradientTap(torch.autograd.Function):
-    """Identity on a conv output computed from detached parameters, linked to the graph
-    through ``weight`` (whose gradient it never returns), so that the output's gradient hook
-    fires although nothing the layer read requires grad. Autograd has no other way to give a
-    tensor a backward node without computing some gradient for its inputs."""
+class _ConvWithoutParameterGradients(torch.autograd.Function):
+    """A conv layer's forward whose backward returns no gradient at all: for a first layer,
+    whose input needs none and whose parameters' gradients come from the per-sample hook.
+    Linked to the graph through the weight, so that the output's gradient hook fires; the
+    output is the conv's own new tensor (not a view), so in-place ops may follow it."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return out.view_as(out)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                layer: ConvNd) -> torch.Tensor:
+        return layer._conv_forward(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
-        return None, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None, None]:
+        return None, None, None, None
 
 
 def _conv_forward_without_weight_grad(self: ConvNd, x: torch.Tensor) -> torch.Tensor:
     if not (self.training and torch.is_grad_enabled()):
         return self._conv_forward(x, self.weight, self.bias)
+    if not x.requires_grad:
+        # A first layer: its conv backward would compute nothing anyone uses.
+        return _ConvWithoutParameterGradients.apply(x, self.weight, self.bias, self)
     # The bias is detached with the weight: CPU's oneDNN computes a bias gradient only inside
     # its weight-gradient primitive, so asking for the bias alone still pays for the whole
     # weight gradient (measured: a 3D 32³ layer's backward 62 ms with the bias, 29 ms without).
     bias = None if self.bias is None else self.bias.detach()
-    out = self._conv_forward(x, self.weight.detach(), bias)
-    if x.requires_grad:
-        return out
-    # A first layer: its input carries no gradient, so its conv backward would compute
-    # nothing anyone uses; the tap only hands the output gradient to the hook.
-    return _OutputGradientTap.apply(out, self.weight)
+    return self._conv_forward(x, self.weight.detach(), bias)
 
 
 def skip_dense_conv_weight_grads(model: nn.Module) -> int:
@@ -337,8 +336,9 @@ def skip_dense_conv_weight_grads(model: nn.Module) -> int:
     as much as the per-sample one, so it is a third of the conv backward spent for nothing.
     The layer's forward uses a detached weight and bias (the conv backward then computes only
     the input gradient, and nothing at all in a first layer, whose input needs none:
-    :class:`_OutputGradientTap`); the hook on the layer's output still receives the output
-    gradient and the grad sampler fills ``weight.grad_sample`` and ``bias.grad_sample``.
+    :class:`_ConvWithoutParameterGradients`); the hook on the layer's output still receives
+    the output gradient and the grad sampler fills ``weight.grad_sample`` and
+    ``bias.grad_sample``.
     Not for ghost clipping, whose second backward needs the dense gradients; not for
     non-private training.
     """
