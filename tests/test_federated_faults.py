@@ -476,3 +476,43 @@ def test_record_is_awaited_while_the_superlink_says_the_run_goes_on(tmp_path):
     assert rec["federated"]["transport"]["flower_run_id"] == 5 and len(asked) == 2
     assert await_record(tmp_path / "none", 5, wait=0.0, poll_s=0.0,
                         still_running=lambda: False, longest=60, recheck_s=0.0) is None
+
+
+def _waits_before_success(grid, failures: int) -> list[float]:
+    """The waits the grid's retry invoker takes for a call that fails ``failures`` times (the
+    SuperLink unreachable), recorded instead of slept."""
+    import random
+
+    import httpx
+
+    invoker, waits, left = grid._retry_invoker, [], [failures]
+    invoker.wait_function = waits.append
+
+    def call():
+        if left[0]:
+            left[0] -= 1
+            raise httpx.ConnectError("connection refused")
+        return "answered"
+
+    random.seed(0)  # Flower's full jitter draws from `random`
+    assert invoker.invoke(call) == "answered"
+    return waits
+
+
+def test_serverapp_retries_a_restarting_superlink_within_a_second():
+    """The ServerApp's calls and its task heartbeat share the grid's retry invoker; with
+    Flower's backoff (waits growing to 20 s, slept out in full) the heartbeat could miss the
+    SuperLink's 60 s task expiry across a short restart, and the 401 that follows stops the
+    ServerApp (seen in CI: "the ServerApp stopped in round 2"). Capped, no wait exceeds 1 s."""
+    from flwr.superlink.grid import HttpGrid
+
+    from privseg.federated.app import RUNTIME_RETRY_MAX_S, retry_runtime_promptly
+
+    stock = _waits_before_success(HttpGrid(token="t"), 8)
+    assert max(stock) > 4 * RUNTIME_RETRY_MAX_S  # what the cap is for
+    grid = HttpGrid(token="t")
+    assert retry_runtime_promptly(grid) is True
+    capped = _waits_before_success(grid, 8)
+    assert len(capped) == 8 and max(capped) <= RUNTIME_RETRY_MAX_S
+    assert sum(capped) < sum(stock) / 4
+    assert retry_runtime_promptly(object()) is False  # the simulation's grid has none

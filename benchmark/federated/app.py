@@ -55,6 +55,8 @@ TIMEOUT_KEY = "round-timeout"  # seconds; 0: none
 #: is back (at most until the round's deadline): SuperNodes reconnect within ~20 s of a
 #: SuperLink restart, and a site that is really gone should not hold the round much longer
 RESEND_WAIT_S = 45.0
+#: seconds at most between the ServerApp's retries of a call to the SuperLink (Flower's: 20)
+RUNTIME_RETRY_MAX_S = 1.0
 #: node-config keys (``flower-supernode --node-config``)
 WORKER_KEY = "privseg-worker"  # the site worker's Unix socket
 SITE_KEY = "site"
@@ -207,6 +209,30 @@ class CountingGrid(Grid):
         return replies
 
 
+def retry_runtime_promptly(grid: Grid, max_delay_s: float = RUNTIME_RETRY_MAX_S) -> bool:
+    """Cap the backoff of the ServerApp's retries to the SuperLink at ``max_delay_s``; False
+    where ``grid`` has no such retries (the simulation's in-memory grid).
+
+    Why: Flower (1.42) sends the ServerApp's task heartbeat through the grid's own retry
+    invoker, whose jittered waits grow to 20 s, are taken one at a time under a lock shared
+    with the run's calls, and are slept out in full even once the SuperLink answers again. The
+    SuperLink expires the task 60 s after its last heartbeat (``HEARTBEAT_PATIENCE`` x 30 s),
+    and an expired task's next call is answered 401, on which Flower SIGINTs the ServerApp: a
+    SuperLink restarted within seconds could still end the run when the queued waits outlast
+    what was left of that minute. The ServerApp runs next to the SuperLink, so retrying every
+    second costs nothing. Flower has no setting for this; the invoker's wait generator is its
+    own, documented knob (``RetryInvoker.wait_gen_factory``).
+    """
+    from flwr.supercore.retry.retry_invoker import exponential
+
+    invoker = getattr(grid, "_retry_invoker", None)
+    if invoker is None or not hasattr(invoker, "wait_gen_factory"):
+        return False
+    invoker.wait_gen_factory = lambda: exponential(base_delay=max_delay_s / 4,
+                                                   max_delay=max_delay_s)
+    return True
+
+
 @server_app.main()
 def serve_federation(grid: Grid, context: Context) -> None:
     """ServerApp main: the rounds, the final test and the run record (see the module doc)."""
@@ -222,6 +248,7 @@ def serve_federation(grid: Grid, context: Context) -> None:
     from privseg.record import run_dir, write_record
     from privseg.training.setup import seed_everything
 
+    retry_runtime_promptly(grid)
     rc = context.run_config
     cfg = parse_config(json.loads(str(rc[CONFIG_KEY])))
     n_sites = int(rc[SITES_KEY])
