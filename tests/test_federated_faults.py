@@ -516,3 +516,37 @@ def test_serverapp_retries_a_restarting_superlink_within_a_second():
     assert len(capped) == 8 and max(capped) <= RUNTIME_RETRY_MAX_S
     assert sum(capped) < sum(stock) / 4
     assert retry_runtime_promptly(object()) is False  # the simulation's grid has none
+
+
+@pytest.mark.parametrize("exit_", [SystemExit(1), KeyboardInterrupt()])
+def test_serverapp_stopped_by_flower_writes_its_failed_record_at_once(tmp_path, monkeypatch,
+                                                                      exit_):
+    """Flower ends a ServerApp by ``sys.exit`` from its signal handler (a signal, or the 401
+    of an expired task), which ``except Exception`` does not see: the failed record must still
+    be written then, with why and for which Flower run, so that ``privseg federated run``
+    reports it at once instead of waiting ``--lost-wait`` (600 s) for a record."""
+    from types import SimpleNamespace
+
+    import privseg.federated.secagg as secagg
+    from privseg.federated import app
+
+    d = tiny(tmp_path)
+    cfg = parse_config(d)
+    output = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise exit_
+
+    monkeypatch.setattr(secagg, "run_workflow", stopped)
+    context = SimpleNamespace(run_id=42, run_config={
+        app.CONFIG_KEY: json.dumps(cfg.model_dump(mode="json")), app.SITES_KEY: 3,
+        app.OUTPUT_KEY: str(output), app.TIMEOUT_KEY: 0.0})
+    with pytest.raises(type(exit_)):
+        app.serve_federation(object(), context)
+    directory = run_dir(output, cfg.run_id())
+    rec = read_any_record(directory)
+    assert rec["status"] == "failed"
+    assert rec["error"].startswith("RuntimeError: Flower stopped the ServerApp in round 0 "
+                                   f"({type(exit_).__name__}")
+    assert rec["federated"]["transport"]["flower_run_id"] == 42
+    assert read_progress(directory) is None

@@ -233,6 +233,16 @@ def retry_runtime_promptly(grid: Grid, max_delay_s: float = RUNTIME_RETRY_MAX_S)
     return True
 
 
+def stopped_by_flower(exit_: BaseException, server: Any) -> RuntimeError:
+    """The failed record's error when Flower ends the ServerApp (``SystemExit`` from its
+    signal handler, ``KeyboardInterrupt``): written at once, so that the operator's
+    ``privseg federated run`` reads why instead of waiting out ``--lost-wait`` for a record."""
+    return RuntimeError(
+        f"Flower stopped the ServerApp in round {len(server.recorder.rounds)} "
+        f"({type(exit_).__name__} {exit_}): a signal to its process, or the SuperLink refused "
+        "its task (401: expired after 60 s without a heartbeat, e.g. down that long)")
+
+
 @server_app.main()
 def serve_federation(grid: Grid, context: Context) -> None:
     """ServerApp main: the rounds, the final test and the run record (see the module doc)."""
@@ -280,8 +290,9 @@ def serve_federation(grid: Grid, context: Context) -> None:
     try:
         with fails_as_run(server):
             run_workflow(cfg, server, counting, round_timeout=timeout)
-    except Exception as e:  # what was spent is written down before the ServerApp fails
-        path = write_record(directory, failed(e))
+    except BaseException as e:  # what was spent is written down before the ServerApp fails
+        error = e if isinstance(e, Exception) else stopped_by_flower(e, server)
+        path = write_record(directory, failed(error))
         clear_progress(directory)
         print(f"privseg: run failed, record written to {path}", flush=True)
         raise
