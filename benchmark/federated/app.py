@@ -239,8 +239,9 @@ def stopped_by_flower(exit_: BaseException, server: Any) -> RuntimeError:
     ``privseg federated run`` reads why instead of waiting out ``--lost-wait`` for a record."""
     return RuntimeError(
         f"Flower stopped the ServerApp in round {len(server.recorder.rounds)} "
-        f"({type(exit_).__name__} {exit_}): a signal to its process, or the SuperLink refused "
-        "its task (401: expired after 60 s without a heartbeat, e.g. down that long)")
+        f"({type(exit_).__name__}{f' {exit_}' if str(exit_) else ''}): a signal to its "
+        "process, or the SuperLink refused its task (401: expired after 60 s without a "
+        "heartbeat, e.g. down that long)")
 
 
 @server_app.main()
