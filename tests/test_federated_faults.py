@@ -456,6 +456,56 @@ def test_instruction_lost_in_a_superlink_restart_is_resent_once_its_site_is_back
         assert len(grid.pushed) == 2
 
 
+class ReactivatingGrid(LosingGrid):
+    """A SuperLink grid whose node 2 restarts (activated again) after its first instruction
+    was delivered: that instruction's reply never comes and no error says so, as when the
+    SuperLink's pull missed the node's 0.3 s offline spell (seen in CI)."""
+
+    def __init__(self, restarts: bool = True):
+        super().__init__()
+        self.restarts, self.looks = restarts, 0
+
+    def get_nodes(self):
+        from types import SimpleNamespace
+
+        self.looks += 1
+        again = self.restarts and self.looks > 2
+        return [SimpleNamespace(node_id=1, last_activated_at="t0"),
+                SimpleNamespace(node_id=2, last_activated_at="t1" if again else "t0")]
+
+    def pull_messages(self, ids):
+        from flwr.app import RecordDict
+
+        return [m.create_reply(RecordDict()) for m in self.pushed
+                if m.metadata.message_id in ids and m.metadata.message_id != "m2"]
+
+
+@pytest.mark.parametrize("restarts", [True, False])
+def test_instruction_to_a_restarted_supernode_is_resent_without_an_error(monkeypatch,
+                                                                          restarts):
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from privseg.federated.app import CountingGrid
+
+    for k in ("_run_id", "_task_id", "_node_id"):  # as in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, k, 1)
+
+    grid = ReactivatingGrid(restarts)
+    counting = CountingGrid(grid, poll_s=0.0, resend=True)
+    counting.activation_check_s = 0.0
+    ins = [Message(content=RecordDict(), dst_node_id=n, message_type="train", group_id="2")
+           for n in (1, 2)]
+    replies = counting.send_and_receive(ins, timeout=1.0)
+    nodes = sorted(grid.pushed[int(r.metadata.reply_to_message_id[1:]) - 1].metadata.dst_node_id
+                   for r in replies)
+    if restarts:  # sent again once, to the restarted node, and answered
+        assert counting.resent == [("2", 2)] and nodes == [1, 2]
+        assert [m.metadata.dst_node_id for m in grid.pushed] == [1, 2, 2]
+    else:  # the same session still owes its reply: nothing is resent
+        assert counting.resent == [] and nodes == [1] and len(grid.pushed) == 2
+
+
 def test_record_is_awaited_while_the_superlink_says_the_run_goes_on(tmp_path):
     """``flwr run`` can end (exit 0) while the ServerApp still works (seen on the testbed:
     its stream ended while the ServerApp awaited a lost site): the record is awaited past the

@@ -115,6 +115,8 @@ class CountingGrid(Grid):
         #: resend an instruction a site never got an answer to through (see send_and_receive)
         self.resend = resend
         self.resend_wait_s = resend_wait_s
+        #: seconds between looks at the nodes' activations (see send_and_receive)
+        self.activation_check_s = 1.0
         self.by_round: dict[str, dict[str, dict[str, int]]] = {}
         #: (group id, destination node) of each instruction sent again
         self.resent: list[tuple[str, int]] = []
@@ -168,12 +170,22 @@ class CountingGrid(Grid):
         SuperLink restart leaves: the site trained, but its reply was sent while the SuperLink
         was down and is lost. The site answers a resent instruction with the reply it already
         computed (:meth:`privseg.federated.client.SiteClient.fit`): no DP step is taken twice.
+        An instruction whose site's node was activated again after it was sent (a SuperNode
+        restarted) is resent the same way: its reply was lost too, but the SuperLink flags it
+        only if a pull falls in the node's offline spell, which can last 0.3 s (seen in CI:
+        the round then waited for that reply for ever, as Flower's fit workflow gives no
+        timeout).
         """
         messages = list(messages)
         # an id Flower could not push (None) would be awaited forever
         pending = {i: m for i, m in zip(self.push_messages(messages), messages, strict=True)
                    if i is not None}
+        activated = self._activations() if self.resend else None
+        #: per pending instruction: its node's activation when it was sent
+        sent_to = ({i: activated.get(m.metadata.dst_node_id) for i, m in pending.items()}
+                   if activated is not None else {})
         start = time.monotonic()
+        next_check = start + self.activation_check_s
         end = None if timeout is None else start + timeout
         replies: list[Message] = []
         #: (instruction, its error reply, resend no later than)
@@ -189,6 +201,10 @@ class CountingGrid(Grid):
                                                 end if end is not None else math.inf)))
                 else:
                     replies.append(r)
+            if (pending and sent_to and time.monotonic() >= next_check
+                    and (end is None or time.monotonic() < end)):
+                self._resend_to_reactivated(pending, sent_to)
+                next_check = time.monotonic() + self.activation_check_s
             if waiting:
                 online = set(self.get_node_ids())
                 again = [Message(content=i.content, dst_node_id=i.metadata.dst_node_id,
@@ -196,9 +212,7 @@ class CountingGrid(Grid):
                                  group_id=i.metadata.group_id)
                          for i, _, _ in waiting if i.metadata.dst_node_id in online]
                 if again:
-                    self.resent += [(m.metadata.group_id, m.metadata.dst_node_id) for m in again]
-                    pending.update((i, m) for i, m in zip(self.push_messages(again), again,
-                                                          strict=True) if i is not None)
+                    self._push_again(again, pending, sent_to)
                 now = time.monotonic()  # not back in time: the error stands
                 waiting = [w for w in waiting if w[0].metadata.dst_node_id not in online]
                 replies += [r for _, r, until in waiting if now >= until]
@@ -207,6 +221,39 @@ class CountingGrid(Grid):
                 break
             time.sleep(self.poll_s)
         return replies
+
+    def _activations(self) -> dict[int, str] | None:
+        """Each connected node's last activation (Flower's ``NodeInfo``); None where the
+        grid does not tell (the in-process grids)."""
+        get_nodes = getattr(self.grid, "get_nodes", None)
+        if get_nodes is None:
+            return None
+        return {int(n.node_id): str(n.last_activated_at) for n in get_nodes()}
+
+    def _push_again(self, again: list[Message], pending: dict, sent_to: dict) -> None:
+        """Push copies of instructions whose replies were lost, awaiting them instead."""
+        self.resent += [(m.metadata.group_id, m.metadata.dst_node_id) for m in again]
+        activated = self._activations() if sent_to else None
+        for i, m in zip(self.push_messages(again), again, strict=True):
+            if i is not None:
+                pending[i] = m
+                if activated is not None:
+                    sent_to[i] = activated.get(m.metadata.dst_node_id)
+
+    def _resend_to_reactivated(self, pending: dict, sent_to: dict) -> None:
+        """Resend each pending instruction whose node was activated again since it was sent."""
+        now = self._activations() or {}
+        lost = [i for i, m in pending.items() if sent_to.get(i) is not None
+                and now.get(m.metadata.dst_node_id) not in (None, sent_to[i])]
+        again = []
+        for i in lost:
+            ins = pending.pop(i)
+            sent_to.pop(i, None)
+            again.append(Message(content=ins.content, dst_node_id=ins.metadata.dst_node_id,
+                                 message_type=ins.metadata.message_type,
+                                 group_id=ins.metadata.group_id))
+        if again:
+            self._push_again(again, pending, sent_to)
 
 
 def retry_runtime_promptly(grid: Grid, max_delay_s: float = RUNTIME_RETRY_MAX_S) -> bool:
