@@ -98,6 +98,12 @@ client_app = ClientApp(client_fn=_no_local_client, mods=[forward_to_site_worker]
 server_app = ServerApp()
 
 
+def _fresh_copy(ins: Message) -> Message:
+    """A new instruction (new id) with ``ins``'s content, destination, type and round."""
+    return Message(content=ins.content, dst_node_id=ins.metadata.dst_node_id,
+                   message_type=ins.metadata.message_type, group_id=ins.metadata.group_id)
+
+
 class CountingGrid(Grid):
     """A Flower ``Grid`` that counts the serialised bytes of what it sends and receives.
 
@@ -207,10 +213,8 @@ class CountingGrid(Grid):
                 next_check = time.monotonic() + self.activation_check_s
             if waiting:
                 online = set(self.get_node_ids())
-                again = [Message(content=i.content, dst_node_id=i.metadata.dst_node_id,
-                                 message_type=i.metadata.message_type,
-                                 group_id=i.metadata.group_id)
-                         for i, _, _ in waiting if i.metadata.dst_node_id in online]
+                again = [_fresh_copy(i) for i, _, _ in waiting
+                         if i.metadata.dst_node_id in online]
                 if again:
                     self._push_again(again, pending, sent_to)
                 now = time.monotonic()  # not back in time: the error stands
@@ -249,9 +253,7 @@ class CountingGrid(Grid):
         for i in lost:
             ins = pending.pop(i)
             sent_to.pop(i, None)
-            again.append(Message(content=ins.content, dst_node_id=ins.metadata.dst_node_id,
-                                 message_type=ins.metadata.message_type,
-                                 group_id=ins.metadata.group_id))
+            again.append(_fresh_copy(ins))
         if again:
             self._push_again(again, pending, sent_to)
 
