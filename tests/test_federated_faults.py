@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -504,6 +505,61 @@ def test_instruction_to_a_restarted_supernode_is_resent_without_an_error(monkeyp
         assert [m.metadata.dst_node_id for m in grid.pushed] == [1, 2, 2]
     else:  # the same session still owes its reply: nothing is resent
         assert counting.resent == [] and nodes == [1] and len(grid.pushed) == 2
+
+
+class SilentGrid(ReactivatingGrid):
+    """A SuperLink grid on which the nodes in :attr:`silent` never answer, restart or fail."""
+
+    def __init__(self):
+        super().__init__(restarts=False)
+        self.silent = {2}
+
+    def pull_messages(self, ids):
+        from flwr.app import RecordDict
+
+        return [m.create_reply(RecordDict()) for m in self.pushed
+                if m.metadata.message_id in ids and m.metadata.dst_node_id not in self.silent]
+
+
+@pytest.mark.parametrize("message_type", ["train", "evaluate"])
+def test_round_timeout_bounds_a_round_flower_gives_no_timeout(monkeypatch, message_type):
+    """Flower 1.42's fit and evaluate workflows call ``send_and_receive`` without a timeout;
+    a reply lost without any sign (node 2 neither answers nor restarts) must not hold the
+    round past the run's --round-timeout: node 1's reply comes back, node 2 is missed."""
+    import threading
+
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from privseg.federated.app import CountingGrid
+
+    for k in ("_run_id", "_task_id", "_node_id"):  # as in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, k, 1)
+
+    grid = SilentGrid()
+    counting = CountingGrid(grid, poll_s=0.01, resend=True, round_timeout=0.3)
+    ins = [Message(content=RecordDict(), dst_node_id=n, message_type=message_type,
+                   group_id="2") for n in (1, 2)]
+    out: list = []
+    call = threading.Thread(target=lambda: out.append(counting.send_and_receive(ins)),
+                            daemon=True)
+    t0 = time.monotonic()
+    call.start()
+    call.join(20.0)
+    assert not call.is_alive(), "the round waited past its deadline for the lost reply"
+    assert time.monotonic() - t0 >= 0.3
+    (replies,) = out
+    assert [grid.pushed[int(r.metadata.reply_to_message_id[1:]) - 1].metadata.dst_node_id
+            for r in replies] == [1]
+    # a call that is not a round's (the sites' first contact) still waits as Flower asks
+    props = [Message(content=RecordDict(), dst_node_id=2, message_type="query", group_id="")]
+    first = threading.Thread(target=lambda: counting.send_and_receive(props), daemon=True)
+    first.start()
+    first.join(1.0)
+    assert first.is_alive()
+    grid.silent = set()  # node 2 answers at last: that call ends
+    first.join(20.0)
+    assert not first.is_alive()
 
 
 def test_record_is_awaited_while_the_superlink_says_the_run_goes_on(tmp_path):

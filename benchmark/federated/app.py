@@ -35,7 +35,7 @@ from multiprocessing.connection import Client as SocketClient
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import serde
@@ -57,6 +57,8 @@ TIMEOUT_KEY = "round-timeout"  # seconds; 0: none
 RESEND_WAIT_S = 45.0
 #: seconds at most between the ServerApp's retries of a call to the SuperLink (Flower's: 20)
 RUNTIME_RETRY_MAX_S = 1.0
+#: the message types of a round's call, which --round-timeout bounds (CountingGrid)
+ROUND_MESSAGE_TYPES = (MessageType.TRAIN, MessageType.EVALUATE)
 #: node-config keys (``flower-supernode --node-config``)
 WORKER_KEY = "privseg-worker"  # the site worker's Unix socket
 SITE_KEY = "site"
@@ -115,9 +117,11 @@ class CountingGrid(Grid):
     """
 
     def __init__(self, grid: Grid, poll_s: float = 0.2, resend: bool = False,
-                 resend_wait_s: float = RESEND_WAIT_S):
+                 resend_wait_s: float = RESEND_WAIT_S, round_timeout: float | None = None):
         self.grid = grid
         self.poll_s = poll_s
+        #: seconds a call without its own ``timeout`` waits (see send_and_receive)
+        self.round_timeout = round_timeout
         #: resend an instruction a site never got an answer to through (see send_and_receive)
         self.resend = resend
         self.resend_wait_s = resend_wait_s
@@ -170,6 +174,16 @@ class CountingGrid(Grid):
         Flower's own loop (``HttpGrid.send_and_receive``) polls every 3 s; here every
         ``poll_s`` (0.2 s), which matters for SecAgg+'s four round trips per round.
 
+        A round's call (train or evaluate instructions) without a ``timeout`` waits
+        :attr:`round_timeout` (the run's ``--round-timeout``; the sites' first contact,
+        properties and parameters, is not bounded by it): Flower 1.42's fit and evaluate
+        workflows pass none, so a reply
+        lost without any sign would hold the round for ever, and the operator's
+        ``--round-timeout`` would bound only SecAgg+'s stages. A site whose reply is not in
+        by then is missed ("no reply within the round"), as one that failed; the deadline is
+        fixed when the round is sent, so whether a site misses it depends on that site alone
+        (what site-level DP's accounting of a dropped site needs, ``SITE_DROPOUT_NOTE``).
+
         With :attr:`resend`, an instruction answered by the SuperLink's "Node Unavailable"
         error is pushed again once its site is back among the connected nodes, if that is
         within :attr:`resend_wait_s` of the error and the round's ``timeout``. That is what a
@@ -183,6 +197,9 @@ class CountingGrid(Grid):
         timeout).
         """
         messages = list(messages)
+        if timeout is None and all(m.metadata.message_type in ROUND_MESSAGE_TYPES
+                                   for m in messages):
+            timeout = self.round_timeout
         # an id Flower could not push (None) would be awaited forever
         pending = {i: m for i, m in zip(self.push_messages(messages), messages, strict=True)
                    if i is not None}
@@ -319,7 +336,8 @@ def serve_federation(grid: Grid, context: Context) -> None:
     if timeout:  # a site gone from the federation is awaited no longer than a round's deadline
         manager = server.client_manager()
         manager.absent_wait_s = min(manager.absent_wait_s, timeout)
-    counting = CountingGrid(grid, resend=not cfg.setting.federated.secure_aggregation)
+    counting = CountingGrid(grid, resend=not cfg.setting.federated.secure_aggregation,
+                            round_timeout=timeout)
     t0 = time.perf_counter()
     transport = {"runtime": "flower-superlink", "flower_run_id": int(context.run_id),
                  "wire_bytes_by_round": counting.by_round, "resent": counting.resent}
