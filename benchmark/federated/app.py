@@ -177,9 +177,9 @@ class CountingGrid(Grid):
         A round's call (train or evaluate instructions) without a ``timeout`` waits
         :attr:`round_timeout` (the run's ``--round-timeout``; the sites' first contact,
         properties and parameters, is not bounded by it): Flower 1.42's fit and evaluate
-        workflows pass none, so a reply
-        lost without any sign would hold the round for ever, and the operator's
-        ``--round-timeout`` would bound only SecAgg+'s stages. A site whose reply is not in
+        workflows pass none, so a reply lost without any sign would hold the round for ever,
+        and the operator's ``--round-timeout`` would bound only SecAgg+'s stages, the final
+        test and the wait for an absent site. A site whose reply is not in
         by then is missed ("no reply within the round"), as one that failed; the deadline is
         fixed when the round is sent, so whether a site misses it depends on that site alone
         (what site-level DP's accounting of a dropped site needs, ``SITE_DROPOUT_NOTE``).
