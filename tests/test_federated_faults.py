@@ -562,6 +562,44 @@ def test_round_timeout_bounds_a_round_flower_gives_no_timeout(monkeypatch, messa
     assert not first.is_alive()
 
 
+@pytest.mark.parametrize("command", [
+    ["server"], ["run", "--superlink", "127.0.0.1:1"], ["testbed"],
+    ["link-sweep", "--bandwidths", "none,none,none"]])
+@pytest.mark.parametrize("seconds", ["0", "-5"])
+def test_round_timeout_of_zero_or_less_is_refused_before_any_run(monkeypatch, tmp_path,
+                                                                  command, seconds):
+    """A deadline of zero or less would miss every site of every round (Flower's legacy
+    server drops all replies; the deployed run stores 0 as "no limit"): the CLI refuses it
+    before it builds a run, and a positive one reaches the run as given."""
+    from typer.testing import CliRunner
+
+    import privseg.federated.deploy as deploy
+    import privseg.federated.federation as federation
+    import privseg.federated.link_sweep as link_sweep
+    import privseg.federated.testbed as testbed
+    from privseg.cli import app
+
+    reached: list = []
+
+    def stop(*args, **kwargs):
+        reached.append(kwargs.get("round_timeout", args[4] if len(args) > 4 else None))
+        raise RuntimeError("the run was started")
+
+    for module, name in [(deploy, "run_server"), (federation, "run_federation"),
+                         (testbed, "run_testbed"), (link_sweep, "link_sweep")]:
+        monkeypatch.setattr(module, name, stop)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the testbed's SIGTERM handler
+    config = tmp_path / "fed.yaml"  # the testbed needs a file; the others take it as well
+    config.write_text((Path(deploy.__file__).parents[1] / "configs"
+                       / "phantom2d-federated.yaml").read_text())
+    args = ["federated", command[0], str(config), *command[1:], "--round-timeout"]
+    refused = CliRunner().invoke(app, [*args, seconds])
+    assert refused.exit_code == 2 and "positive number of seconds" in refused.output
+    assert reached == []
+    CliRunner().invoke(app, [*args, "7.5"])
+    assert reached == [7.5]
+
+
 def test_record_is_awaited_while_the_superlink_says_the_run_goes_on(tmp_path):
     """``flwr run`` can end (exit 0) while the ServerApp still works (seen on the testbed:
     its stream ended while the ServerApp awaited a lost site): the record is awaited past the

@@ -34,6 +34,20 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key, e.g. --set setting.federated.rounds=5")]
 
 
+def _positive_seconds(value: float | None) -> float | None:
+    """Refuse a deadline of zero or less: Flower's legacy server would miss every reply of
+    every round, and a deployed run would store 0 as "no limit", the opposite of asked."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be a positive number of seconds, got {value}")
+    return value
+
+
+RoundTimeoutOpt = Annotated[float | None, typer.Option(
+    callback=_positive_seconds,
+    help="seconds a round's training and evaluation calls wait for the sites' replies "
+         "(a site not in by then is missed for that round); default: no limit")]
+
+
 def _load(config: str, set_: list[str] | None):
     from privseg.config import load_config
 
@@ -58,7 +72,7 @@ def server(
     ca_cert: Annotated[Path | None, typer.Option(help="TLS: CA certificate (PEM)")] = None,
     cert: Annotated[Path | None, typer.Option(help="TLS: server certificate (PEM)")] = None,
     key: Annotated[Path | None, typer.Option(help="TLS: server private key (PEM)")] = None,
-    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    round_timeout: RoundTimeoutOpt = None,
     output: Annotated[str | None, typer.Option(help="record folder (default output.dir)")] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -216,7 +230,7 @@ def run_cmd(
     sites: Annotated[int, typer.Option(help="number of sites in the federation")] = 3,
     output: Annotated[str | None, typer.Option(
         help="record folder on the SuperLink's machine (default output.dir)")] = None,
-    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    round_timeout: RoundTimeoutOpt = None,
     lost_wait: Annotated[float, typer.Option(
         help="seconds to await the run's record when flwr loses the SuperLink (a restart) "
         "after the run started")] = 600.0,
@@ -260,7 +274,7 @@ def testbed(
     netns: Annotated[bool, typer.Option(
         help="sites in network namespaces when root (--no-netns: loopback relays only)")]
     = True,
-    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    round_timeout: RoundTimeoutOpt = None,
     max_wait: Annotated[float, typer.Option(
         help="a SuperNode retries its activation this long (s)")] = 300.0,
     lost_wait: Annotated[float, typer.Option(
@@ -336,7 +350,7 @@ def link_sweep_cmd(
     = Path("results/links"),
     workdir: Annotated[Path | None, typer.Option(help="testbed folders (default: temporary)")]
     = None,
-    round_timeout: Annotated[float | None, typer.Option(help="seconds per round")] = None,
+    round_timeout: RoundTimeoutOpt = None,
     netns: Annotated[bool, typer.Option(help="sites in network namespaces when root")] = True,
     set_: SetOpt = None,
 ) -> None:
