@@ -179,10 +179,10 @@ class CountingGrid(Grid):
         properties and parameters, is not bounded by it): Flower 1.42's fit and evaluate
         workflows pass none, so a reply lost without any sign would hold the round for ever,
         and the operator's ``--round-timeout`` would bound only SecAgg+'s stages, the final
-        test and the wait for an absent site. A site whose reply is not in
-        by then is missed ("no reply within the round"), as one that failed; the deadline is
-        fixed when the round is sent, so whether a site misses it depends on that site alone
-        (what site-level DP's accounting of a dropped site needs, ``SITE_DROPOUT_NOTE``).
+        test and the wait for an absent site. A site whose reply is not in by then is missed
+        ("no reply within the round"), as one that failed; the deadline is fixed when the
+        round is sent, so whether a site misses it depends on that site alone (what
+        site-level DP's accounting of a dropped site needs, ``SITE_DROPOUT_NOTE``).
 
         With :attr:`resend`, an instruction answered by the SuperLink's "Node Unavailable"
         error is pushed again once its site is back among the connected nodes, if that is
@@ -251,10 +251,13 @@ class CountingGrid(Grid):
             return None
         return {int(n.node_id): str(n.last_activated_at) for n in get_nodes()}
 
-    def _push_again(self, again: list[Message], pending: dict, sent_to: dict) -> None:
-        """Push copies of instructions whose replies were lost, awaiting them instead."""
+    def _push_again(self, again: list[Message], pending: dict, sent_to: dict,
+                    activated: dict[int, str] | None = None) -> None:
+        """Push copies of instructions whose replies were lost, awaiting them instead;
+        ``activated``: the nodes' activations if the caller just read them."""
         self.resent += [(m.metadata.group_id, m.metadata.dst_node_id) for m in again]
-        activated = self._activations() if sent_to else None
+        if activated is None and sent_to:
+            activated = self._activations()
         for i, m in zip(self.push_messages(again), again, strict=True):
             if i is not None:
                 pending[i] = m
@@ -272,7 +275,7 @@ class CountingGrid(Grid):
             sent_to.pop(i, None)
             again.append(_fresh_copy(ins))
         if again:
-            self._push_again(again, pending, sent_to)
+            self._push_again(again, pending, sent_to, activated=now or None)
 
 
 def retry_runtime_promptly(grid: Grid, max_delay_s: float = RUNTIME_RETRY_MAX_S) -> bool:
