@@ -266,7 +266,9 @@ class CountingGrid(Grid):
 
     def _resend_to_reactivated(self, pending: dict, sent_to: dict) -> None:
         """Resend each pending instruction whose node was activated again since it was sent."""
-        now = self._activations() or {}
+        now = self._activations()
+        if not now:  # the grid does not tell, or no node is connected: none re-activated
+            return
         lost = [i for i, m in pending.items() if sent_to.get(i) is not None
                 and now.get(m.metadata.dst_node_id) not in (None, sent_to[i])]
         again = []
@@ -275,7 +277,7 @@ class CountingGrid(Grid):
             sent_to.pop(i, None)
             again.append(_fresh_copy(ins))
         if again:
-            self._push_again(again, pending, sent_to, activated=now or None)
+            self._push_again(again, pending, sent_to, activated=now)
 
 
 def retry_runtime_promptly(grid: Grid, max_delay_s: float = RUNTIME_RETRY_MAX_S) -> bool:
