@@ -600,6 +600,60 @@ def test_round_timeout_of_zero_or_less_is_refused_before_any_run(monkeypatch, tm
     assert reached == [7.5]
 
 
+@pytest.mark.parametrize("seconds", [0.0, -5.0])
+def test_round_timeout_of_zero_or_less_is_refused_by_every_entry_point(monkeypatch, tmp_path,
+                                                                       seconds):
+    """The programmatic entry points refuse what the CLI refuses, before they build anything:
+    ``run_federation``, ``run_server``, ``run_testbed``, ``link_sweep`` and, for a negative
+    one, the ServerApp reading a run config submitted by hand (``flwr run --run-config``)."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    import privseg.datasets
+    import privseg.federated.deploy as deploy
+    import privseg.federated.federation as federation
+    import privseg.federated.server as server
+    import privseg.federated.testbed as testbed
+    from privseg.errors import ConfigError
+    from privseg.federated.app import CONFIG_KEY, SITES_KEY, TIMEOUT_KEY, serve_federation
+    from privseg.federated.link_sweep import link_sweep
+
+    built: list[str] = []
+
+    def building(name):
+        def record(*args, **kwargs):
+            built.append(name)
+            raise RuntimeError(f"{name} was reached")
+        return record
+
+    monkeypatch.setattr(federation, "flower_command", building("flower_command"))
+    monkeypatch.setattr(deploy, "make_server", building("make_server"))
+    monkeypatch.setattr(server, "make_server", building("make_server"))
+    monkeypatch.setattr(privseg.datasets, "load_dataset", building("load_dataset"))
+    run_testbed = testbed.run_testbed
+    monkeypatch.setattr(testbed, "run_testbed", building("run_testbed"))  # link_sweep's
+    path = Path(deploy.__file__).parents[1] / "configs" / "phantom2d-federated.yaml"
+    base = yaml.safe_load(path.read_text())
+    cfg = parse_config(base)
+    context = SimpleNamespace(run_id=1, run_config={
+        CONFIG_KEY: json.dumps(cfg.model_dump(mode="json")), SITES_KEY: 3,
+        TIMEOUT_KEY: seconds})
+    calls = [
+        lambda: federation.run_federation(cfg, 3, superlink="127.0.0.1:1",
+                                          round_timeout=seconds),
+        lambda: deploy.run_server(cfg, "127.0.0.1:1", 3, round_timeout=seconds),
+        lambda: run_testbed(cfg, path, 3, tmp_path / "testbed", round_timeout=seconds),
+        lambda: link_sweep(base, [{"a": None}], [1.0], tmp_path, round_timeout=seconds),
+    ]
+    if seconds < 0:  # in the run config 0 is how "no limit" is written (run_config_toml)
+        calls.append(lambda: serve_federation(None, context))
+    for call in calls:
+        with pytest.raises(ConfigError, match="positive number of seconds"):
+            call()
+    assert built == []
+
+
 def test_record_is_awaited_while_the_superlink_says_the_run_goes_on(tmp_path):
     """``flwr run`` can end (exit 0) while the ServerApp still works (seen on the testbed:
     its stream ended while the ServerApp awaited a lost site): the record is awaited past the

@@ -319,6 +319,7 @@ def stopped_by_flower(exit_: BaseException, server: Any) -> RuntimeError:
 def serve_federation(grid: Grid, context: Context) -> None:
     """ServerApp main: the rounds, the final test and the run record (see the module doc)."""
     from privseg.config import parse_config
+    from privseg.federated.deadline import checked_round_timeout
     from privseg.federated.progress import clear_progress, write_progress
     from privseg.federated.secagg import _fill_round_bytes, run_workflow
     from privseg.federated.server import (
@@ -334,7 +335,7 @@ def serve_federation(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = parse_config(json.loads(str(rc[CONFIG_KEY])))
     n_sites = int(rc[SITES_KEY])
-    timeout = float(rc.get(TIMEOUT_KEY, 0.0)) or None
+    timeout = checked_round_timeout(float(rc.get(TIMEOUT_KEY, 0.0)) or None)
     output = str(rc.get(OUTPUT_KEY) or cfg.output.dir)
     seed_everything(cfg.seed)
     server = make_server(cfg, n_sites)

@@ -35,11 +35,14 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 
 def _positive_seconds(value: float | None) -> float | None:
-    """Refuse a deadline of zero or less: Flower's legacy server would miss every reply of
-    every round, and a deployed run would store 0 as "no limit", the opposite of asked."""
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"must be a positive number of seconds, got {value}")
-    return value
+    """The option's check (:func:`~privseg.federated.deadline.checked_round_timeout`), as a
+    parsing error."""
+    from privseg.federated.deadline import checked_round_timeout
+
+    try:
+        return checked_round_timeout(value)
+    except ConfigError:
+        raise typer.BadParameter(f"must be a positive number of seconds, got {value}") from None
 
 
 RoundTimeoutOpt = Annotated[float | None, typer.Option(

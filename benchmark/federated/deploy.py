@@ -27,6 +27,7 @@ from privseg.dp.accounting import MAX_DEFAULT_DELTA
 from privseg.dp.ledger import SiteLedger
 from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.client import SiteClient
+from privseg.federated.deadline import checked_round_timeout
 from privseg.federated.server import deployment_record, make_server
 from privseg.federated.sites import build_site, partition
 from privseg.federated.supernode import (
@@ -62,6 +63,7 @@ def run_server(cfg: RunConfig, address: str, n_sites: int,
     from flwr.server import ServerConfig
 
     refuse_secure_aggregation(cfg)
+    round_timeout = checked_round_timeout(round_timeout)
     seed_everything(cfg.seed)
     server = make_server(cfg, n_sites)
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from privseg.config import ConfigError, RunConfig
 from privseg.federated.app import APP_DIR, CONFIG_KEY, OUTPUT_KEY, SITES_KEY, TIMEOUT_KEY
+from privseg.federated.deadline import checked_round_timeout
 from privseg.federated.progress import record_from_progress
 from privseg.record import read_any_record, run_dir
 
@@ -105,6 +106,7 @@ def run_federation(cfg: RunConfig, n_sites: int, *, superlink: str | None = None
     """
     from privseg.federated.secagg import refuse_sampled_site_dp, secagg_plan
 
+    round_timeout = checked_round_timeout(round_timeout)
     refuse_sampled_site_dp(cfg)  # refuse before submitting
     if cfg.setting.federated.secure_aggregation:
         secagg_plan(cfg, n_sites)

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from privseg.config import parse_config
+from privseg.federated.deadline import checked_round_timeout
 
 COLUMNS = ["share_fraction", "slowest_mbit", "site", "bandwidth_mbit", "latency_ms", "round",
            "last_up_s", "wall_s", "bytes_up", "bytes_down"]
@@ -59,6 +60,7 @@ def link_sweep(base: dict, bandwidth_sets: list[dict[str, float | None]],
 
     from privseg.federated.testbed import run_testbed
 
+    round_timeout = checked_round_timeout(round_timeout)
     rows = []
     for fraction in fractions:
         for i, bandwidths in enumerate(bandwidth_sets):

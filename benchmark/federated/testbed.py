@@ -28,6 +28,7 @@ from pathlib import Path
 from privseg.config import ConfigError, LinkProfile, RunConfig
 from privseg.federated import netns
 from privseg.federated.certs import make_certificates
+from privseg.federated.deadline import checked_round_timeout
 from privseg.federated.federation import flower_command, flower_env, run_federation
 from privseg.federated.relay import LinkRelay, Shaping
 from privseg.record import read_any_record, run_dir, write_record
@@ -520,6 +521,7 @@ def run_testbed(cfg: RunConfig, config_path: Path, n_sites: int, workdir: Path, 
     from privseg.federated.sites import partition
     from privseg.training.setup import default_cache_dir
 
+    round_timeout = checked_round_timeout(round_timeout)
     d = cfg.dataset
     subject_set = load_dataset(d.name, d.options, d.root,
                                Path(d.cache_dir) if d.cache_dir else default_cache_dir())
