@@ -19,7 +19,7 @@ from test_federated import tiny
 
 from privseg.config import parse_config
 from privseg.dp.accounting import epsilon_of_history
-from privseg.dp.ledger import BudgetExceeded, SiteLedger
+from privseg.dp.ledger import AlreadyCharged, BudgetExceeded, SiteLedger, Spend
 from privseg.federated.app import CONFIG_KEY
 from privseg.federated.client import get_weights
 from privseg.federated.supernode import SiteWorker, ledger_path, trained_runs_path
@@ -74,6 +74,75 @@ def test_a_restarted_worker_refuses_runs_it_trained_in_before(cfg):
     with pytest.raises(RuntimeError, match="under-report"):
         restarted._site_run(context(cfg, 201))
     assert train_once(restarted, cfg, 202)["steps"] == 2  # a new run is served
+
+
+def test_a_run_charged_by_another_worker_or_before_a_crash_is_refused(cfg):
+    """One charge pays for one training in a run: a second worker on the same site state (its
+    trained-runs list read before the first worker trained), or this worker restarted after a
+    crash between the ledger's line and the trained-runs line, holds no accountant for the run
+    and would train in it from zero, unseen by the ledger."""
+    first = SiteWorker.load([cfg], SITE)
+    second = SiteWorker.load([cfg], SITE)
+    assert train_once(first, cfg, 501)["steps"] == 2
+    with pytest.raises(AlreadyCharged, match="run 501"):
+        second._site_run(context(cfg, 501), trains=True)
+
+    crashing = SiteWorker.load([cfg], SITE)
+
+    def killed(run_id):
+        raise SystemExit("the site died after the ledger's fsync")
+
+    crashing.trained.add = killed
+    with pytest.raises(SystemExit):
+        crashing._site_run(context(cfg, 502), trains=True)
+    restarted = SiteWorker.load([cfg], SITE)
+    assert 502 not in restarted.trained
+    with pytest.raises(AlreadyCharged, match="run 502"):
+        restarted._site_run(context(cfg, 502), trains=True)
+    runs = [e["run_id"] for e in SiteLedger(ledger_path(SITE)).entries]
+    assert runs.count("501") == 1 and runs.count("502") == 1
+
+
+def test_the_ledger_charges_a_run_once_and_refuses_it_again(tmp_path):
+    ledger = SiteLedger(tmp_path / "l.jsonl")
+    spend = Spend(1.0, 0.1, 10, 1e-5)
+    total = ledger.charge(7, "a", spend)
+    with pytest.raises(AlreadyCharged):
+        ledger.charge(7, "a", spend)
+    with pytest.raises(AlreadyCharged):
+        SiteLedger(tmp_path / "l.jsonl").charge("7", "b", Spend(0.5, 0.2, 99, 1e-5))
+    again = SiteLedger(tmp_path / "l.jsonl")
+    assert len(again.entries) == 1 and again.spent() == pytest.approx(total)
+
+
+@pytest.mark.parametrize("dp_mode", ["sample", "svt", "site", "none"])
+def test_a_site_trains_no_more_rounds_than_the_run_has_and_never_sends_its_weights(
+        tmp_path, dp_mode):
+    """What a site is charged for (its plan; its ledger's rounds × ε per round in svt mode,
+    rounds in site mode) is one training answer per round. A server asking for more, with a new
+    round number or global model each time, is refused once the run's rounds are answered; an
+    instruction resent unchanged gets the same reply, not a new release. Nor does the site send
+    its locally trained model on request (Flower's legacy ``get_parameters``), which in svt and
+    site mode no DP covers."""
+    d = deployable(tmp_path)
+    d["setting"]["federated"].update(dp_mode=dp_mode, rounds=2)
+    if dp_mode == "svt":
+        d["setting"]["federated"]["share_fraction"] = 0.1
+    d["privacy"]["enabled"] = dp_mode != "none"
+    cfg = parse_config(d)
+    client = SiteWorker.load([cfg], SITE)._site_run(context(cfg, 601), trains=True).client
+    start = get_weights(client.state.model)
+    model = [w.copy() for w in start]
+    first = client.fit(model, {"round": 1})
+    assert client.fit(model, {"round": 1}) is first  # resent unchanged: answered from cache
+    with pytest.raises(RuntimeError, match="refusing to send its model weights"):
+        client.get_parameters({})
+    nudged = [w + 1e-3 if w.dtype.kind == "f" else w for w in start]
+    client.fit(nudged, {"round": 1})  # the same round with another model: a second answer
+    for instruction in ((model, {"round": 2}), (start, {"round": 3})):
+        with pytest.raises(RuntimeError, match="answered all 2 rounds"):
+            client.fit(*instruction)
+    assert client.rounds_done == 2 and client.steps_done == 4
 
 
 def message(run_id: int, message_type: str) -> Message:

@@ -56,6 +56,10 @@ class BudgetExceeded(RuntimeError):
     """A run would take the site's composed privacy spend past its operator's budget."""
 
 
+class AlreadyCharged(RuntimeError):
+    """A run was charged to the site's ledger before: whoever was charged trains in it."""
+
+
 @dataclass(frozen=True)
 class Spend:
     """What one run may spend on the site's data: its Gaussian steps (σ 0: a non-private run,
@@ -153,9 +157,11 @@ class SiteLedger:
     def charge(self, run_id: object, agreement_id: str, spend: Spend) -> float:
         """Record run ``run_id`` before it trains, or raise :class:`BudgetExceeded`.
 
-        A run already in the ledger is not charged twice. Returns the composed total. The
-        file is locked and read again first, so two workers on one site's data cannot both
-        charge against the same earlier total.
+        Returns the composed total. The file is locked and read again first, so two workers
+        on one site's data cannot both charge against the same earlier total. A run already
+        in the ledger raises :class:`AlreadyCharged`: the charge is made once, by the worker
+        that then trains in the run, and a second worker (or the same one after a restart)
+        would train in it again with its accountant at zero, unseen.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+") as f:
@@ -166,7 +172,11 @@ class SiteLedger:
 
     def _charge_locked(self, f, run_id: object, agreement_id: str, spend: Spend) -> float:
         if run_id in self:
-            return self.spent()
+            raise AlreadyCharged(
+                f"run {run_id} is already in this site's ledger ({self.path}): another worker "
+                "on this site's data, or this one before a restart, was charged for it and "
+                "trains in it; training in it again would spend the site's data unseen; "
+                "refused")
         before = self.spent()
         after = self.spent(spend)
         alone = self.alone(spend)

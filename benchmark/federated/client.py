@@ -10,13 +10,14 @@ label, prediction or per-subject value is returned.
 
 Local training reuses :func:`privseg.training.step.prepare_training` and
 :func:`~privseg.training.step.train_step`: in ``sample`` mode that is Opacus DP-SGD with Poisson
-sampling of this site's subjects. The DP
-optimizer, its Poisson loader and the accountant persist across rounds, so the accountant
-composes every local step of every round; the site refuses to step past its planned total (its
-σ was calibrated for it). The local optimizer's state (Adam moments) starts afresh each round,
-as in FedAvg. Randomness (crops, Poisson sampling, noise) comes from the site's own seed and
-generators; the torch/NumPy global RNG states are swapped in and out around the site's work so
-that sites sharing one process (simulation) draw exactly what separate processes would.
+sampling of this site's subjects. The DP optimizer, its Poisson loader and the accountant
+persist across rounds, so the accountant composes every local step of every round; the site
+refuses to step past its planned total (its σ was calibrated for it), and in every mode to
+answer more training rounds than the run has (what its ledger charges), nor does it hand out its
+weights (``get_parameters``). The local optimizer's state (Adam moments) starts afresh each
+round, as in FedAvg. Randomness (crops, Poisson sampling, noise) comes from the site's own seed
+and generators; the torch/NumPy global RNG states are swapped in and out around the site's work
+so that sites sharing one process (simulation) draw exactly what separate processes would.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class SiteClient(NumPyClient):
         q = self.plan.sample_rate if self.plan else None
         self.steps_per_round = local_steps_per_round(self.scfg, q or 1.0, len(data.train))
         self.steps_done = 0
+        #: training rounds answered (a resent instruction answered from the cache is not one)
+        self.rounds_done = 0
         #: ((round, digest of the global model), reply) of the last fit answered
         self.last_fit: tuple[tuple[int, str], tuple] | None = None
         self._batches = None
@@ -168,7 +171,11 @@ class SiteClient(NumPyClient):
         return self.properties()
 
     def get_parameters(self, config):
-        return get_weights(self.state.model)
+        # The server builds the initial model itself and never needs a site's weights; after a
+        # round they would be the locally trained model, which in svt and site mode no DP
+        # covers (the site shares only its sparsified or securely aggregated update).
+        raise RuntimeError(f"site {self.site}: refusing to send its model weights (the server "
+                           "builds the initial model itself; a site sends only its updates)")
 
     def fit(self, parameters, config):
         key = (int(config.get("round", 0)), weights_digest(parameters))
@@ -182,6 +189,11 @@ class SiteClient(NumPyClient):
 
     def _fit(self, parameters, config):
         t0 = time.perf_counter()
+        if self.rounds_done >= self.fed.rounds:
+            # what the site's privacy is charged for (its plan, its ledger entry) is one answer
+            # per round of the run: in svt and site mode each further one would be spent unseen
+            raise RuntimeError(f"site {self.site}: has answered all {self.fed.rounds} rounds "
+                               "of this run; refusing to train again")
         planned = self.plan.steps if self.plan else None
         if planned is not None and self.steps_done + self.steps_per_round > planned:
             raise RuntimeError(f"site {self.site}: another round would exceed the "
@@ -215,6 +227,7 @@ class SiteClient(NumPyClient):
             finally:
                 if handle is not None:
                     handle.remove()
+            self.rounds_done += 1
             weights = get_weights(self.state.model)
         train_s = time.perf_counter() - tt
         self.compute_split_s["train_s"] += train_s
