@@ -748,3 +748,65 @@ def test_serverapp_stopped_by_flower_writes_its_failed_record_at_once(tmp_path, 
                                    f"({type(exit_).__name__}")
     assert rec["federated"]["transport"]["flower_run_id"] == 42
     assert read_progress(directory) is None
+
+
+def test_a_site_update_holding_nan_is_left_out_not_summed_unclipped(monkeypatch, tmp_path):
+    """Site-level DP clips each update by its norm, and ``min(1, C / nan)`` is 1: an update
+    holding one NaN would enter the noisy sum with its other coordinates unclipped (here of a
+    norm 1000 times the site's real update). The server leaves it out as it does a failed
+    site's, and the clipped sum it adds noise to stays within (sites summed) × C."""
+    import numpy as np
+    from flwr.common import parameters_to_ndarrays
+
+    from privseg.datasets import load_dataset
+    from privseg.federated.server import NONFINITE_UPDATE
+    from privseg.federated.simulation import simulate
+    from privseg.federated.site_dp import PoissonSiteDP
+
+    fit = SiteClient._fit
+
+    def poisoned(self, parameters, config):
+        weights, n, metrics = fit(self, parameters, config)
+        if self.site == "site-B" and int(config["round"]) == 1:
+            weights = [p + 1e3 * (w - p) for w, p in zip(weights, parameters, strict=True)]
+            weights[0] = weights[0].copy()
+            weights[0].flat[0] = np.nan
+        return weights, n, metrics
+
+    sums = []
+    clipped_sum = PoissonSiteDP.clipped_sum
+
+    def observed(self, updates):
+        total = clipped_sum(self, updates)
+        sums.append((len(updates), self.clipping_norm,
+                     float(np.sqrt(sum(np.sum(t.astype(np.float64) ** 2) for t in total)))))
+        return total
+
+    monkeypatch.setattr(SiteClient, "_fit", poisoned)
+    monkeypatch.setattr(PoissonSiteDP, "clipped_sum", observed)
+    d = tiny(tmp_path, dp_mode="site", fraction_fit=1.0, rounds=2, local_steps=1,
+             eval_every=0, min_fit_sites=2)
+    cfg = parse_config(d)
+    server, _, _ = simulate(cfg, load_dataset("phantom", cfg.dataset.options, None,
+                                              tmp_path / "cache"))
+    h = server.record()["history"]
+    assert h[0]["missed"] == [{"site": "site-B", "reason": NONFINITE_UPDATE}]
+    assert h[0]["sites"] == ["site-A", "site-C"] and "missed" not in h[1]
+    assert [n for n, _, _ in sums] == [2, 3]
+    for n, clip, norm in sums:
+        assert norm <= n * clip * (1 + 1e-5)
+    assert all(np.isfinite(a).all() for a in parameters_to_ndarrays(server.parameters))
+
+
+def test_the_site_level_sum_refuses_an_update_no_clipping_bounds():
+    import numpy as np
+
+    from privseg.federated.site_dp import PoissonSiteDP
+
+    dp = PoissonSiteDP(None, 1.0, 1.0, 1.0)
+    dp.current = [np.zeros(3, np.float32)]
+    assert np.linalg.norm(dp.clipped_sum([[np.array([30.0, 40.0, 0.0], np.float32)]])[0]) \
+        == pytest.approx(1.0)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            dp.clipped_sum([[np.array([1e4, 0.0, bad], np.float32)]])

@@ -168,6 +168,26 @@ def missed_sites(asked: list[str], answered: set[str], failures: list,
     return out
 
 
+#: why a site's update was left out of a round's aggregate for holding NaN or infinity
+NONFINITE_UPDATE = "its update held non-finite values (NaN or infinity): left out of the round"
+
+
+def finite_results(results: list) -> tuple[list, set[str]]:
+    """The round's fit results whose parameters are all finite, and the sites of the others.
+
+    A non-finite update has no norm, so site-level DP cannot clip it (``min(1, C / nan)`` is 1:
+    its finite coordinates would enter the sum unclipped) and it would poison every mean; it
+    is left out as a failed site is, which the accounting of a missing site already covers."""
+    kept, left_out = [], set()
+    for proxy, res in results:
+        if all(np.isfinite(a).all() for a in parameters_to_ndarrays(res.parameters)
+               if a.dtype.kind in "fc"):
+            kept.append((proxy, res))
+        else:
+            left_out.add(str(res.metrics.get("site")))
+    return kept, left_out
+
+
 _STOPPED = "privseg_stopped_server"
 
 
@@ -475,11 +495,16 @@ class RecordingStrategy(Strategy):
         answers stops the run (after noting what the answering sites reported)."""
         row = self._round(server_round)
         asked = row.get("asked", [])
+        nonfinite: set[str] = set()
+        if not self.fed.secure_aggregation:  # SecAgg+ refuses non-finite inputs at the site
+            results, nonfinite = finite_results(results)
         answered = {str(r.metrics.get("site")) for _, r in results}
         missed = missed_sites(asked, answered, failures, self.site_of)
         for m in missed:
             if m["site"] in row.get("absent", ()):
                 m["reason"] = "not connected when the round began"
+            elif m["site"] in nonfinite:
+                m["reason"] = NONFINITE_UPDATE
         if missed:
             row["missed"] = missed
         if self.dp_site is not None and self.fed.secure_aggregation and (

@@ -116,6 +116,9 @@ class PoissonSiteDP(ForwardingStrategy):
         """Σ clip_C(update), array by array: the sum the noise is added to."""
         total = [np.zeros_like(a) for a in self.current]
         for update in updates:
+            if not all(np.isfinite(u).all() for u in update):  # min(1, C/nan) is 1: unclipped
+                raise ValueError("a site's update holds NaN or infinity, which no clipping "
+                                 "bounds; the server leaves such updates out before this")
             if get_norm(update) > 0:  # Flower's clip divides by the norm
                 clip_inputs_inplace(update, self.clipping_norm)
             for t, u in zip(total, update, strict=True):
