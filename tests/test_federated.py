@@ -218,7 +218,8 @@ def test_loopback_deployment_matches_simulation(workdir, sample_record):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     logs = {n: open(workdir / f"{n}.log", "w") for n in ("server", "A", "B", "C")}  # noqa: SIM115
     procs = [subprocess.Popen(cli + ["server", str(cfg_path), "--address", f"127.0.0.1:{port}",
-                                     "--sites", "3", "--output", str(out)],
+                                     "--sites", "3", "--output", str(out),
+                                     "--allow-reproducible-noise"],
                               stdout=logs["server"], stderr=subprocess.STDOUT, env=env)]
     for s in "ABC":
         procs.append(subprocess.Popen(

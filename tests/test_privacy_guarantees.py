@@ -139,6 +139,32 @@ def test_the_config_holder_cannot_replay_the_servers_site_level_noise(tmp_path):
     assert np.allclose(noise, guess)
 
 
+def test_a_deployed_server_refuses_noise_replayable_from_the_config(monkeypatch, tmp_path):
+    """Over the legacy transport a site never sees the server's config, so only the server can
+    refuse a ``privacy.noise_seed`` that would make its site-level noise and site coins
+    replayable by whoever holds the config; the operator's opt-in lets a loopback test run."""
+    import privseg.federated.deploy as deploy
+
+    reached = []
+
+    def make_server(cfg, n_sites):
+        reached.append(cfg.privacy.noise_seed)
+        raise RuntimeError("make_server was reached")
+
+    monkeypatch.setattr(deploy, "make_server", make_server)
+    replayable = parse_config(tiny(tmp_path, dp_mode="site"))  # noise_seed 0
+    with pytest.raises(ValueError, match="server: refusing a config with privacy.noise_seed"):
+        deploy.run_server(replayable, "127.0.0.1:1", 3)
+    assert reached == []
+    with pytest.raises(RuntimeError, match="make_server was reached"):
+        deploy.run_server(replayable, "127.0.0.1:1", 3, allow_reproducible_noise=True)
+    d = tiny(tmp_path, dp_mode="site")
+    d["privacy"].pop("noise_seed")
+    with pytest.raises(RuntimeError, match="make_server was reached"):
+        deploy.run_server(parse_config(d), "127.0.0.1:1", 3)  # secret noise: served
+    assert reached == [0, None]
+
+
 def test_sites_are_poisson_sampled_and_an_empty_round_still_releases_noise():
     sampler = PoissonSiteSampler(0.3, seed=11)
     names = [f"site-{i}" for i in range(10)]

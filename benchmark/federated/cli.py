@@ -77,6 +77,7 @@ def server(
     key: Annotated[Path | None, typer.Option(help="TLS: server private key (PEM)")] = None,
     round_timeout: RoundTimeoutOpt = None,
     output: Annotated[str | None, typer.Option(help="record folder (default output.dir)")] = None,
+    allow_reproducible_noise: AllowNoiseOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Legacy transport (Flower start_server): the server; no node auth, no SecAgg+.
@@ -90,7 +91,11 @@ def server(
     if any(tls) and not all(tls):
         fail("TLS needs all of --ca-cert, --cert and --key")
     certificates = tuple(p.read_bytes() for p in tls) if all(tls) else None
-    record = run_server(cfg, address, sites, certificates, round_timeout, output)
+    try:
+        record = run_server(cfg, address, sites, certificates, round_timeout, output,
+                            allow_reproducible_noise)
+    except ValueError as e:
+        fail(str(e), code=1)
     p = record["privacy"]
     typer.echo(f"test mean Dice {record['test'].get('mean_dice', float('nan')):.4f}  "
                f"privacy: {p['guarantee']}")

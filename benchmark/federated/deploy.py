@@ -57,13 +57,21 @@ def refuse_secure_aggregation(cfg: RunConfig) -> None:
 
 def run_server(cfg: RunConfig, address: str, n_sites: int,
                certificates: tuple[bytes, bytes, bytes] | None = None,
-               round_timeout: float | None = None, output_dir: str | None = None) -> dict:
-    """Serve the federation on ``address`` until all rounds and the final test are done."""
+               round_timeout: float | None = None, output_dir: str | None = None,
+               allow_reproducible_noise: bool = False) -> dict:
+    """Serve the federation on ``address`` until all rounds and the final test are done.
+
+    A config with ``privacy.noise_seed`` is refused unless ``allow_reproducible_noise``: in
+    site mode this server draws the DP-FedAvg noise and the site-sampling coins, and over this
+    transport a site never sees the server's config, so it could not refuse replayable noise
+    itself (a SuperNode does: the seed is part of the config it agreed to)."""
     import flwr
     from flwr.server import ServerConfig
 
     refuse_secure_aggregation(cfg)
     round_timeout = checked_round_timeout(round_timeout)
+    if not allow_reproducible_noise:
+        refuse_replayable_noise(cfg, "server")
     seed_everything(cfg.seed)
     server = make_server(cfg, n_sites)
     t0 = time.perf_counter()
