@@ -317,3 +317,17 @@ def test_truncated_prv_cdf_at_one_point_is_opacus(q, sigma):
     assert np.max(np.abs(got - expected)) < 1e-14
     with np.errstate(divide="ignore"):
         assert np.array_equal(ours.cdf(ts), expected)  # arrays take Opacus' own path
+
+
+def test_prv_at_every_site_every_round_matches_dp_accounting_where_epsilon_is_large():
+    """q = 1 (every site in every round: what SecAgg+ and the SuperLink deployment run) with a
+    large ε asks the PRV's CDF far in its left tail, where exp(t) + 1 - 1 rounds to 0: the
+    accountant must answer (not stop the run, or its failed record), and soundly."""
+    calibrated = calibrate_noise.__wrapped__(24.0, 1e-5, 1.0, 20, "prv")
+    assert epsilon_of_history([(calibrated, 1.0, 20)], 1e-5, "prv") <= 24.0
+    for sigma, steps in ((1.0, 50), (calibrated, 20)):
+        ours = epsilon_of_history([(sigma, 1.0, steps)], 1e-5, "prv")
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+        acc.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(sigma), steps))
+        ref = acc.get_epsilon(1e-5)
+        assert ref * 0.999 <= ours == pytest.approx(ref, rel=0.01)
