@@ -389,14 +389,22 @@ def test_secagg_record_epsilon_is_site_level_accountant(workdir):
     p = rec["privacy"]
     assert p["mode"] == "site" and p["unit"] == "site" and p["secure_aggregation"] is True
     assert rec["federated"]["secure_aggregation"] is True
-    plan = site_level_plan(cfg, 3)
+    from privseg.federated.server import initial_model_weights
+
+    assert p["model_size"] == sum(w.size for w in initial_model_weights(cfg, 1, 8))
+    plan = site_level_plan(cfg, 3, p["model_size"])
     assert p["noise_multiplier"] == plan["noise_multiplier"] > 0 and p["rounds_done"] == 2
-    eps = site_level_epsilon(plan["noise_multiplier"], plan["sample_rate"], 2, plan["delta"],
-                             "rdp")
+    # SecAgg+'s rounding: sensitivity C + √d·2R/Q, so the effective σ is below Flower's σ
+    step = 2 * cfg.setting.federated.secagg_clipping_range / 2**22
+    assert p["sensitivity"] == pytest.approx(1.0 + math.sqrt(p["model_size"]) * step)
+    assert p["noise_multiplier_effective"] == pytest.approx(
+        p["noise_multiplier"] / p["sensitivity"], rel=1e-12)
+    eps = site_level_epsilon(plan["noise_multiplier_effective"], plan["sample_rate"], 2,
+                             plan["delta"], "rdp")
     assert p["epsilon"] == eps
-    assert eps == pytest.approx(dp_accounting_epsilon(plan["noise_multiplier"], 1.0, 2,
-                                                      plan["delta"]), rel=1e-6)
-    assert eps == pytest.approx(8.0, abs=0.05)
+    assert eps == pytest.approx(dp_accounting_epsilon(plan["noise_multiplier_effective"], 1.0,
+                                                      2, plan["delta"]), rel=1e-6)
+    assert eps == pytest.approx(8.0, abs=0.05) and eps <= 8.0
     assert "secure aggregation" in p["guarantee"] and "whole site" in p["guarantee"]
     assert p["secagg"]["num_shares"] == 3 and p["secagg"]["reconstruction_threshold"] == 2
     for row in rec["federated"]["bytes_per_round"]:  # keys, shares and masked vectors

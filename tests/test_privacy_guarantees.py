@@ -7,6 +7,7 @@ regenerate DP noise; a site-level ε must be the accountant's ε of the sampling
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -200,6 +201,40 @@ def test_site_level_epsilon_equals_dp_accounting_pld(tmp_path, fraction, n_sites
     ref = acc.get_epsilon(plan["delta"])
     assert eps == pytest.approx(ref, rel=0.01)
     assert eps <= 8.0
+
+
+def test_secure_aggregation_accounts_secaggs_rounding_in_the_sensitivity(tmp_path):
+    """SecAgg+ rounds each coordinate of a site's clipped message stochastically to a grid of
+    step 2R/Q: one site moves the unmasked sum by up to C + √d·2R/Q, not C (2% more for a
+    30M-parameter model at the default R = 8, Q = 2^22). σ is calibrated for that sensitivity,
+    so ε at the effective σ (dp_accounting's PLD of the Gaussian composed over the rounds)
+    stays at the target; accounting at σ alone, as before, reports less than was spent."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    d = tiny(tmp_path, dp_mode="site", secure_aggregation=True, rounds=30)
+    d["privacy"].update(accountant="prv", target_epsilon=4.0)
+    cfg = parse_config(d)
+    with pytest.raises(ValueError, match="needs the model's size"):
+        site_level_plan(cfg, 3)
+    size = 30_000_000
+    plan = site_level_plan(cfg, 3, size)
+    rounding = math.sqrt(size) * 2 * 8.0 / 2**22
+    assert plan["secagg_rounding_bound"] == pytest.approx(rounding) and rounding > 0.02
+    assert plan["sensitivity"] == pytest.approx(1.0 + rounding)
+    sigma, effective = plan["noise_multiplier"], plan["noise_multiplier_effective"]
+    assert sigma * 1.0 == pytest.approx(effective * (1.0 + rounding), rel=1e-12)  # σC = z·S
+
+    def pld(z):
+        acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        acc.compose(dp_event.GaussianDpEvent(z), 30)
+        return acc.get_epsilon(plan["delta"])
+
+    eps = site_level_epsilon(effective, 1.0, 30, plan["delta"], "prv")
+    assert eps <= 4.0 and eps == pytest.approx(pld(effective), rel=0.01)
+    assert pld(sigma) < 0.98 * pld(effective)  # σ alone: optimistic by over 2%
+    plain = parse_config(tiny(tmp_path, dp_mode="site", rounds=30))
+    assert site_level_plan(plain, 3, size)["sensitivity"] == 1.0  # no SecAgg+: C alone
 
 
 def test_ghost_clipping_trains_through_empty_poisson_batches(tmp_path):

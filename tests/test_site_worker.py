@@ -336,3 +336,22 @@ def test_a_site_level_run_is_refused_under_a_budget_unless_the_server_is_trusted
     subject.charge(2, "a", Spend(1.2, 0.1, 5, 1e-5))
     assert "against everyone outside the site" in subject.report()
     assert "against the server: ε = ∞" not in subject.report()
+
+
+def test_a_secure_aggregation_run_is_charged_at_the_sigma_its_rounding_leaves(tmp_path):
+    """SecAgg+'s rounding raises a site's sensitivity above C (privseg.federated.site_plans):
+    the site's ledger charges the run at the effective σ the server's record accounts, not at
+    the σ Flower's wrapper scales by C (which would charge less than the run spends)."""
+    from privseg.federated.site_plans import site_level_plan
+
+    d = deployable(tmp_path)
+    d["dataset"]["options"]["n_subjects"] = 17
+    d["setting"]["federated"].update(dp_mode="site", secure_aggregation=True)
+    cfg = parse_config(d)
+    worker = SiteWorker.load([cfg], SITE, budget_epsilon=1e6, trust_server=True)
+    client = worker._site_run(context(cfg, 701), trains=True).client
+    plan = site_level_plan(cfg, 3, sum(w.size for w in get_weights(client.state.model)))
+    (entry,) = SiteLedger(ledger_path(SITE)).entries
+    assert entry["unit"] == "site" and entry["steps"] == plan["rounds"]
+    assert entry["noise_multiplier"] == plan["noise_multiplier_effective"]
+    assert plan["noise_multiplier_effective"] < plan["noise_multiplier"]

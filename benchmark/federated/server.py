@@ -366,7 +366,7 @@ class RecordingStrategy(Strategy):
         initial = ndarrays_to_parameters(weights)
         strategy = inner_strategy(self.cfg, self.n_sites, initial)
         if self.fed.dp_mode == "site":
-            d = self.dp_site = site_level_plan(self.cfg, self.n_sites)
+            d = self.dp_site = site_level_plan(self.cfg, self.n_sites, self.model_size())
             if self.fed.secure_aggregation:
                 # The server never holds a single update: the sites clip (fixedclipping_mod)
                 # and Flower's wrapper adds N(0, (σC/N)²) to the unmasked mean of all N sites
@@ -659,7 +659,7 @@ class RecordingStrategy(Strategy):
             return {"enabled": True, "mode": "site", "rounds_done": 0, "epsilon": 0.0,
                     "noise": noise, "guarantee": "site-level: no model was released"}
         rounds_done = self.rounds_released()
-        eps = site_level_epsilon(d["noise_multiplier"], d["sample_rate"], rounds_done,
+        eps = site_level_epsilon(d["noise_multiplier_effective"], d["sample_rate"], rounds_done,
                                  d["delta"], d["accountant"])
         common = {"enabled": True, "mode": "site", **d, "rounds_done": rounds_done,
                   "epsilon": eps, "noise": noise,
@@ -735,9 +735,12 @@ class RecordingStrategy(Strategy):
             f"{noise_note(self.cfg.privacy.noise_seed)}). Trust: the server is trusted to add "
             "the noise, not with single updates; masking holds against an honest-but-curious "
             "server colluding with fewer than the threshold of sites. SecAgg+ quantises model "
-            f"values in ±{sa.get('clipping_range')} with stochastic rounding (step {step:.3g}); "
-            "that rounding (at most √d·step in L2 norm per site) is not accounted. The "
-            "guarantee covers the released global models.")
+            f"values in ±{sa.get('clipping_range')} with stochastic rounding (step {step:.3g}), "
+            f"which moves a site's message by at most √d·step = "
+            f"{d['secagg_rounding_bound']:.3g} (d = {d['model_size']}): accounted as sensitivity "
+            f"C + √d·step = {d['sensitivity']:.6g}, effective σ = "
+            f"{d['noise_multiplier_effective']:.4g}. The guarantee covers the released global "
+            "models.")
 
     def bytes_per_round(self) -> list[dict]:
         return [{"round": r["round"], "down": r["bytes_down"], "up": r["bytes_up"],

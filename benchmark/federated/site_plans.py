@@ -15,7 +15,10 @@ mechanism and Opacus' accountant composes ``rounds`` of them. N is the public, f
 of enrolled sites (it sets the denominator): the neighbouring relation is one enrolled site's
 data present or absent (zero-out), not a change in how many sites there are. With q = 1
 every site is in every round: no amplification, and the same accountant then composes plain
-Gaussian mechanisms.
+Gaussian mechanisms. With secure aggregation each site's message is SecAgg+'s stochastic
+rounding of its clipped model, off by less than one quantum 2R/Q per coordinate, so one site
+moves the sum by at most C + √d·2R/Q (d: the model's size): σ is calibrated, and ε
+accounted, for that sensitivity (``noise_multiplier_effective`` = σC / (C + √d·2R/Q)).
 (Flower's own fixed-size sampling of ⌊q·N⌋ sites without replacement is *not* Poisson
 sampling, and accounting it as such is optimistic; Lebeda et al. 2024, arXiv 2405.20769.)
 """
@@ -100,30 +103,57 @@ def sites_per_round(n_sites: int, fraction: float) -> int:
     return max(int(n_sites * fraction), 1)
 
 
-def site_level_plan(cfg: RunConfig, n_sites: int) -> dict:
+def secagg_rounding_bound(cfg: RunConfig, model_size: int) -> float:
+    """The L2 norm by which SecAgg+'s stochastic rounding can move one site's message: less
+    than one quantum 2R/Q (R ``secagg_clipping_range``, Q ``secagg_quantization_range``) in
+    each of its ``model_size`` coordinates (Flower's ``quantize``)."""
+    fed = cfg.setting.federated
+    return math.sqrt(model_size) * 2 * fed.secagg_clipping_range / fed.secagg_quantization_range
+
+
+def site_level_plan(cfg: RunConfig, n_sites: int, model_size: int | None = None) -> dict:
     """σ, q, δ, rounds of DP-FedAvg (site mode); σ calibrated to privacy.target_epsilon.
 
     q = ``fraction_fit`` is each site's chance of taking part in a round (Poisson sampling);
     the noisy sum is divided by q·N, the expected number of sites, fixed before training.
+    ``noise_multiplier`` σ scales the noise by the clipping norm C (σC, as Flower's wrappers
+    add it); with secure aggregation the sensitivity is C plus SecAgg+'s rounding
+    (:func:`secagg_rounding_bound`, which needs the model's ``model_size``), and ε is that of
+    ``noise_multiplier_effective`` = σC / sensitivity.
     """
     p, fed = cfg.privacy, cfg.setting.federated
     q = float(fed.fraction_fit)
     warning = None if p.delta is None else checked_user_delta(p.delta, n_sites, "site")
     delta = default_delta(n_sites) if p.delta is None else p.delta
+    clip = fed.site_clip_norm
+    rounding = 0.0
+    if fed.secure_aggregation:
+        if model_size is None:
+            raise ValueError("site-level DP with secure aggregation: the plan needs the model's "
+                             "size (SecAgg+'s rounding adds √d·2R/Q to the sensitivity)")
+        rounding = secagg_rounding_bound(cfg, model_size)
+    sensitivity = clip + rounding
     sigma = p.noise_multiplier
     if sigma is None:
-        sigma = calibrate_noise(p.target_epsilon, delta, q, fed.rounds, p.accountant)
+        effective = calibrate_noise(p.target_epsilon, delta, q, fed.rounds, p.accountant)
+        sigma = effective * sensitivity / clip if rounding else effective
+    else:
+        effective = sigma * clip / sensitivity if rounding else sigma
     sampling = ("every site in every round (no subsampling, no amplification)" if q == 1 else
                 f"Poisson: each site independently with probability q = {q:g} per round, "
                 "secret coins at the server")
     return {"n_sites": n_sites, "sample_rate": q, "denominator": q * n_sites,
             "rounds": fed.rounds, "delta": delta, "noise_multiplier": float(sigma),
-            "clipping_norm": fed.site_clip_norm, "target_epsilon": p.target_epsilon,
+            "noise_multiplier_effective": float(effective), "sensitivity": sensitivity,
+            "clipping_norm": clip, "target_epsilon": p.target_epsilon,
             "accountant": p.accountant, "unit": "site", "sampling": sampling,
             "neighbouring": ("one enrolled site's whole data present or absent (an absent "
                              "site contributes nothing), among N sites fixed beforehand: the "
-                             "denominator q·N is public; sum sensitivity C"),
-            "delta_warning": warning}
+                             "denominator q·N is public; sum sensitivity C"
+                             + (" + SecAgg+'s rounding" if rounding else "")),
+            "delta_warning": warning,
+            **({"secagg_rounding_bound": rounding, "model_size": model_size} if rounding
+               else {})}
 
 
 def site_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,

@@ -44,7 +44,7 @@ from privseg.dp.accounting import MAX_DEFAULT_DELTA
 from privseg.dp.ledger import SiteLedger, Spend
 from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.app import CONFIG_KEY, SITE_KEY, WORKER_KEY, worker_authkey_path
-from privseg.federated.client import SiteClient
+from privseg.federated.client import SiteClient, get_weights
 from privseg.federated.federation import flower_command, flower_env
 from privseg.federated.secagg import secagg_rounding_state, site_app
 from privseg.federated.site_plans import site_level_plan
@@ -180,8 +180,10 @@ def run_spend(cfg: RunConfig, client: SiteClient, n_sites: int) -> Spend:
     if fed.dp_mode == "sample":
         plan = client.plan
         return Spend(plan.noise_multiplier, plan.sample_rate, plan.steps, plan.delta)
-    d = site_level_plan(cfg, n_sites)
-    return Spend(d["noise_multiplier"], d["sample_rate"], d["rounds"], d["delta"], "site")
+    size = sum(w.size for w in get_weights(client.state.model))  # the server's model_size
+    d = site_level_plan(cfg, n_sites, size)
+    return Spend(d["noise_multiplier_effective"], d["sample_rate"], d["rounds"], d["delta"],
+                 "site")
 
 
 @dataclass
