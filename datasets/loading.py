@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 
 from privseg.datasets.base import DatasetOptions, Subject, SubjectSet
 from privseg.datasets.cache import cache_path, file_stem, read_cache, save_array, save_index
-from privseg.datasets.faults import DataValidationError
+from privseg.datasets.faults import DataValidationError, Fault
 from privseg.datasets.manifest import Case, Manifest
 from privseg.datasets.validate import check_manifest
 
@@ -86,14 +87,14 @@ def write_cache(
 
     Shared by every loader (files or a PACS), so a cache looks the same whatever its source.
     """
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, (subject_id, site, meta, image, label) in enumerate(subjects):
-        stem = file_stem(i, subject_id)
-        save_array(folder / f"{stem}.image.npy", image.astype(np.float32, copy=False))
-        save_array(folder / f"{stem}.label.npy", label.astype(np.uint8, copy=False))
-        entries.append({"subject_id": subject_id, "site": site, "stem": stem,
-                        "meta": {**meta, "shape": list(image.shape)}})
+    try:
+        entries = _write_arrays(folder, subjects, name, source)
+    except BaseException:
+        if created:  # nothing half-written stays behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     info = {
         "dataset": name,
         "root": source,
@@ -107,3 +108,24 @@ def write_cache(
     subjects_read = read_cache(folder)
     assert subjects_read is not None
     return subjects_read
+
+
+def _write_arrays(folder: Path, subjects: Iterable, name: str, source: str) -> list[dict]:
+    """Save each preprocessed subject's arrays; a non-finite image stops it, named.
+
+    Validation checked the files' voxels; preprocessing can still overflow float32 (a finite
+    intensity of 3e38 scaled or resampled) into NaN/Inf, which would train to a NaN model."""
+    entries = []
+    for i, (subject_id, site, meta, image, label) in enumerate(subjects):
+        image = image.astype(np.float32, copy=False)
+        n_bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if n_bad:
+            raise DataValidationError([Fault(
+                f"{source}: subject {subject_id}", f"preprocessing produced {n_bad} NaN/Inf "
+                "voxel(s) from finite input (intensities beyond float32's range?)")], name)
+        stem = file_stem(i, subject_id)
+        save_array(folder / f"{stem}.image.npy", image)
+        save_array(folder / f"{stem}.label.npy", label.astype(np.uint8, copy=False))
+        entries.append({"subject_id": subject_id, "site": site, "stem": stem,
+                        "meta": {**meta, "shape": list(image.shape)}})
+    return entries

@@ -78,6 +78,10 @@ def msd_manifest(options: MsdOptions, root: Path) -> Manifest:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             faults.append(Fault(str(index), f"training entry {n} lacks image/label: {entry!r}"))
             continue
+        if not (isinstance(entry["image"], str) and isinstance(entry["label"], str)):
+            faults.append(Fault(str(index), f"training entry {n}: image and label must be "
+                                            f"paths (strings), got {entry!r}"))
+            continue
         image, label = task_dir / entry["image"], task_dir / entry["label"]
         if is_hidden(image) or is_hidden(label):
             continue

@@ -58,7 +58,13 @@ def pets_manifest(options: PetsOptions, root: Path) -> Manifest:
         if not listing.is_file():
             faults.append(Fault(str(listing), "missing split list"))
             continue
-        for n, line in enumerate(listing.read_text().splitlines(), start=1):
+        try:
+            text = listing.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            faults.append(Fault(str(listing), f"cannot read split list ({type(e).__name__}: "
+                                              f"{e})"))
+            continue
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split()

@@ -55,7 +55,8 @@ def check_manifest(manifest: Manifest) -> tuple[list[Fault], list[CaseStats]]:
 
 
 def _missing(case: Case) -> list[Fault]:
-    faults = [Fault(str(p), "missing file") for p in case.files if not p.is_file()]
+    faults = [Fault(str(p), "symbolic link to no file (broken, or a loop)" if p.is_symlink()
+                    else "missing file") for p in case.files if not p.is_file()]
     if case.label is None:
         faults.append(Fault(str(case.images[0]), "no label file for this image"))
     return faults
@@ -69,6 +70,11 @@ def _load_nifti(path: Path, faults: list[Fault]):
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # any decoding failure is a fault of this file
         faults.append(Fault(str(path), f"cannot decode NIfTI ({type(e).__name__}: {e})"))
+        return None, None
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
+            or data.dtype == np.bool_):  # complex, RGB24 (a structured dtype), ...
+        faults.append(Fault(str(path), f"voxel type {data.dtype} is not real numbers "
+                                       "(complex or RGB data cannot be segmented here)"))
         return None, None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -111,12 +117,12 @@ def _check_nifti_case(case: Case, manifest: Manifest) -> tuple[list[Fault], Case
     if label.ndim != 3:
         faults.append(Fault(str(case.label), f"label map is {label.ndim}D {label.shape}, not 3D"))
         return faults, None
-    channels = 0
+    per_file: dict[Path, int] = {}
     for path, img, data in images:
         if data.ndim not in (3, 4):
             faults.append(Fault(str(path), f"image is {data.ndim}D {data.shape}, not 3D or 4D"))
             continue
-        channels += 1 if data.ndim == 3 else data.shape[-1]
+        per_file[path] = 1 if data.ndim == 3 else data.shape[-1]
         if data.shape[:3] != label.shape:
             faults.append(
                 Fault(
@@ -140,11 +146,17 @@ def _check_nifti_case(case: Case, manifest: Manifest) -> tuple[list[Fault], Case
                 faults.append(Fault(str(path), f"image has {n_bad} NaN/Inf voxel(s)"))
         if not np.any(data):
             faults.append(Fault(str(path), "image is empty (all voxels zero)"))
+    channels = sum(per_file.values())
     if not faults and channels != manifest.in_channels:
+        # name the file with more than one channel where there is one (a 4D file among 3D)
+        culprit = next((p for p, n in per_file.items() if n > 1), case.images[0])
+        split = (f" ({', '.join(f'{p.name}: {n}' for p, n in per_file.items())})"
+                 if len(per_file) > 1 else "")
         faults.append(
             Fault(
-                str(case.images[0]),
-                f"image has {channels} channel(s), the data set declares {manifest.in_channels}",
+                str(culprit),
+                f"image has {channels} channel(s){split}, the data set declares "
+                f"{manifest.in_channels}",
             )
         )
     label_faults, by_class = _label_faults(case.label, label, manifest)

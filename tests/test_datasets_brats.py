@@ -73,3 +73,18 @@ def test_label_3_in_raw_brats_is_out_of_range(tmp_path):
     assert "label values [3] outside the declared set [0, 1, 2, 4]" in faults[0].message
     with pytest.raises(ValueError, match="BraTS2021_00001_seg"):
         load_dataset("brats", {}, root, tmp_path / "cache")
+
+
+def test_a_modality_with_two_channels_is_named_not_the_first_modality(tmp_path):
+    import nibabel as nib
+    from datamakers import write_nifti
+
+    root = make_brats(tmp_path / "b", n_subjects=2)
+    files = brats_files(root, "BraTS2021_00001")
+    img = nib.load(files["t2"])
+    volume = np.asarray(img.dataobj)
+    write_nifti(files["t2"], np.stack([volume, volume], axis=-1), img.affine)
+    (fault,) = check_dataset("brats", {}, root)
+    assert fault.path == str(files["t2"])
+    assert "5 channel(s) (" in fault.message and "BraTS2021_00001_t2.nii.gz: 2" in fault.message
+    assert fault.message.endswith("the data set declares 4")

@@ -105,3 +105,41 @@ def test_summarise(tmp_path):
     text = summarise(load_dataset("feta", {}, root, tmp_path / "cache"))
     assert "feta: 3 subjects" in text and "Vienna 1, Zurich 2" in text
     assert "spacing (D x H x W, mm): 0.5 x 0.5 x 0.5" in text and "brainstem" in text
+
+
+def test_unreal_voxels_and_looping_links_are_faults_named_by_file(tmp_path):
+    """A complex image (whose NaN the floating-point check never saw), an RGB24 image (a
+    structured dtype, on which the empty-image check raised) and an image path that is a
+    symbolic link to itself (reported as a missing file) are each a fault of that file."""
+    root = make_feta(tmp_path / "feta", n_subjects=4)
+    complex_t2w, _ = feta_files(root, 0)
+    image = np.ones((16, 16, 12), np.complex64)
+    image[5, 5, 5] = np.nan
+    write_nifti(complex_t2w, image, affine(0.5))
+    rgb_t2w, _ = feta_files(root, 1)
+    rgb = np.zeros((16, 16, 12), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = 7
+    write_nifti(rgb_t2w, rgb, affine(0.5))
+    loop, _ = feta_files(root, 2)
+    loop.unlink()
+    loop.symlink_to(loop.name)
+    by_path = {f.path: f.message for f in check_dataset("feta", {}, root)}
+    assert set(by_path) == {str(complex_t2w), str(rgb_t2w), str(loop)}
+    assert by_path[str(complex_t2w)].startswith("voxel type complex64 is not real numbers")
+    assert "is not real numbers" in by_path[str(rgb_t2w)] and "'R'" in by_path[str(rgb_t2w)]
+    assert by_path[str(loop)] == "symbolic link to no file (broken, or a loop)"
+
+
+def test_an_image_preprocessing_overflows_stops_the_load_and_leaves_no_cache(tmp_path):
+    """Finite voxels near float32's limit pass validation but overflow to Inf/NaN when
+    preprocessed (normalised, resampled): the load stops naming the subject, before a NaN image
+    is cached or trained on."""
+    root = make_feta(tmp_path / "feta", n_subjects=4)
+    t2w, _ = feta_files(root, 0)
+    write_nifti(t2w, np.full((16, 16, 12), 3e38, np.float32) * np.linspace(
+        0.5, 1, 12, dtype=np.float32), affine(0.5))
+    assert check_dataset("feta", {}, root) == []
+    cache = tmp_path / "cache"
+    with pytest.raises(DataValidationError, match="sub-001: preprocessing produced"):
+        load_dataset("feta", {}, root, cache)
+    assert not cache.exists() or not any(cache.iterdir())

@@ -65,3 +65,14 @@ def test_wrong_channel_count_is_a_fault(tmp_path):
     faults = check_dataset("msd", {}, task)
     assert len(faults) == 2
     assert all("4 channel(s), the data set declares 5" in f.message for f in faults)
+
+
+@pytest.mark.parametrize("path", [5, None, ["./imagesTr/a.nii.gz"]])
+def test_a_training_entry_whose_path_is_not_a_string_is_a_fault(tmp_path, path):
+    task = make_msd(tmp_path / "d", n_subjects=2)
+    spec = json.loads((task / "dataset.json").read_text())
+    spec["training"][1]["image"] = path
+    (task / "dataset.json").write_text(json.dumps(spec))
+    (fault,) = check_dataset("msd", {}, task)
+    assert fault.path == str(task / "dataset.json")
+    assert fault.message.startswith("training entry 1: image and label must be paths")

@@ -54,3 +54,12 @@ def test_photo_faults(tmp_path):
     assert "does not match label beagle_2.png" in got["beagle_2.jpg"]
     assert "label values [7]" in got["Bengal_3.png"]
     assert got["pug_4.png"] == "missing file"
+
+
+def test_a_split_list_that_is_not_text_is_a_fault_of_that_file(tmp_path):
+    root = make_pets(tmp_path / "p", n_images=4, n_test=0)
+    listing = root / "oxford-iiit-pet" / "annotations" / "trainval.txt"
+    listing.write_bytes(b"\xff\xfe not utf-8")
+    (fault,) = check_dataset("pets", {}, root)
+    assert fault.path == str(listing)
+    assert fault.message.startswith("cannot read split list (UnicodeDecodeError")
