@@ -810,3 +810,30 @@ def test_the_site_level_sum_refuses_an_update_no_clipping_bounds():
     for bad in (np.nan, np.inf):
         with pytest.raises(ValueError, match="NaN or infinity"):
             dp.clipped_sum([[np.array([1e4, 0.0, bad], np.float32)]])
+
+
+@pytest.mark.parametrize("where", [0, 1])
+def test_under_secure_aggregation_a_site_whose_update_holds_nan_sends_nothing(
+        monkeypatch, tmp_path, where):
+    """Under SecAgg+ the server sees only the masked sum, so the site itself must refuse an
+    update holding a NaN (there ``min(1, C / nan)`` is 1: unclipped), in whichever of its
+    arrays the NaN lies. The run stops with nothing released, and the reason the server reads
+    carries no statistic of the update."""
+    import numpy as np
+
+    fit = SiteClient._fit
+
+    def poisoned(self, parameters, config):
+        weights, n, metrics = fit(self, parameters, config)
+        if self.site == "site-B":  # the update's other values stay within SecAgg+'s range
+            weights[where] = weights[where].copy()
+            weights[where].flat[0] = np.nan
+        return weights, n, metrics
+
+    monkeypatch.setattr(SiteClient, "_fit", poisoned)
+    cfg = parse_config(secagg_tiny(tmp_path, rounds=1, local_steps=1, eval_every=0))
+    with pytest.raises(ValueError, match="node 1002: a model value is not finite or lies"):
+        run_federated(cfg, progress=False, force=True)  # in-process: the site's own error
+    rec = raw_record(cfg)
+    assert rec["status"] == "failed" and rec["rounds_done"] == 0
+    assert "magnitude" not in json.dumps(rec)

@@ -27,6 +27,7 @@ one a run without SecAgg+ draws.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from privseg.federated.site_dp import seed_server_noise
 from privseg.federated.site_plans import sites_per_round
 from privseg.federated.sites import site_seed
 
+log = logging.getLogger("privseg")
 KEY = "setting.federated.secure_aggregation"
 MODULUS_RANGE = 2**32  # Flower's default and largest SecAgg+ modulus
 
@@ -143,11 +145,16 @@ def make_site_update_mod(clipping_range: float, observe: UpdateObserver | None =
             return out
         fit_res = compat.recorddict_to_fitres(out.content, keep_input=True)
         arrays = parameters_to_ndarrays(fit_res.parameters)
-        worst = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+        # np.max, not max(): a NaN must win (built-in max keeps a NaN only in first place).
+        # The magnitude is logged here only: in the error the server reads it would be a
+        # statistic of this site's unmasked update.
+        worst = float(np.max([np.max(np.abs(a)) for a in arrays if a.size] or [0.0]))
         if not worst <= clipping_range:  # also catches NaN
-            raise ValueError(f"node {msg.metadata.dst_node_id}: a model value of magnitude "
-                             f"{worst:.4g} lies outside setting.federated.secagg_clipping_range"
-                             f"={clipping_range:g} (SecAgg+ would clip it silently)")
+            log.warning("node %s: a model value of magnitude %.4g lies outside SecAgg+'s "
+                        "range ±%g", msg.metadata.dst_node_id, worst, clipping_range)
+            raise ValueError(f"node {msg.metadata.dst_node_id}: a model value is not finite or "
+                             f"lies outside setting.federated.secagg_clipping_range="
+                             f"{clipping_range:g} (SecAgg+ would clip it silently)")
         if observe is not None:
             observe(msg.metadata.dst_node_id, int(msg.metadata.group_id), arrays)
         fit_res.num_examples = 1  # DP-FedAvg: equal site weights (the server sees the sum)
