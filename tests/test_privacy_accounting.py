@@ -331,3 +331,6 @@ def test_prv_at_every_site_every_round_matches_dp_accounting_where_epsilon_is_la
         acc.compose(dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(sigma), steps))
         ref = acc.get_epsilon(1e-5)
         assert ref * 0.999 <= ours == pytest.approx(ref, rel=0.01)
+    # q a rounding error below 1: exp(t) + q - 1 is 0 or negative where the CDF is asked
+    near = epsilon_of_history([(0.5, 1 - 2**-53, 5)], 1e-5, "prv")
+    assert near == pytest.approx(epsilon_of_history([(0.5, 1.0, 5)], 1e-5, "prv"), rel=1e-6)

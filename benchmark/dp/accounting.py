@@ -200,8 +200,16 @@ def _sgm_cdf(q: float, sigma: float, t: float) -> float:
     """``PoissonSubsampledGaussianPRV.cdf`` (Opacus) at one point, in ``math``."""
     if q < 1 and not t > math.log(1 - q):  # NumPy's log(1 - q) is -inf at q = 1
         return 0.0
-    # q = 1: z is t; (exp(t) + 1) - 1 rounds to 0 below t ≈ -37, where log(0) would raise
-    z = t if q == 1 else math.log((math.exp(t) + q - 1) / q)
+    # Opacus' formula where it is well defined; q = 1 gives z = t, and where exp(t) + q - 1
+    # rounds to 0 or below (t far left, q near 1: log would raise) the same z written as
+    # t + log1p(-(1 - q)·exp(-t)) - log(q), which needs no cancellation
+    a = math.exp(t) + q - 1
+    if q == 1:
+        z = t
+    elif a > 0:
+        z = math.log(a / q)
+    else:
+        z = t + math.log1p(-(1 - q) * math.exp(-t)) - math.log(q)
     root2 = math.sqrt(2)
     return (-q * math.erfc((2 * z * sigma**2 - 1) / (2 * root2 * sigma)) / 2
             - (1 - q) * math.erfc((2 * z * sigma**2 + 1) / (2 * root2 * sigma)) / 2 + 1.0)
