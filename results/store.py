@@ -94,9 +94,10 @@ def _width(model: str | None, options: dict) -> float | None:
 def _accounting_columns(priv: dict) -> dict[str, Any]:
     """δ, σ, q and steps behind the reported ε.
 
-    A central run and a site-level DP run have one of each (site level: steps = rounds done).
-    Sample-level federated DP has them per site and reports the worst site's ε: its values are
-    the ones behind that ε.
+    A central run and a site-level DP run have one of each (site level: steps = rounds done;
+    σ the effective one, noise std / sensitivity, which SecAgg+'s rounding puts below the σ
+    Flower scales by the clipping norm). Sample-level federated DP has them per site and
+    reports the worst site's ε: its values are the ones behind that ε.
     """
     if priv.get("epsilon_per_site"):
         eps = priv["epsilon_per_site"]
@@ -108,7 +109,8 @@ def _accounting_columns(priv: dict) -> dict[str, Any]:
         delta, sigma, q, steps = (pick("delta_per_site"), pick("noise_multiplier_per_site"),
                                   pick("sample_rate_per_site"), pick("steps_per_site"))
     else:
-        delta, sigma, q = priv.get("delta"), priv.get("noise_multiplier"), priv.get("sample_rate")
+        delta, q = priv.get("delta"), priv.get("sample_rate")
+        sigma = priv.get("noise_multiplier_effective", priv.get("noise_multiplier"))
         steps = priv.get("steps", priv.get("rounds_done"))
     return {"privacy.delta": _num(delta), "privacy.sigma": _num(sigma),
             "privacy.sample_rate": _num(q), "privacy.steps": steps}

@@ -15,7 +15,7 @@ import pytest
 
 from privseg.config import parse_config
 from privseg.record import write_record
-from privseg.results.store import load, load_wandb
+from privseg.results.store import _accounting_columns, load, load_wandb
 from privseg.results.tables import aggregate, render, summary_table
 
 CLASSES = ["grey_matter", "white_matter"]
@@ -310,7 +310,11 @@ def test_site_level_and_subject_level_dp_are_never_averaged_together(tmp_path):
             sample["privacy.steps"]) == (0.02, 1.1, 0.25, 12)  # the worst site's (site-A)
     site = df[df["privacy.mode"] == "site"].iloc[0]
     assert site["setting"] == "federated (site-level DP)" and site["privacy.unit"] == "site"
-    assert (site["privacy.delta"], site["privacy.steps"]) == (0.2, 15)
+    assert (site["privacy.delta"], site["privacy.sigma"], site["privacy.steps"]) == (0.2, 0.9, 15)
+    # with SecAgg+ the σ behind ε is the effective one (rounding in the sensitivity)
+    secure = federated_record("site", 0)
+    secure["privacy"].update(noise_multiplier_effective=0.88, secure_aggregation=True)
+    assert _accounting_columns(secure["privacy"])["privacy.sigma"] == 0.88
 
     agg = aggregate(df).set_index("setting")
     assert agg.loc["federated", "test.mean_dice.mean"] == pytest.approx(
