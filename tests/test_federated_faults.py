@@ -837,3 +837,16 @@ def test_under_secure_aggregation_a_site_whose_update_holds_nan_sends_nothing(
     rec = raw_record(cfg)
     assert rec["status"] == "failed" and rec["rounds_done"] == 0
     assert "magnitude" not in json.dumps(rec)
+
+
+def test_a_federation_whose_sites_have_no_validation_subjects_completes(tmp_path):
+    """dataset.val_fraction 0 with the default eval_every: each site answers a validation
+    round with no subjects (and no Dice); the round records none, the run goes on to its
+    test (a KeyError stopped it before)."""
+    d = tiny(tmp_path, rounds=2)
+    d["dataset"]["val_fraction"] = 0.0
+    rec = run_federated(parse_config(d), progress=False, force=True)
+    assert [h["val_n_subjects"] for h in rec["history"]] == [0, 0]
+    assert all(h["val_per_site"] == {} and math.isnan(h["val_mean_dice"])
+               for h in rec["history"])
+    assert rec["test"]["n_subjects"] > 0 and math.isfinite(rec["test"]["mean_dice"])

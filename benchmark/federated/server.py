@@ -570,8 +570,10 @@ class RecordingStrategy(Strategy):
                                    f"{len(results)} of {self.n_sites} site(s), fewer than "
                                    f"setting.federated.min_fit_sites: {row['missed_eval']}")
         per_site = self._collect_eval(results)
-        row["val_mean_dice"] = pooled(per_site, ["dice"])["mean_dice"]
-        row["val_per_site"] = {s: m["mean_dice"] for s, m in per_site.items()}
+        # a site without validation subjects answers n_subjects 0 and no Dice
+        row["val_mean_dice"] = pooled(per_site, ["dice"]).get("mean_dice", math.nan)
+        row["val_per_site"] = {s: m["mean_dice"] for s, m in per_site.items()
+                               if "mean_dice" in m}
         # all the sites' validation subjects, or a subset before the last round (val_subjects)
         row["val_n_subjects"] = sum(int(m.get("n_subjects", 0)) for m in per_site.values())
         row["ended_at"] = time.time()
