@@ -195,6 +195,9 @@ def test_the_ledger_composes_runs_and_refuses_the_one_past_the_budget(tmp_path):
     # the refusal reaches the server as the site's error reply
     reply = worker.handle(message(404, MessageType.TRAIN), context(cfg, 404))
     assert reply.has_error() and "privacy budget" in reply.error.reason
+    # ... without the site's folders (the ledger's path names its user's home)
+    assert "(ledger <path at the site>)" in reply.error.reason
+    assert str(ledger_path(SITE).parent) not in reply.error.reason
 
     restarted = SiteWorker.load([cfg], SITE, budget_epsilon=budget)
     with pytest.raises(BudgetExceeded):
@@ -355,3 +358,13 @@ def test_a_secure_aggregation_run_is_charged_at_the_sigma_its_rounding_leaves(tm
     assert entry["unit"] == "site" and entry["steps"] == plan["rounds"]
     assert entry["noise_multiplier"] == plan["noise_multiplier_effective"]
     assert plan["noise_multiplier_effective"] < plan["noise_multiplier"]
+
+
+def test_an_error_the_server_reads_names_no_path_at_the_site():
+    from privseg.federated.supernode import without_local_paths
+
+    text = ("refused (ledger /home/dr.jane-doe/.local/state/privseg/site-ledger/site-A.jsonl); "
+            "listed in /srv/x/site-runs/site-A.runs, not ./relative or C/nan, q = 1/2, σ/ε")
+    assert without_local_paths(text) == (
+        "refused (ledger <path at the site>); listed in <path at the site>, not ./relative or "
+        "C/nan, q = 1/2, σ/ε")

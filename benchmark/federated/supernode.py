@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,6 +72,16 @@ GAVE_UP_LINE = "SSL/TLS handshake error detected."
 
 #: Flower error code for a reply the worker could not compute (ClientApp raised)
 WORKER_ERROR_CODE = 0
+
+
+#: an absolute path on the site's machine (not a ratio such as C/nan: no word character before)
+_LOCAL_PATH = re.compile(r"(?<![\w.~\-])/(?:[\w.+@~\-]+/)*[\w.+@~\-]+")
+
+
+def without_local_paths(text: str) -> str:
+    """``text`` with every absolute path replaced: an error the server reads must not name the
+    site's folders (its user's home, its data's layout); the site's own log keeps them."""
+    return _LOCAL_PATH.sub("<path at the site>", text)
 
 
 def agreement_id(cfg: RunConfig) -> str:
@@ -323,8 +334,8 @@ class SiteWorker:
                     np.random.set_state(outer)
             except Exception as e:  # noqa: BLE001 - the server must learn that the site failed
                 log.error("site %s: %s", self.site, traceback.format_exc())
-                return Message(Error(code=WORKER_ERROR_CODE,
-                                     reason=f"site {self.site}: {type(e).__name__}: {e}"),
+                reason = without_local_paths(f"{type(e).__name__}: {e}")
+                return Message(Error(code=WORKER_ERROR_CODE, reason=f"site {self.site}: {reason}"),
                                reply_to=msg)
 
     def serve(self, listener: Listener) -> None:
