@@ -89,7 +89,11 @@ def _retrieve_study(client, study_uid: str, where: str):
     """(MR datasets, SEG or None, faults) of one study."""
     import highdicom as hd
 
-    series = client.search_for_series(study_uid, fields=[MODALITY])
+    try:
+        series = client.search_for_series(study_uid, fields=[MODALITY])
+    except Exception as e:  # the PACS went away or refused between the searches
+        return None, None, [Fault(where, f"cannot search the study's series "
+                                         f"({type(e).__name__}: {e})")]
     by_modality: dict[str, list[str]] = {}
     for s in series:
         by_modality.setdefault(str(_value(s, MODALITY, "")), []).append(_value(s, SERIES_UID))

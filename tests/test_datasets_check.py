@@ -143,3 +143,18 @@ def test_an_image_preprocessing_overflows_stops_the_load_and_leaves_no_cache(tmp
     with pytest.raises(DataValidationError, match="sub-001: preprocessing produced"):
         load_dataset("feta", {}, root, cache)
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_pacs_failing_a_series_search_is_a_fault_of_that_study():
+    """A PACS that answered the study search but fails the series search (gone, or an HTTP
+    error) is a fault naming the study, as a failed retrieval is, not a traceback."""
+    from privseg.datasets.dicom import _retrieve_study
+
+    class Failing:
+        def search_for_series(self, study_uid, fields):
+            raise ConnectionError("the PACS went away")
+
+    mr, seg, faults = _retrieve_study(Failing(), "1.2.3", "http://pacs/dicom-web study 1.2.3")
+    assert (mr, seg) == (None, None)
+    assert [str(f) for f in faults] == ["http://pacs/dicom-web study 1.2.3: cannot search the "
+                                        "study's series (ConnectionError: the PACS went away)"]
