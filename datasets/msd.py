@@ -50,9 +50,12 @@ def _strip_nii(name: str) -> str:
 
 def _int_keyed(d: dict, what: str) -> list[tuple[int, str]]:
     try:
-        return sorted((int(k), str(v)) for k, v in d.items())
+        pairs = sorted((int(k), str(v)) for k, v in d.items())
     except (TypeError, ValueError, AttributeError):
         raise ValueError(f"{what} keys must be integers") from None
+    if pairs and pairs[0][0] < 0:  # a negative label would index the lookup table from its end
+        raise ValueError(f"{what} keys must be integers ≥ 0, got {pairs[0][0]}")
+    return pairs
 
 
 @register_manifest("msd")

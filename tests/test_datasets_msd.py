@@ -76,3 +76,13 @@ def test_a_training_entry_whose_path_is_not_a_string_is_a_fault(tmp_path, path):
     (fault,) = check_dataset("msd", {}, task)
     assert fault.path == str(task / "dataset.json")
     assert fault.message.startswith("training entry 1: image and label must be paths")
+
+
+def test_a_negative_label_value_in_dataset_json_is_a_fault(tmp_path):
+    task = make_msd(tmp_path / "d", n_subjects=2)
+    spec = json.loads((task / "dataset.json").read_text())
+    spec["labels"]["-1"] = "ignore"
+    (task / "dataset.json").write_text(json.dumps(spec))
+    (fault,) = check_dataset("msd", {}, task)
+    assert fault.path == str(task / "dataset.json")
+    assert "labels keys must be integers ≥ 0, got -1" in fault.message
