@@ -143,6 +143,8 @@ def _read_study(client, study: dict, opts: PacsOptions):
         return None, [Fault(where, f"broken MR series ({type(e).__name__}: {e})")]
     if not np.isfinite(image).all():
         return None, [Fault(where, "image has NaN or Inf")]
+    if not np.any(image):  # as the file loaders check (privseg.datasets.validate)
+        return None, [Fault(where, "image is empty (all voxels zero)")]
     lut = np.zeros(max(max(seg_map), 0) + 1, np.uint8)
     for n, c in seg_map.items():
         lut[n] = c

@@ -90,7 +90,7 @@ def _study(i: int, site: str = "site-A"):
 
 @pytest.fixture(scope="module")
 def faulty_pacs(tmp_path_factory):
-    """An Orthanc with one good study and four broken ones; yields (url, expected faults)."""
+    """An Orthanc with one good study and five broken ones; yields (url, expected faults)."""
     from dicomweb_client.api import DICOMwebClient
 
     work = tmp_path_factory.mktemp("faulty-pacs")
@@ -106,18 +106,25 @@ def faulty_pacs(tmp_path_factory):
         gap.mr.pop(8)
         gap_seg = labels_to_seg(gap.mr, np.ones((15, 16, 16), np.uint8),
                                 {n: FETA_CLASSES[n] for n in range(1, 8)})
+        # an MR series whose every voxel is zero (a blank export)
+        _, label, _ = make_subject(6, 16, "site-A", 0)
+        empty = volume_to_study(np.zeros((16, 16, 16), np.float32), label.transpose(2, 1, 0),
+                                np.eye(4), "bad-6", "site-A",
+                                {n: FETA_CLASSES[n] for n in range(1, 8)})
     uid = {name: str(s.mr[0].StudyInstanceUID) for name, s in
-           {"mismatch": mismatch, "no_seg": no_seg, "no_mr": no_mr, "gap": gap}.items()}
+           {"mismatch": mismatch, "no_seg": no_seg, "no_mr": no_mr, "gap": gap,
+            "empty": empty}.items()}
     expected = {
         uid["mismatch"]: "frames reference 16 instance(s) not in MR series",
         uid["no_seg"]: "missing SEG series",
         uid["no_mr"]: "missing MR series",
         uid["gap"]: "broken MR series",
+        uid["empty"]: "image is empty (all voxels zero)",
     }
     with local_orthanc(work / "orthanc") as server:
         client = DICOMwebClient(server.dicomweb)
         client.store_instances(good.mr + [good.seg] + mismatch.mr + [wrong] + no_seg.mr
-                               + [no_mr.seg] + gap.mr + [gap_seg])
+                               + [no_mr.seg] + gap.mr + [gap_seg] + empty.mr + [empty.seg])
         yield server.dicomweb, expected, work
 
 
