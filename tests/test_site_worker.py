@@ -368,3 +368,26 @@ def test_an_error_the_server_reads_names_no_path_at_the_site():
     assert without_local_paths(text) == (
         "refused (ledger <path at the site>); listed in <path at the site>, not ./relative or "
         "C/nan, q = 1/2, σ/ε")
+
+
+def test_a_site_scores_a_bounded_number_of_models_on_its_held_out_subjects(tmp_path):
+    """Held-out metrics are outside every DP guarantee: a server could otherwise have any
+    number of models of its choosing scored on a site's validation and test subjects. A site
+    answers one validation per round of the run and one final test, and a resent instruction
+    with the same reply."""
+    cfg = parse_config(deployable(tmp_path))  # 2 rounds
+    client = SiteWorker.load([cfg], SITE)._site_run(context(cfg, 801)).client
+    start = get_weights(client.state.model)
+    models = [[w + k * 1e-3 if w.dtype.kind == "f" else w for w in start] for k in range(3)]
+    first = client.evaluate(models[0], {"split": "val", "round": 1})
+    assert client.evaluate(models[0], {"split": "val", "round": 1}) is first  # resent
+    client.evaluate(models[1], {"split": "val", "round": 2})
+    with pytest.raises(RuntimeError, match="has answered 2 val evaluation"):
+        client.evaluate(models[2], {"split": "val", "round": 2})
+    test = client.evaluate(models[1], {"split": "test", "round": 2})
+    assert client.evaluate(models[1], {"split": "test", "round": 2}) is test
+    for other in (models[0], models[2]):
+        with pytest.raises(RuntimeError, match="has answered 1 test evaluation"):
+            client.evaluate(other, {"split": "test", "round": 2})
+    with pytest.raises(ValueError, match="no evaluation split 'train'"):
+        client.evaluate(models[0], {"split": "train"})

@@ -14,7 +14,8 @@ sampling of this site's subjects. The DP optimizer, its Poisson loader and the a
 persist across rounds, so the accountant composes every local step of every round; the site
 refuses to step past its planned total (its σ was calibrated for it), and in every mode to
 answer more training rounds than the run has (what its ledger charges), nor does it hand out its
-weights (``get_parameters``). The local optimizer's state (Adam moments) starts afresh each
+weights (``get_parameters``); it scores at most one model per round on its validation subjects
+and one on its test subjects. The local optimizer's state (Adam moments) starts afresh each
 round, as in FedAvg. Randomness (crops, Poisson sampling, noise) comes from the site's own seed
 and generators; the torch/NumPy global RNG states are swapped in and out around the site's work
 so that sites sharing one process (simulation) draw exactly what separate processes would.
@@ -114,6 +115,8 @@ class SiteClient(NumPyClient):
         self.rounds_done = 0
         #: ((round, digest of the global model), reply) of the last fit answered
         self.last_fit: tuple[tuple[int, str], tuple] | None = None
+        #: (split, round, digest of the model) -> reply, of every evaluation answered
+        self.evaluations: dict[tuple[str, int, str], tuple] = {}
         self._batches = None
         #: SVT / partial sharing: what turns the new weights into the sparse message
         self.sparsifier = (SiteSparsifier(cfg, data.name, seed) if is_sparse(self.fed)
@@ -257,8 +260,26 @@ class SiteClient(NumPyClient):
         return weights, len(self.data.train), metrics
 
     def evaluate(self, parameters, config):
-        t0 = time.perf_counter()
+        """Aggregate metrics of the held-out subjects under the model the server sends: at most
+        one validation per round of the run and one final test, each answered once (a resent
+        instruction gets the same reply). Held-out subjects are outside every DP guarantee, so
+        the number of models a server may have scored on them is bounded."""
         split = str(config.get("split", "val"))
+        if split not in ("val", "test"):
+            raise ValueError(f"site {self.site}: no evaluation split {split!r}")
+        key = (split, int(config.get("round", self.fed.rounds)), weights_digest(parameters))
+        if key in self.evaluations:
+            return self.evaluations[key]
+        allowed = self.fed.rounds if split == "val" else 1
+        if sum(k[0] == split for k in self.evaluations) >= allowed:
+            raise RuntimeError(f"site {self.site}: has answered {allowed} {split} evaluation(s) "
+                               "of this run, all it gives; refusing another")
+        reply = self._evaluate(parameters, config, split)
+        self.evaluations[key] = reply
+        return reply
+
+    def _evaluate(self, parameters, config, split: str):
+        t0 = time.perf_counter()
         subjects = {"val": self.data.val, "test": self.data.test}[split]
         if split == "val" and int(config.get("round", self.fed.rounds)) < self.fed.rounds:
             # before the last round: the fixed validation subset (training.val_subjects)

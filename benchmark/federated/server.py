@@ -96,7 +96,9 @@ SAMPLE_NOT_COVERED = [
     "each site's local wall time per round (it tracks the site's Poisson batch sizes), sent "
     "to the server",
     "per-round validation and final test metrics of every site's held-out subjects "
-    "(un-noised aggregates), sent to the server and in the record",
+    "(un-noised aggregates, of one subject where a site holds one) under models the server "
+    "chooses, at most one validation per round and one test per run, sent to the server and "
+    "in the record",
 ]
 #: what a site-level DP run discloses outside its guarantee (the record says so)
 SITE_NOT_COVERED = [
