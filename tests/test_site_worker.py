@@ -46,7 +46,7 @@ def context(cfg, run_id: int) -> Context:
 
 
 def train_once(worker: SiteWorker, cfg, run_id: int) -> dict:
-    client = worker._site_run(context(cfg, run_id), trains=True).client
+    client = worker._site_run(context(cfg, run_id), spends=True).client
     return client.fit(get_weights(client.state.model), {})[2]
 
 
@@ -63,7 +63,7 @@ def test_a_run_dropped_after_training_is_refused_not_restarted(cfg):
     train_once(worker, cfg, 105)  # no untrained run left to drop: 101 goes
     assert 101 not in worker.runs
     with pytest.raises(RuntimeError, match="under-report"):
-        worker._site_run(context(cfg, 101), trains=True)
+        worker._site_run(context(cfg, 101), spends=True)
 
 
 def test_a_restarted_worker_refuses_runs_it_trained_in_before(cfg):
@@ -85,7 +85,7 @@ def test_a_run_charged_by_another_worker_or_before_a_crash_is_refused(cfg):
     second = SiteWorker.load([cfg], SITE)
     assert train_once(first, cfg, 501)["steps"] == 2
     with pytest.raises(AlreadyCharged, match="run 501"):
-        second._site_run(context(cfg, 501), trains=True)
+        second._site_run(context(cfg, 501), spends=True)
 
     crashing = SiteWorker.load([cfg], SITE)
 
@@ -94,11 +94,11 @@ def test_a_run_charged_by_another_worker_or_before_a_crash_is_refused(cfg):
 
     crashing.trained.add = killed
     with pytest.raises(SystemExit):
-        crashing._site_run(context(cfg, 502), trains=True)
+        crashing._site_run(context(cfg, 502), spends=True)
     restarted = SiteWorker.load([cfg], SITE)
     assert 502 not in restarted.trained
     with pytest.raises(AlreadyCharged, match="run 502"):
-        restarted._site_run(context(cfg, 502), trains=True)
+        restarted._site_run(context(cfg, 502), spends=True)
     runs = [e["run_id"] for e in SiteLedger(ledger_path(SITE)).entries]
     assert runs.count("501") == 1 and runs.count("502") == 1
 
@@ -130,7 +130,7 @@ def test_a_site_trains_no_more_rounds_than_the_run_has_and_never_sends_its_weigh
         d["setting"]["federated"]["share_fraction"] = 0.1
     d["privacy"]["enabled"] = dp_mode != "none"
     cfg = parse_config(d)
-    client = SiteWorker.load([cfg], SITE)._site_run(context(cfg, 601), trains=True).client
+    client = SiteWorker.load([cfg], SITE)._site_run(context(cfg, 601), spends=True).client
     start = get_weights(client.state.model)
     model = [w.copy() for w in start]
     first = client.fit(model, {"round": 1})
@@ -186,7 +186,7 @@ def test_the_ledger_composes_runs_and_refuses_the_one_past_the_budget(tmp_path):
     train_once(worker, cfg, 401)
     train_once(worker, cfg, 402)
     with pytest.raises(BudgetExceeded) as refused:
-        worker._site_run(context(cfg, 403), trains=True)
+        worker._site_run(context(cfg, 403), spends=True)
     text = str(refused.value)
     assert f"ε = {budget:g}" in text and "2 earlier run(s)" in text
     assert f"{e2:.4g}" in text and f"{e3:.4g}" in text  # the spend so far and with this run
@@ -201,7 +201,7 @@ def test_the_ledger_composes_runs_and_refuses_the_one_past_the_budget(tmp_path):
 
     restarted = SiteWorker.load([cfg], SITE, budget_epsilon=budget)
     with pytest.raises(BudgetExceeded):
-        restarted._site_run(context(cfg, 405), trains=True)
+        restarted._site_run(context(cfg, 405), spends=True)
     ledger = SiteLedger(ledger_path(SITE))
     assert [e["run_id"] for e in ledger.entries] == ["401", "402"]
     assert ledger.spent() == pytest.approx(e2)
@@ -251,7 +251,7 @@ def test_a_config_naming_another_cache_dir_finds_the_same_ledger(tmp_path):
     train_once(SiteWorker.load([cfg], SITE, budget_epsilon=budget), cfg, 501)
     moved = SiteWorker.load([elsewhere], SITE, budget_epsilon=budget)
     with pytest.raises(BudgetExceeded):
-        moved._site_run(context(elsewhere, 502), trains=True)
+        moved._site_run(context(elsewhere, 502), spends=True)
     assert ledger_path(SITE) == ledger_path(SITE, tmp_path / "site-state")  # conftest's env
 
 
@@ -298,7 +298,7 @@ def test_an_svt_run_is_charged_its_pure_epsilon_composed_with_gaussian_runs(tmp_
     assert ledger.spent() == pytest.approx(e_gauss + 6.0, rel=1e-3)  # PRV's own tolerance
 
     with pytest.raises(BudgetExceeded) as refused:
-        worker._site_run(context(svt, 503), trains=True)
+        worker._site_run(context(svt, 503), spends=True)
     assert "2 earlier run(s)" in str(refused.value)
     assert f"composed total to {e_gauss + 12.0:.4g}" in str(refused.value)
     assert 503 not in worker.trained
@@ -352,7 +352,7 @@ def test_a_secure_aggregation_run_is_charged_at_the_sigma_its_rounding_leaves(tm
     d["setting"]["federated"].update(dp_mode="site", secure_aggregation=True)
     cfg = parse_config(d)
     worker = SiteWorker.load([cfg], SITE, budget_epsilon=1e6, trust_server=True)
-    client = worker._site_run(context(cfg, 701), trains=True).client
+    client = worker._site_run(context(cfg, 701), spends=True).client
     plan = site_level_plan(cfg, 3, sum(w.size for w in get_weights(client.state.model)))
     (entry,) = SiteLedger(ledger_path(SITE)).entries
     assert entry["unit"] == "site" and entry["steps"] == plan["rounds"]
@@ -391,3 +391,29 @@ def test_a_site_scores_a_bounded_number_of_models_on_its_held_out_subjects(tmp_p
             client.evaluate(other, {"split": "test", "round": 2})
     with pytest.raises(ValueError, match="no evaluation split 'train'"):
         client.evaluate(models[0], {"split": "train"})
+
+
+def test_runs_that_only_score_models_are_charged_and_cannot_come_back(tmp_path):
+    """The cap on scorings is per run, and a run costs a server nothing to start: a run's first
+    evaluation is charged to the ledger like its first training (a site not yet drawn to train
+    is charged early, never less), so runs that only score models on the held-out subjects
+    spend the site's budget, and a dropped one is refused, not scored afresh."""
+    cfg = parse_config(deployable(tmp_path))
+    probe = SiteWorker.load([cfg], SITE)
+    plan = probe._site_run(context(cfg, 1)).client.plan  # joins; nothing is charged
+    one = [(plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    budget = (epsilon_of_history(one * 2, 1e-5) + epsilon_of_history(one * 3, 1e-5)) / 2
+    worker = SiteWorker.load([cfg], SITE, budget_epsilon=budget)
+    worker.keep_runs = 1
+    for run_id in (901, 902):
+        reply = worker.handle(message(run_id, MessageType.EVALUATE), context(cfg, run_id))
+        assert reply.has_error()  # an empty message fails in the ClientApp, after the charge
+    assert [e["run_id"] for e in SiteLedger(ledger_path(SITE)).entries] == ["901", "902"]
+    assert 901 not in worker.runs  # dropped for 902
+    back = worker.handle(message(901, MessageType.EVALUATE), context(cfg, 901))
+    assert back.has_error() and "holds no state" in back.error.reason
+    third = worker.handle(message(903, MessageType.EVALUATE), context(cfg, 903))
+    assert third.has_error() and "privacy budget" in third.error.reason
+    assert worker.handle(message(904, MessageType.QUERY), context(cfg, 904)).has_error() \
+        or 904 not in worker.trained  # a query (properties) is never charged
+    assert 904 not in worker.trained

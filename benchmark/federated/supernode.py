@@ -102,13 +102,15 @@ def agreement_id(cfg: RunConfig) -> str:
 
 
 class TrainedRuns:
-    """The Flower runs in which this site has been asked to train: an append-only file.
+    """The Flower runs in which this site has been asked to train or to score a model on its
+    held-out subjects: an append-only file.
 
     A run's DP accountant lives in the worker's memory. Were that state lost (the worker
     restarted, or the run dropped to make room for others), a fresh one would count the run's
     steps from zero: the site would report less ε than it spent and could train past the steps
-    its σ was calibrated for. So every run is written here (and synced) before its first
-    training message is answered, and a run found here without state is refused.
+    its σ was calibrated for (or score more models than a run gives). So every run is written
+    here (and synced) before its first training or evaluation message is answered, and a run
+    found here without state is refused.
     """
 
     def __init__(self, path: Path | None):
@@ -263,14 +265,18 @@ class SiteWorker:
         return cls(site, agreed, trained=TrainedRuns(trained_runs_path(site, state_dir)),
                    ledger=ledger)
 
-    def _site_run(self, context: Context, trains: bool = False) -> SiteRun:
-        """The run's state (made on its first message); ``trains``: a training message."""
+    def _site_run(self, context: Context, spends: bool = False) -> SiteRun:
+        """The run's state (made on its first message). ``spends``: a message that uses the
+        site's data (training, or scoring a model on its held-out subjects): the run's first
+        is charged to the ledger and recorded first. Charging at an evaluation too keeps runs
+        that only score models from costing nothing (each run's client caps its scorings);
+        a site not yet drawn to train is charged early, never less."""
         run = self.runs.get(context.run_id)
         if run is not None:
             self.runs.move_to_end(context.run_id)
         else:
             run = self._join(context)
-        if trains and context.run_id not in self.trained:
+        if spends and context.run_id not in self.trained:
             if self.ledger is not None:
                 cfg = run.client.cfg
                 subject_set = self.agreed[agreement_id(cfg)][2]
@@ -323,8 +329,8 @@ class SiteWorker:
                  msg.metadata.message_type, msg.metadata.group_id or "-")
         with self.lock:
             try:
-                run = self._site_run(context,
-                                     trains=msg.metadata.message_type == MessageType.TRAIN)
+                run = self._site_run(context, spends=msg.metadata.message_type in (
+                    MessageType.TRAIN, MessageType.EVALUATE))
                 outer = np.random.get_state()
                 np.random.set_state(run.np_state)
                 try:
