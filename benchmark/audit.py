@@ -37,7 +37,7 @@ import torch
 from privseg.architectures import build
 from privseg.config import AuditConfig, RunConfig
 from privseg.datasets import SubjectSet
-from privseg.datasets.crops import SubjectCrops, crop_size
+from privseg.datasets.crops import crop_size
 from privseg.datasets.split import split_subjects
 from privseg.dp.accounting import epsilon_of_history
 from privseg.dp.audit import audit_scores, secret_coins
@@ -50,6 +50,7 @@ from privseg.training.setup import (
     place_model,
     resolve_device,
     seed_everything,
+    training_crops,
 )
 from privseg.training.step import prepare_training, train_step, unwrap
 
@@ -205,8 +206,7 @@ def _central(cfg: RunConfig, a: AuditConfig, subject_set: SubjectSet, included: 
     input_canaries: list[InputCanary] = []
     if a.kind == "input":
         train, input_canaries = _with_input_canaries(cfg, subject_set, train, included)
-    train_set = SubjectCrops(train, d.dims, d.patch_size, cfg.training.crops_per_subject,
-                             cfg.training.foreground_fraction, subject_set.num_classes)
+    train_set = training_crops(cfg, train, subject_set.num_classes)  # privseg train's items
     roi = crop_size(d.dims, d.patch_size, subject_set.subjects[0].label.shape)
     model = place_model(build(cfg.model.name, d.dims, subject_set.in_channels,
                               subject_set.num_classes, **model_knobs(cfg, roi)), cfg, device)

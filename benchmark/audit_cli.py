@@ -80,3 +80,6 @@ def audit(
     console.print(f"[bold]audit[/] {record['run_id']}  ->  "
                   f"{Path(cfg.output.dir) / record['run_id'] / 'record.json'}", highlight=False)
     typer.echo(summary_line(record))
+    if record["audit"]["flagged"] and not cfg.audit.broken():
+        # not a deliberate fault: the mechanism leaks more than the record reports
+        fail(f"{cfg.name or config}: the audited lower bound exceeds the reported ε", code=1)

@@ -246,3 +246,72 @@ def test_federated_audit_catches_a_tenth_of_the_noise(tmp, one_thread, dp_mode):
                     progress=False)
     assert rec["privacy"]["epsilon"] <= 1.0 + 1e-6
     assert rec["audit"]["epsilon_lower"] > 1.0, rec["audit"]
+
+
+def test_a_gradient_audit_runs_on_a_model_with_book_kept_layers(monkeypatch, tmp_path):
+    """The shipped phantom2d U-Net book-keeps its widest convolutions (their per-sample
+    gradients are never instantiated); the canaries' rows are appended to instantiated ones,
+    so a book-kept layer's are instantiated for the audit (it stopped on a TypeError)."""
+    import privseg.dp.grad_samplers as samplers
+
+    kept = []
+    defer = samplers.defer_weight
+
+    def counting(layer, positions):
+        kept.append(defer(layer, positions))
+        return kept[-1]
+
+    monkeypatch.setattr(samplers, "defer_weight", counting)
+    cfg = _cfg(tmp_path, 8.0, epochs=1, audit={"canaries": 100},
+               **{"model.options": "{base_channels: 16, depth: 4}"})
+    a = run_audit(cfg, progress=False)["audit"]
+    assert any(kept)  # the path under test: some layers were book-kept
+    assert a["canaries_m"] == 100 and a["guesses_r"] > 0
+    assert 0 <= a["epsilon_lower"] <= a["epsilon_claimed"] and not a["flagged"]
+
+
+def test_privseg_audit_fails_when_the_bound_exceeds_the_claim_unless_the_fault_was_asked(
+        monkeypatch):
+    """A lower bound above the reported ε is a privacy failure the exit status must carry (a
+    sweep or CI reads it); a deliberate fault (--noise-fraction) is expected to be caught."""
+    from typer.testing import CliRunner
+
+    import privseg.audit
+    from privseg.cli import app
+
+    def audited(lower):
+        def fake(cfg, progress=True, force=False):
+            return {"run_id": "r", "audit": {
+                "kind": "gradient", "canaries_m": 100, "guesses_r": 20, "correct_v": 19,
+                "epsilon_lower": lower, "confidence": 0.95, "epsilon_claimed": 8.0,
+                "delta": 1e-5, "canaries_in": 50, "flagged": lower > 8.0}}
+        return fake
+
+    runner = CliRunner()
+    monkeypatch.setattr(privseg.audit, "run_audit", audited(9.0))
+    res = runner.invoke(app, ["audit", "phantom2d", "-m", "100", "--no-progress"])
+    assert res.exit_code == 1 and "exceeds the reported ε" in res.output
+    res = runner.invoke(app, ["audit", "phantom2d", "-m", "100", "--no-progress",
+                              "--noise-fraction", "0.1"])
+    assert res.exit_code == 0 and "ABOVE THE CLAIM" in res.output
+    monkeypatch.setattr(privseg.audit, "run_audit", audited(1.0))
+    assert runner.invoke(app, ["audit", "phantom2d", "-m", "100", "--no-progress"]).exit_code == 0
+
+
+def test_the_audited_run_trains_on_the_items_privseg_train_would(monkeypatch, tmp_path):
+    """The audit trains the same pieces as ``privseg train``: with ``training.augment`` on, the
+    same augmented views (it built plain crops before)."""
+    import privseg.audit
+
+    seen = {}
+
+    def stop(cfg, model, train_set, device, **kwargs):
+        seen["augment"] = train_set.augment
+        raise RuntimeError("stopped after the training items were built")
+
+    monkeypatch.setattr(privseg.audit, "prepare_training", stop)
+    cfg = _cfg(tmp_path, 8.0, epochs=1, audit={"canaries": 100},
+               **{"training.augment": "{flip: true, intensity: 0.1}"})
+    with pytest.raises(RuntimeError, match="stopped after"):
+        run_audit(cfg, progress=False)
+    assert seen["augment"] is not None

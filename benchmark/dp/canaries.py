@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
 
+from privseg.dp.bookkeeping import DeferredConvGrad
+
 
 class GradientCanaries:
     """``m`` Dirac gradient canaries inside a DP optimizer; :attr:`scores` after training."""
@@ -83,7 +85,10 @@ class GradientCanaries:
         if self._fresh:
             for p, rows in zip(self.optimizer.params, self._canary_rows(), strict=True):
                 if rows is not None:
-                    p.grad_sample = torch.cat([self.optimizer._get_flat_grad_sample(p), rows])
+                    real = self.optimizer._get_flat_grad_sample(p)
+                    if isinstance(real, DeferredConvGrad):  # book-kept: instantiate to append
+                        real = real.materialize()
+                    p.grad_sample = torch.cat([real, rows])
             self._fresh = False
         if self.clipping:
             self._clip()
