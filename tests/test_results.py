@@ -221,6 +221,37 @@ def test_reproduction_text_states_how_close_it_is(store, tmp_path):
     assert "expected to differ slightly" in text and "reproduce exactly" not in text
 
 
+def test_a_rerun_missing_runs_or_far_off_on_another_machine_does_not_agree(store, tmp_path):
+    """What a reviewer's rerun must not pass: no runs at all, only the non-private ones (the
+    DP runs failed), or on another machine non-private numbers far off (there they need not
+    repeat exactly, but they are held to the standard-error test of the DP cells)."""
+    from privseg.results.reference import (
+        agreement_text,
+        compare,
+        machine,
+        read_reference,
+        write_reference,
+    )
+
+    df = load(store)
+    ref, meta = read_reference(write_reference(df, tmp_path / "ref.csv", command="c",
+                                               sweep_file=None))
+    assert agreement_text(ref, df, meta)[1]  # the control: the same runs agree
+    text, ok = agreement_text(ref, df.iloc[0:0], meta)
+    assert not ok and "18 of the reference's 18 runs are not in the rerun" in text
+    only_nonprivate = df[~df["private"]]
+    text, ok = agreement_text(ref, only_nonprivate, meta)
+    assert not ok and "12 of the reference's 18 runs are not in the rerun" in text
+    cells = compare(ref, only_nonprivate)
+    assert set(cells[cells["ε"] != "non-private"]["agrees"]) == {"no (not in the rerun)"}
+    other = dict(meta, machine=json.dumps({**machine(), "cpu": "another CPU"}))
+    off = df.copy()
+    off.loc[~off["private"], "test.mean_dice"] -= 0.40
+    text, ok = agreement_text(ref, off, other)
+    assert not ok and "on another machine the non-private ones too" in text
+    assert agreement_text(ref, df, other)[1]
+
+
 def test_committed_reference_is_from_a_real_run():
     from privseg.results.reference import read_reference, reference_dir, table_entry
 
@@ -416,3 +447,37 @@ def test_released_metrics_are_the_ema_weights_when_kept(tmp_path):
     csv = pd.read_csv(io.StringIO(
         render(df.reset_index(), "csv", True, "released.mean_dice")))
     assert csv["released.min_dice.mean"].iloc[0] == pytest.approx(statistics.fmean(worst))
+
+
+def test_privseg_reproduce_exits_1_when_the_rerun_does_not_agree(store, tmp_path, monkeypatch):
+    """A reviewer's (or CI's) one command must fail when the numbers do not reproduce, not
+    only when a run fails: here the sweep is stubbed to 'rerun' the store, compared once with a
+    reference written from it (agrees: 0) and once with the store's Dice shifted (exit 1)."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    import privseg.results.reference as reference
+    import privseg.sweeps.cli as sweeps_cli
+    from privseg.cli import app
+
+    df = load(store)
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    reference.write_reference(df, ref_dir / "t.csv", command="privseg reproduce t --quick",
+                              sweep_file=None)
+    entry = {"title": "T", "variant": "quick", "sweep": "s.yaml", "reference": "t.csv"}
+    outcomes = [SimpleNamespace(run_id=r, status="complete") for r in df["run_id"]]
+    result = SimpleNamespace(outcomes=outcomes, output_dir=store, ok=True)
+    monkeypatch.setattr(reference, "table_entry", lambda name, quick: entry)
+    monkeypatch.setattr(reference, "reference_dir", lambda: ref_dir)
+    monkeypatch.setattr(sweeps_cli, "_load", lambda *a: SimpleNamespace(name="s", path=None))
+    monkeypatch.setattr(sweeps_cli, "_run_reported", lambda *a: result)
+    runner = CliRunner()
+    res = runner.invoke(app, ["reproduce", "t", "--quick"])
+    assert res.exit_code == 0, res.output
+    shifted = df.copy()
+    shifted["test.mean_dice"] -= 0.3
+    reference.write_reference(shifted, ref_dir / "t.csv", command="c", sweep_file=None)
+    res = runner.invoke(app, ["reproduce", "t", "--quick"])
+    assert res.exit_code == 1 and "does NOT agree" in res.output
