@@ -197,17 +197,20 @@ def test_reference_round_trip_and_comparison(store, tmp_path):
     assert set(cmp["agrees"]) == {"exact"}
 
 
-def test_reproduction_text_states_how_close_it_is(store, tmp_path):
-    from privseg.results.reference import (
-        agreement_text,
-        machine,
-        read_reference,
-        write_reference,
-    )
+def _store_and_its_reference(store, tmp_path):
+    """The store's runs and a reference written from them (as ``--write-reference`` does)."""
+    from privseg.results.reference import read_reference, write_reference
 
     df = load(store)
     ref, meta = read_reference(write_reference(df, tmp_path / "ref.csv", command="c",
                                                sweep_file=None))
+    return df, ref, meta
+
+
+def test_reproduction_text_states_how_close_it_is(store, tmp_path):
+    from privseg.results.reference import agreement_text, machine
+
+    df, ref, meta = _store_and_its_reference(store, tmp_path)
     new = df.copy()
     dp = new["private"]
     new.loc[dp, "test.mean_dice"] += 0.002  # fresh secret noise: a small shift of the mean
@@ -225,17 +228,9 @@ def test_a_rerun_missing_runs_or_far_off_on_another_machine_does_not_agree(store
     """What a reviewer's rerun must not pass: no runs at all, only the non-private ones (the
     DP runs failed), or on another machine non-private numbers far off (there they need not
     repeat exactly, but they are held to the standard-error test of the DP cells)."""
-    from privseg.results.reference import (
-        agreement_text,
-        compare,
-        machine,
-        read_reference,
-        write_reference,
-    )
+    from privseg.results.reference import agreement_text, compare, machine
 
-    df = load(store)
-    ref, meta = read_reference(write_reference(df, tmp_path / "ref.csv", command="c",
-                                               sweep_file=None))
+    df, ref, meta = _store_and_its_reference(store, tmp_path)
     assert agreement_text(ref, df, meta)[1]  # the control: the same runs agree
     text, ok = agreement_text(ref, df.iloc[0:0], meta)
     assert not ok and "18 of the reference's 18 runs are not in the rerun" in text
