@@ -270,10 +270,39 @@ def test_the_wire_audit_checks_what_a_metric_says_not_only_its_type(tmp_path):
     assert len(rec.audit["violations"]) == 4
     assert "'dice_sum/patient-017-csf'" in rec.audit["violations"][2]
     rec.site_of = {"7": "site-A"}  # connection 7 is site-A's
-    rec._check_sender(type("Proxy", (), {"cid": "7"})(), {"site": "site-A"})
-    assert len(rec.audit["violations"]) == 4
-    rec._check_sender(type("Proxy", (), {"cid": "7"})(), {"site": "site-B"})
+    on_7 = type("Proxy", (), {"cid": "7"})()
+    reply = type("Reply", (), {})
+    honest, forged = reply(), reply()
+    honest.metrics, forged.metrics = {"site": "site-A"}, {"site": "site-B"}
+    kept, left_out = rec._genuine([(on_7, honest)])
+    assert kept == [(on_7, honest)] and left_out == {} and len(rec.audit["violations"]) == 4
+    kept, left_out = rec._genuine([(on_7, forged)])
+    assert kept == [] and left_out == {"site-A": "its reply named site 'site-B': left out"}
     assert "names site 'site-B'" in rec.audit["violations"][-1]
+
+
+def test_a_site_cannot_have_its_reply_recorded_as_another_sites(monkeypatch, tmp_path):
+    """site-C's reply names site-A (its metrics claim ε = 0.001): it is left out as a failed
+    site's, named missed with why; site-A's own ε stays its own, not the forged one."""
+    fit = SiteClient.fit
+
+    def forging(self, parameters, config):
+        weights, n, metrics = fit(self, parameters, config)
+        if self.site == "site-C":
+            metrics = {**metrics, "site": "site-A", "epsilon": 0.001}
+        return weights, n, metrics
+
+    monkeypatch.setattr(SiteClient, "fit", forging)
+    from privseg.federated.simulation import run_federated
+
+    d = tiny(tmp_path, rounds=1, min_fit_sites=2, eval_every=0)
+    rec = run_federated(parse_config(d), progress=False, force=True)
+    (row,) = rec["history"]
+    assert row["sites"] == ["site-A", "site-B"]
+    assert row["missed"] == [{"site": "site-C",
+                              "reason": "its reply named site 'site-A': left out"}]
+    assert rec["privacy"]["epsilon_reported_per_site"]["site-A"] > 1  # its own report
+    assert "names site 'site-A'" in " ".join(rec["federated"]["wire_audit"]["violations"])
 
 
 def test_flowers_workflow_refuses_sampled_site_dp_whose_empty_rounds_it_would_skip(tmp_path):

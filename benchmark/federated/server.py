@@ -423,13 +423,24 @@ class RecordingStrategy(Strategy):
             self.audit["violations"].append("num_examples is not an int")
         self._check_metrics(res.metrics)
 
-    def _check_sender(self, proxy, metrics: dict) -> None:
-        """A reply names the site of the connection it came on (a site cannot speak for
-        another, e.g. to have its metrics or ε recorded under another site's name)."""
-        expected = self.site_of.get(str(getattr(proxy, "cid", "")))
-        if expected is not None and metrics.get("site") != expected:
-            self.audit["violations"].append(
-                f"a reply on {expected}'s connection names site {metrics.get('site')!r}")
+    def _genuine(self, results: list) -> tuple[list, dict[str, str]]:
+        """The replies that name the site of the connection they came on, and for each other
+        one its connection's site with why it is left out. A site cannot speak for another:
+        its ε, subjects and metrics would be recorded under the other's name (and its update
+        aggregated while the site it names counted missed). A reply naming no site is left
+        out too (its metrics could not be filed)."""
+        kept, left_out = [], {}
+        for proxy, res in results:
+            expected = self.site_of.get(str(getattr(proxy, "cid", "")))
+            named = res.metrics.get("site")
+            if named is None or (expected is not None and named != expected):
+                where = expected or str(getattr(proxy, "cid", "?"))
+                self.audit["violations"].append(
+                    f"a reply on {where}'s connection names site {named!r}")
+                left_out[where] = f"its reply named site {named!r}: left out"
+            else:
+                kept.append((proxy, res))
+        return kept, left_out
 
     def model_size(self) -> int:
         """d: the number of coordinates of the model's state (all its arrays)."""
@@ -497,6 +508,7 @@ class RecordingStrategy(Strategy):
         answers stops the run (after noting what the answering sites reported)."""
         row = self._round(server_round)
         asked = row.get("asked", [])
+        results, impostors = self._genuine(results)
         nonfinite: set[str] = set()
         if not self.fed.secure_aggregation:  # SecAgg+ refuses non-finite inputs at the site
             results, nonfinite = finite_results(results)
@@ -505,6 +517,8 @@ class RecordingStrategy(Strategy):
         for m in missed:
             if m["site"] in row.get("absent", ()):
                 m["reason"] = "not connected when the round began"
+            elif m["site"] in impostors:
+                m["reason"] = impostors[m["site"]]
             elif m["site"] in nonfinite:
                 m["reason"] = NONFINITE_UPDATE
         if missed:
@@ -524,9 +538,8 @@ class RecordingStrategy(Strategy):
                 f"fewer than setting.federated.min_fit_sites="
                 f"{self.min_sites(len(asked))}; missed: {missed}")
         results = sorted(results, key=lambda cr: str(cr[1].metrics.get("site")))
-        for proxy, res in results:
+        for _, res in results:
             self._check_fitres(res)
-            self._check_sender(proxy, res.metrics)
             if not self.fed.secure_aggregation:  # SecAgg+: every result holds the sum
                 row["bytes_up"] += payload_bytes(res.parameters)
             site = str(res.metrics["site"])
@@ -584,10 +597,10 @@ class RecordingStrategy(Strategy):
 
     def _collect_eval(self, results) -> dict[str, dict]:
         per_site = {}
-        for proxy, res in sorted(results, key=lambda cr: str(cr[1].metrics.get("site"))):
+        results, _ = self._genuine(results)  # the wire audit names any left out
+        for _, res in sorted(results, key=lambda cr: str(cr[1].metrics.get("site"))):
             self.audit["evaluate_results"] += 1
             self._check_metrics(res.metrics)
-            self._check_sender(proxy, res.metrics)
             self.compute_s += float(res.metrics.get("eval_s", 0.0))
             per_site[str(res.metrics["site"])] = dict(res.metrics)
         return per_site
