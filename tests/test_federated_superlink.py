@@ -322,6 +322,73 @@ def test_serverapp_killed_mid_round_leaves_a_failed_record_of_what_was_spent(
     assert priv["epsilon"] == max(priv["epsilon_per_site"].values())
 
 
+OPERATOR_SERVER = """
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import ServerApp
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid, context):
+    asks = [Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n, message_type="query")
+            for n in grid.get_node_ids()]
+    replies = grid.send_and_receive(asks, timeout=90)
+    Path(REPLIES).write_text("\\n".join(
+        r.error.reason if r.has_error() else "answered: " + str(dict(r.content["r"]))
+        for r in replies))
+"""
+
+OPERATOR_CLIENT = """
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+Path(MARKER).write_text("the operator's code ran at a site")
+client_app = ClientApp()
+
+
+@client_app.query()
+def query(msg, context):
+    return Message(RecordDict({"r": ConfigRecord({"key": str(context.node_config)})}),
+                   reply_to=msg)
+"""
+
+
+def test_a_site_runs_privseg_s_clientapp_only_whatever_bundle_is_sent(federation, deployed,
+                                                                       deployed_svt):
+    """A federation operator submits an App bundle of its own (privseg's name, publisher and
+    version; its own ClientApp): Flower would install it at every site and run that code as
+    the site's user, with the site's data and the worker's key in reach. A privseg SuperNode
+    refuses to load it (privseg.federated.pinned_clientapp): the bundle's code never runs."""
+    f = federation
+    app = f.work / "operator-app"
+    (app / "operator_code").mkdir(parents=True)
+    marker, replies = f.work / "operator-code-ran", f.work / "operator-replies.txt"
+    ours = (Path(certs.__file__).parent / "flower_app" / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        ours.replace("privseg.federated.app:server_app", "operator_code.server:server_app")
+        .replace("privseg.federated.app:client_app", "operator_code.client:client_app")
+        + '\n[tool.hatch.build.targets.wheel]\npackages = ["."]\n')
+    (app / "operator_code" / "__init__.py").write_text("")
+    (app / "operator_code" / "server.py").write_text(
+        f"REPLIES = {str(replies)!r}\n" + OPERATOR_SERVER)
+    (app / "operator_code" / "client.py").write_text(
+        f"MARKER = {str(marker)!r}\n" + OPERATOR_CLIENT)
+    r = subprocess.run([flower_command("flwr"), "run", str(app), "privseg", "--stream"],
+                       capture_output=True, text=True, timeout=300,
+                       env=flower_env(FLWR_HOME=str(f.work / "home-operator")))
+    assert replies.exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    answers = replies.read_text().splitlines()
+    assert len(answers) == 3 and all("load `ClientApp`" in a for a in answers), answers
+    assert not marker.exists()
+    for s in SITES:
+        assert "runs privseg's ClientApp only" in f.logs[f"site-{s}"].read_text()
+
+
 def test_unregistered_site_is_refused(federation, deployed, deployed_svt):
     """(b) A SuperNode whose public key was not registered cannot join the federation.
 

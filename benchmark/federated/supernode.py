@@ -47,6 +47,7 @@ from privseg.dp.randomness import refuse_replayable_noise
 from privseg.federated.app import CONFIG_KEY, SITE_KEY, WORKER_KEY, worker_authkey_path
 from privseg.federated.client import SiteClient, get_weights
 from privseg.federated.federation import flower_command, flower_env
+from privseg.federated.pinned_clientapp import install_shim
 from privseg.federated.secagg import secagg_rounding_state, site_app
 from privseg.federated.site_plans import site_level_plan
 from privseg.federated.sites import SiteData, build_site, partition
@@ -442,6 +443,8 @@ def serve_site(configs: list[RunConfig], site: str, superlink: str, data_root: s
     # several messages per round (SecAgg+: four), so look every 0.1 s.
     env = flower_env()
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    # privseg's ClientApp only, whatever App bundle a run names (privseg.federated.pinned_clientapp)
+    env["PATH"] = os.pathsep.join([str(install_shim(sock_dir)), env["PATH"]])
     deadline = time.monotonic() + (max_wait or 0.0)
 
     def stop(signum, frame):
