@@ -417,3 +417,36 @@ def test_runs_that_only_score_models_are_charged_and_cannot_come_back(tmp_path):
     assert worker.handle(message(904, MessageType.QUERY), context(cfg, 904)).has_error() \
         or 904 not in worker.trained  # a query (properties) is never charged
     assert 904 not in worker.trained
+
+
+def test_a_site_loads_privseg_s_clientapp_from_its_install_never_a_bundle_s(tmp_path,
+                                                                              monkeypatch):
+    """The loader a privseg SuperNode's ClientApp process uses (the end-to-end case, an
+    operator's own bundle refused at every site, is in tests/test_federated_superlink.py)."""
+    import subprocess
+    import sys
+
+    from flwr.clientapp.client_app import LoadClientAppError
+
+    import privseg.federated.pinned_clientapp as pinned
+    from privseg.federated.app import client_app
+
+    ours = (Path(pinned.__file__).parent / "flower_app" / "pyproject.toml").read_text()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    monkeypatch.setattr("flwr.common.config.get_project_dir", lambda *a: bundle)
+    load = pinned.pinned_load_client_app_fn("", None, True)
+    (bundle / "pyproject.toml").write_text(ours)
+    assert load("privseg/privseg-federated", "0.1.0", "hash") is client_app
+    (bundle / "pyproject.toml").write_text(
+        ours.replace(pinned.CLIENTAPP_REF, "operator_code.client:client_app"))
+    with pytest.raises(LoadClientAppError, match="names 'operator_code.client:client_app'"):
+        load("privseg/privseg-federated", "0.1.0", "hash")
+    (bundle / "pyproject.toml").write_text("[tool.flwr")
+    with pytest.raises(LoadClientAppError, match="names none"):
+        load("privseg/privseg-federated", "0.1.0", "hash")
+    shim = pinned.install_shim(tmp_path) / "flwr-clientapp"
+    assert shim.stat().st_mode & 0o777 == 0o700
+    assert shim.read_text().startswith(f"#!{sys.executable}\n")
+    res = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Run a Flower ClientApp" in res.stdout
