@@ -277,7 +277,11 @@ def test_privseg_audit_fails_when_the_bound_exceeds_the_claim_unless_the_fault_w
     from typer.testing import CliRunner
 
     import privseg.audit
+    import privseg.audit_cli
     from privseg.cli import app
+
+    # the CLI's log set-up (privseg's logger stops propagating) would outlive this test
+    monkeypatch.setattr(privseg.audit_cli, "show_info_logs", lambda: None)
 
     def audited(lower):
         def fake(cfg, progress=True, force=False):
